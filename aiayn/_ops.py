@@ -1,0 +1,80 @@
+"""Fake (meta) kernels and autograd for the ops registered in csrc/aiayn.cpp, so that
+torch.library.opcheck passes and torch.compile(fullgraph=True) traces calls without graph breaks.
+The backward of every op is itself an op."""
+
+import contextlib
+
+import torch
+
+from . import _C
+
+_lib = "aiayn"
+
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# --- add_dropout_layer_norm ------------------------------------------------------------------
+
+
+@torch.library.register_fake(f"{_lib}::add_dropout_layer_norm_fwd")
+def _add_dropout_layer_norm_fwd_fake(x, residual, weight, bias, p, eps, seed):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
+    acc = _acc_dtype(x)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((rows,), dtype=acc), x.new_empty((rows,), dtype=acc))
+
+
+@torch.library.register_fake(f"{_lib}::add_dropout_layer_norm_bwd")
+def _add_dropout_layer_norm_bwd_fake(grad_out, x, residual, weight, mean, rstd, p, seed):
+    wdtype = weight.dtype if weight is not None else _acc_dtype(x)
+    cols = x.shape[-1]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((cols,), dtype=wdtype), x.new_empty((cols,), dtype=wdtype))
+
+
+def _add_dropout_layer_norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, p, eps, seed = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
+    ctx.p = p
+    ctx.has_weight = weight is not None
+    ctx.has_bias = bias is not None
+
+
+def _add_dropout_layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    x, residual, weight, mean, rstd, seed = ctx.saved_tensors
+    gx, gr, gw, gb = torch.ops.aiayn.add_dropout_layer_norm_bwd(grad_out, x, residual, weight, mean, rstd, ctx.p, seed)
+    return gx, gr, gw if ctx.has_weight else None, gb if ctx.has_bias else None, None, None, None
+
+
+torch.library.register_autograd(f"{_lib}::add_dropout_layer_norm_fwd", _add_dropout_layer_norm_backward,
+                                setup_context=_add_dropout_layer_norm_setup)
+
+
+# --- dropout_mask ----------------------------------------------------------------------------
+
+
+@torch.library.register_fake(f"{_lib}::dropout_mask")
+def _dropout_mask_fake(like, p, seed):
+    return torch.empty_like(like, dtype=torch.bool, memory_format=torch.contiguous_format)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def cpu_isa(name):
+    """Run the CPU kernels of the block with the ISA variant `name` ("avx512", "avx2", "generic");
+    raises ValueError where this CPU cannot run it. Process-wide: not for concurrent use."""
+    previous = _C.cpu_isa()
+    try:
+        _C.set_cpu_isa(name)
+    except Exception as e:  # pybind maps std::invalid_argument to ValueError
+        raise ValueError(str(e)) from None
+    try:
+        yield
+    finally:
+        _C.set_cpu_isa(previous)

@@ -1,0 +1,63 @@
+"""The public functional API. Each function's docstring is the op's contract; aiayn.reference
+holds the pure-PyTorch definition of the same semantics, used by the tests."""
+
+import torch
+
+__all__ = ["add_dropout_layer_norm", "dropout_mask", "new_dropout_seed"]
+
+
+def new_dropout_seed():
+    """A fresh Philox seed for one op call: an int64 CPU tensor with one element, drawn from
+    torch's default CPU generator, so calls are reproducible under ``torch.manual_seed`` (on every
+    device: the CUDA kernels draw the same mask as the CPU ones for the same seed)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+
+def _unused_seed():
+    # A placeholder for p == 0: no random number is drawn, torch's RNG state is left untouched.
+    return torch.zeros(1, dtype=torch.int64)
+
+
+def dropout_mask(like, p, seed):
+    """The keep-mask (bool, shaped like ``like``, on its device) that a dropout-capable aiayn op
+    draws for probability ``p`` and ``seed``: element i of the row-major order is kept iff word
+    (i % 4) of Philox4x32-10(counter = i // 4, key = seed) is >= p * 2^32. Kept elements are
+    scaled by 1 / (1 - p)."""
+    return torch.ops.aiayn.dropout_mask(like, float(p), seed)
+
+
+def add_dropout_layer_norm(x, residual, weight=None, bias=None, p=0.0, eps=1e-5, training=True,
+                           seed=None, return_dropout_mask=False):
+    """``LayerNorm(residual + dropout(x))`` over the last dimension, in one fused kernel.
+
+    The sub-layer connection of the Transformer (Vaswani et al., 2017, §3.1 and §5.4): ``x`` is the
+    sub-layer's output, ``residual`` its input. Same result as
+    ``F.layer_norm(residual + F.dropout(x, p, training), (D,), weight, bias, eps)``.
+
+    Args:
+        x, residual: ``(..., D)`` tensors of one dtype (float32, bfloat16, float64 on the CPU;
+            float16 too on CUDA) and device. Any strides; the last dim should be contiguous to avoid
+            a copy.
+        weight, bias: ``(D,)`` in x's dtype or float32, or None (1 and 0).
+        p: dropout probability on ``x`` (inverted dropout: kept values scaled by 1 / (1 - p)).
+        eps: added to the variance.
+        training: dropout only when True.
+        seed: optional int64 tensor (one element) choosing the dropout mask; by default a fresh one
+            is drawn from torch's default generator (``new_dropout_seed``).
+        return_dropout_mask: also return the bool keep-mask used (``dropout_mask(x, p, seed)``),
+            for exact tests.
+
+    Statistics are computed in float32 (float64 for float64 inputs); the output has x's dtype.
+    The backward regenerates the dropout mask from the seed instead of storing it.
+    """
+    p = float(p) if training else 0.0
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"add_dropout_layer_norm: argument 'p' must be a probability in [0, 1], got {p}")
+    if p > 0.0:
+        seed = new_dropout_seed() if seed is None else seed
+    else:
+        seed = _unused_seed()
+    out, _, _ = torch.ops.aiayn.add_dropout_layer_norm_fwd(x, residual, weight, bias, p, float(eps), seed)
+    if return_dropout_mask:
+        return out, dropout_mask(x, p, seed)
+    return out

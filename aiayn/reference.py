@@ -1,0 +1,68 @@
+"""Pure-PyTorch references: the documented meaning of every aiayn op. The tests compare the
+compiled kernels with these (run in float64), and they run anywhere torch runs."""
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["philox4x32_10", "dropout_mask", "add_dropout_layer_norm"]
+
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter, key):
+    """Philox4x32-10 (Salmon et al., SC'11) on int64 tensors holding uint32 values.
+
+    counter: (..., 4), key: (..., 2); returns (..., 4). Matches csrc/common/philox.h.
+    """
+    c = [counter[..., i].to(torch.int64) for i in range(4)]
+    k0, k1 = key[..., 0].to(torch.int64), key[..., 1].to(torch.int64)
+    for r in range(10):
+        if r > 0:
+            k0 = (k0 + _W0) & _MASK32
+            k1 = (k1 + _W1) & _MASK32
+        hi0, lo0 = _mulhilo(_M0, c[0])
+        hi1, lo1 = _mulhilo(_M1, c[2])
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+    return torch.stack(c, dim=-1)
+
+
+def _mulhilo(m, x):
+    # 32x32 -> 64-bit product without overflowing int64: split x into 16-bit halves.
+    xl, xh = x & 0xFFFF, x >> 16
+    lo_part = m * xl  # < 2^48
+    hi_part = m * xh  # < 2^48
+    total_lo = (lo_part & _MASK32) + ((hi_part & 0xFFFF) << 16)
+    lo = total_lo & _MASK32
+    hi = ((lo_part >> 32) + (hi_part >> 16) + (total_lo >> 32)) & _MASK32
+    return hi, lo
+
+
+def dropout_mask(shape, p, seed, device=None):
+    """The keep-mask of aiayn's dropout: element i (row-major) is kept iff word i % 4 of
+    Philox4x32-10(counter = (i // 4, 0), key = seed) is >= floor(p * 2^32); nothing is kept at p = 1."""
+    n = 1
+    for s in shape:
+        n *= s
+    seed = int(seed.item()) if torch.is_tensor(seed) else int(seed)
+    if p <= 0.0 or n == 0:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if p >= 1.0:
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    threshold = min(int(p * 4294967296.0), _MASK32)
+    counters = torch.arange((n + 3) // 4, dtype=torch.int64)
+    ctr = torch.stack([counters & _MASK32, counters >> 32, torch.zeros_like(counters), torch.zeros_like(counters)], -1)
+    key = torch.tensor([seed & _MASK32, (seed >> 32) & _MASK32], dtype=torch.int64).expand(len(counters), 2)
+    words = philox4x32_10(ctr, key).reshape(-1)[:n]
+    return (words >= threshold).reshape(shape).to(device)
+
+
+def add_dropout_layer_norm(x, residual, weight=None, bias=None, p=0.0, eps=1e-5, keep_mask=None):
+    """``LayerNorm(residual + dropout(x))`` over the last dim; dropout given by ``keep_mask``
+    (bool, x's shape) with kept values scaled by 1 / (1 - p). Computed in x's dtype."""
+    h = x
+    if keep_mask is not None and p > 0.0:
+        scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+        h = x * keep_mask.to(x.dtype) * scale
+    return F.layer_norm(residual + h, (x.shape[-1],), weight, bias, eps)

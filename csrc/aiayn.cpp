@@ -1,0 +1,93 @@
+// Every op schema of the aiayn library, in one place, and the Python module aiayn._C with the
+// helpers that are not ops. The CPU and CUDA kernels register in cpu/*.cpp and cuda/*.cu.
+//
+// Op semantics are documented in aiayn/functional.py and defined by aiayn/reference.py.
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+TORCH_LIBRARY(aiayn, m) {
+  // LayerNorm(residual + dropout(x)) over the last dim (paper §3.1, §5.4). Returns
+  // (out, mean, rstd); mean and rstd (float32, float64 for float64 x) feed the backward.
+  // seed: int64 CPU tensor with one element, read only when p > 0 (the dropout mask is
+  // dropout_mask(x, p, seed)).
+  m.def("add_dropout_layer_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, "
+        "float p, float eps, Tensor seed) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_residual, grad_weight, grad_bias); the dropout mask is regenerated.
+  m.def("add_dropout_layer_norm_bwd(Tensor grad_out, Tensor x, Tensor residual, Tensor? weight, "
+        "Tensor mean, Tensor rstd, float p, Tensor seed) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The keep-mask (bool, shaped like `like`) that the ops above draw for (p, seed).
+  m.def("dropout_mask(Tensor like, float p, Tensor seed) -> Tensor");
+}
+
+#ifdef AIAYN_WITH_PYTHON
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <chrono>
+
+#ifndef AIAYN_VERSION
+#define AIAYN_VERSION "0.0.0"
+#endif
+#ifndef AIAYN_CUDA_ARCHS
+#define AIAYN_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+namespace cpu = aiayn::cpu;
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = AIAYN_VERSION;
+  info["torch_version"] = AIAYN_TORCH_VERSION;
+  py::list compiled;
+  for (const char* isa : {"avx512", "avx2", "generic"}) compiled.append(isa);
+  info["cpu_isas_compiled"] = compiled;
+  py::list supported;
+  for (const char* isa : {"avx512", "avx2", "generic"})
+    if (cpu::isa_supported(isa)) supported.append(isa);
+  info["cpu_isas_supported"] = supported;
+  info["cpu_isa"] = cpu::isa_name(cpu::kernels().isa);
+#ifdef AIAYN_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cuda_archs"] = std::string(AIAYN_CUDA_ARCHS);
+  info["openmp_threads"] = at::get_num_threads();
+  info["parallel_backend"] = at::get_parallel_info();
+  return info;
+}
+
+// Seconds and floating-point operations of a peak probe on every thread at once.
+std::pair<double, double> run_peak(double (*probe)(int64_t), int64_t iters) {
+  TORCH_CHECK(probe, "this CPU ISA has no such peak probe");
+  const int threads = at::get_num_threads();
+  std::vector<double> flops(threads, 0.0);
+  const auto t0 = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) flops[i] = probe(iters);
+  });
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  double total = 0;
+  for (double f : flops) total += f;
+  return {s, total};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "aiayn compiled core: ops register with torch.ops.aiayn; helpers live here";
+  m.def("build_info", &build_info, "What this build of aiayn contains and what it selected.");
+  m.def("cpu_isa", [] { return std::string(cpu::isa_name(cpu::kernels().isa)); },
+        "The CPU ISA variant the kernels run now.");
+  m.def("set_cpu_isa", [](const std::string& name) { cpu::set_isa(name.c_str()); },
+        "Force a CPU ISA variant (avx512, avx2, generic) the CPU supports; for tests.");
+  m.def("cpu_isa_supported", [](const std::string& name) { return cpu::isa_supported(name.c_str()); });
+  m.def("peak_fp32_fma", [](int64_t iters) { return run_peak(cpu::kernels().peak_fp32_fma, iters); },
+        "(seconds, flops) of an fp32 FMA loop on every thread, current ISA.");
+  m.def("peak_bf16_dot", [](int64_t iters) { return run_peak(cpu::kernels().peak_bf16_dot, iters); },
+        "(seconds, flops) of a bf16 dot-product loop on every thread (AVX-512 BF16 only).");
+}
+#endif  // AIAYN_WITH_PYTHON

@@ -1,0 +1,41 @@
+// Argument checks of add_dropout_layer_norm, shared by the CPU and CUDA entry points.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <initializer_list>
+#include <optional>
+#include <utility>
+
+#include "checks.h"
+
+namespace aiayn {
+
+constexpr const char* kAddDropoutLayerNorm = "add_dropout_layer_norm";
+
+inline void check_add_dropout_layer_norm_args(const at::Tensor& x, const at::Tensor& residual,
+                                       const std::optional<at::Tensor>& weight,
+                                       const std::optional<at::Tensor>& bias, double p,
+                                       double eps, std::initializer_list<at::ScalarType> dtypes) {
+  check_defined(kAddDropoutLayerNorm, "x", x);
+  check_defined(kAddDropoutLayerNorm, "residual", residual);
+  TORCH_CHECK_VALUE(x.dim() >= 1, kAddDropoutLayerNorm, ": argument 'x' must have at least one dimension");
+  check_dtype_in(kAddDropoutLayerNorm, "x", x, dtypes);
+  check_same_dtype(kAddDropoutLayerNorm, "residual", residual, "x", x);
+  check_same_shape(kAddDropoutLayerNorm, "residual", residual, "x", x);
+  check_same_device(kAddDropoutLayerNorm, "residual", residual, "x", x);
+  const int64_t cols = x.size(-1);
+  for (auto [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias}}) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    const at::Tensor& v = **t;
+    check_same_device(kAddDropoutLayerNorm, name, v, "x", x);
+    TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == cols, kAddDropoutLayerNorm, ": argument '", name,
+                      "' must have shape (", cols, ",) (the last dim of x), got ", v.sizes());
+    TORCH_CHECK_TYPE(v.scalar_type() == x.scalar_type() || v.scalar_type() == at::kFloat, kAddDropoutLayerNorm,
+                     ": argument '", name, "' has dtype ", v.scalar_type(), ", expected ",
+                     x.scalar_type(), " (the dtype of x) or torch.float32");
+  }
+  check_probability(kAddDropoutLayerNorm, "p", p);
+  TORCH_CHECK_VALUE(eps >= 0.0, kAddDropoutLayerNorm, ": argument 'eps' must be >= 0, got ", eps);
+}
+
+}  // namespace aiayn

@@ -1,0 +1,13 @@
+// What every ISA translation unit includes *before* its target pragma, so that no standard or
+// shared header gets compiled for a wider ISA than the baseline (see ../kernels.h).
+#pragma once
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "../../common/dropout.h"
+#include "../kernels.h"

@@ -1,0 +1,88 @@
+// The seam between the torch-facing CPU code and the per-ISA kernels.
+//
+// Every hot kernel is written once over a SIMD wrapper (simd/) and compiled three times, in
+// isa/avx512.cpp, isa/avx2.cpp and isa/generic.cpp, each under its own `#pragma GCC target`.
+// Those translation units see no torch header (an inline torch function compiled for AVX-512 could
+// otherwise be picked by the linker for every caller, and crash a CPU without AVX-512), so the
+// kernels take plain pointers and sizes, declared here, and the torch-facing files
+// (add_dropout_layer_norm.cpp, ...) parallelise over rows with at::parallel_for and call the
+// kernel of the ISA that cpu_features chose.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "../common/dropout.h"
+
+namespace aiayn::cpu {
+
+enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2 };
+const char* isa_name(Isa isa);
+
+// Storage types the kernels read and write. bf16 is stored as its 16 raw bits.
+enum class DType : int { f32 = 0, bf16 = 1, f64 = 2 };
+
+// out = LayerNorm(residual + dropout(x)) * weight + bias over the last dimension, for rows
+// [row_begin, row_end). The dropout element number of (row, col) is row * cols + col.
+struct AddDropoutLayerNormFwd {
+  DType dtype;
+  int64_t rows, cols;
+  const void* x;         // row stride x_stride (elements)
+  const void* residual;  // row stride residual_stride
+  int64_t x_stride, residual_stride;
+  const void* weight;  // cols values in acc type (f32, or f64 when dtype == f64)
+  const void* bias;    // idem
+  void* out;           // contiguous rows x cols, dtype
+  void* mean;          // rows values in acc type
+  void* rstd;          // rows values in acc type
+  double eps;
+  DropoutParams dropout;
+};
+
+// Gradients of the above. grad_weight / grad_bias are per-chunk partial sums: the caller gives each
+// chunk of rows its own `cols`-long accumulators (zeroed by the kernel) and adds them up after.
+struct AddDropoutLayerNormBwd {
+  DType dtype;
+  int64_t rows, cols;
+  const void* grad_out;
+  const void* x;
+  const void* residual;
+  int64_t grad_out_stride, x_stride, residual_stride;
+  const void* weight;  // acc type
+  const void* mean;    // acc type
+  const void* rstd;    // acc type
+  void* grad_x;         // contiguous, dtype
+  void* grad_residual;  // contiguous, dtype
+  DropoutParams dropout;
+};
+
+struct KernelTable {
+  Isa isa;
+  void (*add_dropout_layer_norm_fwd)(const AddDropoutLayerNormFwd& a, int64_t row_begin,
+                                     int64_t row_end);
+  // grad_weight/grad_bias: acc-type accumulators of length cols, overwritten.
+  void (*add_dropout_layer_norm_bwd)(const AddDropoutLayerNormBwd& a, int64_t row_begin,
+                                     int64_t row_end, void* grad_weight, void* grad_bias);
+  // Dropout keep-bits of elements [4 * first_counter, 4 * (first_counter + num_counters)):
+  // bit i of the result (bits[i / 64] >> (i % 64)) is element 4 * first_counter + i.
+  void (*dropout_keep_bits)(const DropoutParams& d, uint64_t first_counter, int64_t num_counters,
+                            uint64_t* bits);
+  // Peak probes for the benchmark harness: run `iters` iterations of an FMA (resp. bf16 dot
+  // product) loop on the calling thread; return the floating-point operations done.
+  double (*peak_fp32_fma)(int64_t iters);
+  double (*peak_bf16_dot)(int64_t iters);  // nullptr where the ISA has no bf16 dot product
+};
+
+// The tables compiled into this library (avx512 / avx2 are null where the compiler could not
+// build them).
+const KernelTable* kernel_table_generic();
+const KernelTable* kernel_table_avx2();
+const KernelTable* kernel_table_avx512();
+
+// The table to use: the best the CPU supports, lowered by AIAYN_CPU_ISA=avx2|generic (read once).
+const KernelTable& kernels();
+// Whether this CPU can run the named ISA (avx512, avx2, generic).
+bool isa_supported(const char* name);
+// Forces an ISA from code (tests); throws std::invalid_argument for an unsupported one.
+void set_isa(const char* name);
+
+}  // namespace aiayn::cpu

@@ -1,0 +1,114 @@
+// 8 float lanes in a ymm register (AVX2 + FMA). Same interface as ScalarVec (vec_scalar.h).
+// Included inside namespace aiayn::cpu::avx2 by isa/avx2.cpp, under its target pragma.
+
+struct Vec {
+  using Scalar = float;
+  static constexpr int N = 8;
+  __m256 v;
+
+  static Vec zero() { return {_mm256_setzero_ps()}; }
+  static Vec set1(float s) { return {_mm256_set1_ps(s)}; }
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec load(const uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
+  }
+  // Tails go through a small buffer: AVX2 has no 16-bit masked load/store.
+  template <typename T>
+  static Vec load_partial(const T* p, int n) {
+    T buf[N] = {};
+    std::memcpy(buf, p, sizeof(T) * n);
+    return load(buf);
+  }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store(uint16_t* p) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16());
+  }
+  template <typename T>
+  void store_partial(T* p, int n) const {
+    T buf[N];
+    store(buf);
+    std::memcpy(p, buf, sizeof(T) * n);
+  }
+
+  Vec operator+(Vec b) const { return {_mm256_add_ps(v, b.v)}; }
+  Vec operator-(Vec b) const { return {_mm256_sub_ps(v, b.v)}; }
+  Vec operator*(Vec b) const { return {_mm256_mul_ps(v, b.v)}; }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  static Vec keep(uint64_t bits, Vec a) {
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i b = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits & 0xFF)), lane_bit);
+    const __m256i m = _mm256_cmpeq_epi32(b, lane_bit);
+    return {_mm256_and_ps(_mm256_castsi256_ps(m), a.v)};
+  }
+  float reduce_add() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+
+ private:
+  __m128i to_bf16() const {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded =
+        _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x400000));
+    const __m256i r = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, nan), 16);
+    // Pack 8 x 32-bit (values < 2^16) to 8 x 16-bit, in order.
+    const __m256i packed = _mm256_packus_epi32(r, r);  // per 128-bit half: lanes 0-3, 0-3
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+  }
+};
+
+// Philox4x32-10 in 8 lanes: counters c .. c + 7 at once.
+struct PhiloxLanes {
+  static constexpr int N = 8;
+  static uint64_t keep_bits(const DropoutParams& d, uint64_t c) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i base = _mm256_set1_epi32(static_cast<int>(c));
+    const __m256i lo = _mm256_add_epi32(base, lane);
+    // Unsigned lo < base (a carry) via the sign-flip trick: AVX2 compares signed only.
+    const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+    const __m256i carry =
+        _mm256_cmpgt_epi32(_mm256_xor_si256(base, flip), _mm256_xor_si256(lo, flip));
+    __m256i x0 = lo;
+    __m256i x1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(c >> 32)), carry);
+    __m256i x2 = _mm256_set1_epi32(static_cast<int>(d.stream));
+    __m256i x3 = _mm256_set1_epi32(static_cast<int>(d.stream >> 32));
+    uint32_t k0 = static_cast<uint32_t>(d.seed), k1 = static_cast<uint32_t>(d.seed >> 32);
+    const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+    const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+    for (int r = 0; r < kPhiloxRounds; ++r) {
+      if (r > 0) {
+        k0 += kPhiloxW0;
+        k1 += kPhiloxW1;
+      }
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo(m0, x0, hi0, lo0);
+      mulhilo(m1, x2, hi1, lo1);
+      x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32(static_cast<int>(k0)));
+      x1 = lo1;
+      x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32(static_cast<int>(k1)));
+      x3 = lo0;
+    }
+    // word >= threshold  <=>  !(threshold > word), unsigned via the sign flip.
+    const __m256i t = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(d.threshold)), flip);
+    auto ge = [&](__m256i w) -> uint64_t {
+      const __m256i lt = _mm256_cmpgt_epi32(t, _mm256_xor_si256(w, flip));
+      return ~static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(lt))) & 0xFFu;
+    };
+    return _pdep_u64(ge(x0), 0x11111111ull) | _pdep_u64(ge(x1), 0x22222222ull) |
+           _pdep_u64(ge(x2), 0x44444444ull) | _pdep_u64(ge(x3), 0x88888888ull);
+  }
+
+ private:
+  static void mulhilo(__m256i m, __m256i x, __m256i& hi, __m256i& lo) {
+    const __m256i even = _mm256_mul_epu32(m, x);
+    const __m256i odd = _mm256_mul_epu32(m, _mm256_srli_epi64(x, 32));
+    hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+    lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  }
+};

@@ -1,0 +1,97 @@
+// 16 float lanes in a zmm register (AVX-512F/BW/VL). Same interface as ScalarVec (vec_scalar.h).
+// Included inside namespace aiayn::cpu::avx512 by isa/avx512.cpp, under its target pragma.
+
+struct Vec {
+  using Scalar = float;
+  static constexpr int N = 16;
+  __m512 v;
+
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec set1(float s) { return {_mm512_set1_ps(s)}; }
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec load(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+  }
+  static Vec load_partial(const float* p, int n) { return {_mm512_maskz_loadu_ps(tail(n), p)}; }
+  static Vec load_partial(const uint16_t* p, int n) {
+    const __m256i h = _mm256_maskz_loadu_epi16(tail(n), p);
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void store(uint16_t* p) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16());
+  }
+  void store_partial(float* p, int n) const { _mm512_mask_storeu_ps(p, tail(n), v); }
+  void store_partial(uint16_t* p, int n) const { _mm256_mask_storeu_epi16(p, tail(n), to_bf16()); }
+
+  Vec operator+(Vec b) const { return {_mm512_add_ps(v, b.v)}; }
+  Vec operator-(Vec b) const { return {_mm512_sub_ps(v, b.v)}; }
+  Vec operator*(Vec b) const { return {_mm512_mul_ps(v, b.v)}; }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static Vec keep(uint64_t bits, Vec a) {
+    return {_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), a.v)};
+  }
+  float reduce_add() const { return _mm512_reduce_add_ps(v); }
+
+ private:
+  static __mmask16 tail(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  // Round to nearest even on the bits, as float_to_bf16 (bf16.h) does, NaN kept quiet.
+  __m256i to_bf16() const {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded =
+        _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x400000));
+    const __m512i r = _mm512_srli_epi32(_mm512_mask_mov_epi32(rounded, nan, quiet), 16);
+    return _mm512_cvtepi32_epi16(r);
+  }
+};
+
+// Philox4x32-10 in 16 lanes: counters c .. c + 15 at once.
+struct PhiloxLanes {
+  static constexpr int N = 16;
+  static uint64_t keep_bits(const DropoutParams& d, uint64_t c) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // Counter low words; a carry into the high word happens in at most one place per block.
+    const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), lane);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(lo, _mm512_set1_epi32(static_cast<int>(c)));
+    __m512i x0 = lo;
+    __m512i x1 = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(c >> 32)), carry,
+                                       _mm512_set1_epi32(static_cast<int>(c >> 32)),
+                                       _mm512_set1_epi32(1));
+    __m512i x2 = _mm512_set1_epi32(static_cast<int>(d.stream));
+    __m512i x3 = _mm512_set1_epi32(static_cast<int>(d.stream >> 32));
+    uint32_t k0 = static_cast<uint32_t>(d.seed), k1 = static_cast<uint32_t>(d.seed >> 32);
+    const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
+    const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
+    for (int r = 0; r < kPhiloxRounds; ++r) {
+      if (r > 0) {
+        k0 += kPhiloxW0;
+        k1 += kPhiloxW1;
+      }
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo(m0, x0, hi0, lo0);
+      mulhilo(m1, x2, hi1, lo1);
+      x0 = _mm512_xor_si512(_mm512_xor_si512(hi1, x1), _mm512_set1_epi32(static_cast<int>(k0)));
+      x1 = lo1;
+      x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(static_cast<int>(k1)));
+      x3 = lo0;
+    }
+    const __m512i t = _mm512_set1_epi32(static_cast<int>(d.threshold));
+    const uint64_t b0 = _mm512_cmpge_epu32_mask(x0, t), b1 = _mm512_cmpge_epu32_mask(x1, t);
+    const uint64_t b2 = _mm512_cmpge_epu32_mask(x2, t), b3 = _mm512_cmpge_epu32_mask(x3, t);
+    // Element 4 * lane + word: spread each word's lane bits to every fourth position.
+    return _pdep_u64(b0, 0x1111111111111111ull) | _pdep_u64(b1, 0x2222222222222222ull) |
+           _pdep_u64(b2, 0x4444444444444444ull) | _pdep_u64(b3, 0x8888888888888888ull);
+  }
+
+ private:
+  static void mulhilo(__m512i m, __m512i x, __m512i& hi, __m512i& lo) {
+    const __m512i even = _mm512_mul_epu32(m, x);                        // lanes 0, 2, ...
+    const __m512i odd = _mm512_mul_epu32(m, _mm512_srli_epi64(x, 32));  // lanes 1, 3, ...
+    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+    lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  }
+};

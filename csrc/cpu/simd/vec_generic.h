@@ -1,0 +1,16 @@
+// The generic ISA: one lane of plain C++ (vec_scalar.h) and Philox one counter at a time.
+// Included inside namespace aiayn::cpu::generic by isa/generic.cpp.
+
+using Vec = ScalarVec<float>;
+
+// Philox over N counters at once, one lane each; here N == 1.
+struct PhiloxLanes {
+  static constexpr int N = 1;
+  // Keep-bits of the 4 * N elements of counters [c, c + N): bit 4 * lane + word.
+  static uint64_t keep_bits(const DropoutParams& d, uint64_t c) {
+    const Philox4x32 w = philox_words(d.seed, d.stream, c);
+    uint64_t bits = 0;
+    for (int k = 0; k < 4; ++k) bits |= static_cast<uint64_t>(w.v[k] >= d.threshold) << k;
+    return bits;
+  }
+};

@@ -1,0 +1,31 @@
+// A one-lane "vector" in plain C++: the shape every SIMD wrapper (vec_avx2.h, vec_avx512.h)
+// follows, so a kernel written against `Vec` compiles with any of them. Every ISA uses it for
+// float64; the generic ISA for everything (vec_generic.h).
+// Included inside the ISA namespace by isa/*.cpp.
+
+template <typename S>
+struct ScalarVec {
+  using Scalar = S;
+  static constexpr int N = 1;
+  S v;
+
+  static ScalarVec zero() { return {S(0)}; }
+  static ScalarVec set1(S s) { return {s}; }
+  static ScalarVec load(const S* p) { return {*p}; }
+  static ScalarVec load(const uint16_t* p) { return {S(bf16_to_float(*p))}; }
+  void store(S* p) const { *p = v; }
+  void store(uint16_t* p) const { *p = float_to_bf16(static_cast<float>(v)); }
+  // N == 1: a partial vector is never needed; these exist so kernels need no special case.
+  template <typename T>
+  static ScalarVec load_partial(const T* p, int) { return load(p); }
+  template <typename T>
+  void store_partial(T* p, int) const { store(p); }
+
+  ScalarVec operator+(ScalarVec b) const { return {v + b.v}; }
+  ScalarVec operator-(ScalarVec b) const { return {v - b.v}; }
+  ScalarVec operator*(ScalarVec b) const { return {v * b.v}; }
+  static ScalarVec fma(ScalarVec a, ScalarVec b, ScalarVec c) { return {a.v * b.v + c.v}; }
+  // Lanes whose bit in `keep` is 0 become 0.
+  static ScalarVec keep(uint64_t bits, ScalarVec a) { return {(bits & 1u) ? a.v : S(0)}; }
+  S reduce_add() const { return v; }
+};
