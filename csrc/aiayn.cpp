@@ -4,6 +4,7 @@
 // Op semantics are documented in aiayn/functional.py and defined by aiayn/reference.py.
 #include <torch/library.h>
 
+#include "common/philox.h"
 #include "cpu/kernels.h"
 
 TORCH_LIBRARY(aiayn, m) {
@@ -24,6 +25,7 @@ TORCH_LIBRARY(aiayn, m) {
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <array>
 #include <chrono>
 
 #ifndef AIAYN_VERSION
@@ -85,6 +87,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_isa", [](const std::string& name) { cpu::set_isa(name.c_str()); },
         "Force a CPU ISA variant (avx512, avx2, generic) the CPU supports; for tests.");
   m.def("cpu_isa_supported", [](const std::string& name) { return cpu::isa_supported(name.c_str()); });
+  m.def("philox4x32_10",
+        [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
+          const auto w = aiayn::philox4x32_10(aiayn::Philox4x32{{ctr[0], ctr[1], ctr[2], ctr[3]}}, key[0], key[1]);
+          return std::array<uint32_t, 4>{w.v[0], w.v[1], w.v[2], w.v[3]};
+        },
+        "The raw Philox4x32-10 bijection of csrc/common/philox.h (for tests against Random123's answers).");
   m.def("peak_fp32_fma", [](int64_t iters) { return run_peak(cpu::kernels().peak_fp32_fma, iters); },
         "(seconds, flops) of an fp32 FMA loop on every thread, current ISA.");
   m.def("peak_bf16_dot", [](int64_t iters) { return run_peak(cpu::kernels().peak_bf16_dot, iters); },

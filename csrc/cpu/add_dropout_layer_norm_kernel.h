@@ -5,6 +5,32 @@
 // Each row is read once into an L1-resident buffer of floats (`h`, the pre-norm sum), so the
 // mean and the variance are two exact passes over cache, not a one-pass formula that loses digits.
 
+// A row sum that stays accurate for long rows on every ISA (the generic one has a single lane):
+// two vector accumulators flushed every 64 vectors into a double total.
+template <typename V>
+struct RowSum {
+  V acc[2] = {V::zero(), V::zero()};
+  double total = 0.0;
+  int n = 0;
+  void add(V v) { step(acc[n & 1] + v); }
+  void add_product(V a, V b) { step(V::fma(a, b, acc[n & 1])); }
+  typename V::Scalar value() {
+    flush();
+    return static_cast<typename V::Scalar>(total);
+  }
+
+ private:
+  void step(V next) {
+    acc[n & 1] = next;
+    if (++n == 64) flush();
+  }
+  void flush() {
+    total += static_cast<double>((acc[0] + acc[1]).reduce_add());
+    acc[0] = acc[1] = V::zero();
+    n = 0;
+  }
+};
+
 template <typename V, typename T>
 void add_dropout_layer_norm_fwd_rows(const AddDropoutLayerNormFwd& a, int64_t row_begin,
                                      int64_t row_end) {
@@ -30,30 +56,30 @@ void add_dropout_layer_norm_fwd_rows(const AddDropoutLayerNormFwd& a, int64_t ro
       if (a.dropout.enabled) xv = V::keep(extract_bits(bits.data(), bit0 + c, N), xv) * scale;
       return rv + xv;
     };
-    V acc = V::zero();
+    RowSum<V> sum;
     for (int64_t c = 0; c < full; c += N) {
       const V hv = sum_in(c, V::load(x + c), V::load(res + c));
       hv.store(h.data() + c);
-      acc = acc + hv;
+      sum.add(hv);
     }
     if (tail) {
       const V hv = sum_in(full, V::load_partial(x + full, tail), V::load_partial(res + full, tail));
       hv.store_partial(h.data() + full, tail);
-      acc = acc + hv;
+      sum.add(hv);
     }
-    const S mean = acc.reduce_add() / static_cast<S>(cols);
+    const S mean = sum.value() / static_cast<S>(cols);
     const V mv = V::set1(mean);
-    V sq = V::zero();
+    RowSum<V> sq;
     for (int64_t c = 0; c < full; c += N) {
       const V d = V::load(h.data() + c) - mv;
-      sq = V::fma(d, d, sq);
+      sq.add_product(d, d);
     }
     if (tail) {
       // load_partial zero-fills, so (0 - mean) must be masked out of the sum.
       const V d = V::keep((uint64_t{1} << tail) - 1, V::load_partial(h.data() + full, tail) - mv);
-      sq = V::fma(d, d, sq);
+      sq.add_product(d, d);
     }
-    const S var = sq.reduce_add() / static_cast<S>(cols);
+    const S var = sq.value() / static_cast<S>(cols);
     const S rstd = S(1) / std::sqrt(var + static_cast<S>(a.eps));
     static_cast<S*>(a.mean)[r] = mean;
     static_cast<S*>(a.rstd)[r] = rstd;
@@ -99,7 +125,7 @@ void add_dropout_layer_norm_bwd_rows(const AddDropoutLayerNormBwd& a, int64_t ro
     const V mv = V::set1(static_cast<const S*>(a.mean)[r]);
     const V rv = V::set1(static_cast<const S*>(a.rstd)[r]);
 
-    V sum_g = V::zero(), sum_gx = V::zero();
+    RowSum<V> sum_g, sum_gx;
     auto pass1 = [&](int64_t c, V xv, V resv, V dyv, V wv, int n) {
       if (a.dropout.enabled) xv = V::keep(extract_bits(bits.data(), bit0 + c, N), xv) * scale;
       const V xh = (resv + xv - mv) * rv;
@@ -116,8 +142,8 @@ void add_dropout_layer_norm_bwd_rows(const AddDropoutLayerNormBwd& a, int64_t ro
         (dyv + V::load_partial(db + c, n)).store_partial(db + c, n);
       }
       // Partial loads zero-fill dy, so g and g * xhat vanish past the tail.
-      sum_g = sum_g + gv;
-      sum_gx = V::fma(gv, xh, sum_gx);
+      sum_g.add(gv);
+      sum_gx.add_product(gv, xh);
     };
     for (int64_t c = 0; c < full; c += N)
       pass1(c, V::load(x + c), V::load(res + c), V::load(dy + c), V::load(w + c), N);
@@ -125,8 +151,8 @@ void add_dropout_layer_norm_bwd_rows(const AddDropoutLayerNormBwd& a, int64_t ro
       pass1(full, V::load_partial(x + full, tail), V::load_partial(res + full, tail),
             V::load_partial(dy + full, tail), V::load_partial(w + full, tail), tail);
 
-    const V mg = V::set1(sum_g.reduce_add() / static_cast<S>(cols));
-    const V mgx = V::set1(sum_gx.reduce_add() / static_cast<S>(cols));
+    const V mg = V::set1(sum_g.value() / static_cast<S>(cols));
+    const V mgx = V::set1(sum_gx.value() / static_cast<S>(cols));
     auto pass2 = [&](int64_t c, int n) {
       const V xh = n == N ? V::load(xhat.data() + c) : V::load_partial(xhat.data() + c, n);
       const V gv = n == N ? V::load(g.data() + c) : V::load_partial(g.data() + c, n);

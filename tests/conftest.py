@@ -1,0 +1,38 @@
+"""Shared test helpers: the ISA variants this CPU can run, fresh random inputs, and the
+flash-attention style "2x rule" for comparing against a float64 reference."""
+
+import os
+import random
+
+import pytest
+import torch
+
+import aiayn
+
+ISAS = [isa for isa in ("avx512", "avx2", "generic") if aiayn._C.cpu_isa_supported(isa)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Runs the test once per CPU ISA variant this machine supports."""
+    with aiayn.cpu_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def rng_seed():
+    """A fresh seed per test (inputs differ every run); printed on failure to reproduce."""
+    seed = int(os.environ.get("AIAYN_TEST_SEED", random.randrange(2**31)))
+    torch.manual_seed(seed)
+    return seed
+
+
+def assert_2x_rule(ours, theirs, ref, what, slack=1e-6, seed=None):
+    """Our max error vs the float64 reference must be at most 2x PyTorch's own error in the same
+    dtype, plus a tiny absolute slack."""
+    ref = ref.double()
+    err_ours = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
+    err_torch = (theirs.double() - ref).abs().max().item() if ref.numel() else 0.0
+    assert not torch.isnan(ours).any(), f"{what}: NaN in output (seed {seed})"
+    assert err_ours <= 2 * err_torch + slack, (
+        f"{what}: max error {err_ours:.3e} > 2 x torch's {err_torch:.3e} + {slack:g} (seed {seed})")
