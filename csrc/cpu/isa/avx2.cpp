@@ -14,12 +14,12 @@ namespace aiayn::cpu::avx2 {
 #include "../peak_kernel.h"
 
 const KernelTable table = {
-    Isa::avx2,
-    add_dropout_layer_norm_fwd,
-    add_dropout_layer_norm_bwd,
-    dropout_keep_bits,
-    peak_fp32_fma,
-    nullptr,
+    .isa = Isa::avx2,
+    .add_dropout_layer_norm_fwd = add_dropout_layer_norm_fwd,
+    .add_dropout_layer_norm_bwd = add_dropout_layer_norm_bwd,
+    .dropout_keep_bits = dropout_keep_bits,
+    .peak_fp32_fma = peak_fp32_fma,
+    .peak_bf16_dot = nullptr,
 };
 }  // namespace aiayn::cpu::avx2
 

@@ -32,12 +32,12 @@ inline double peak_bf16_dot(int64_t iters) {
 }
 
 const KernelTable table = {
-    Isa::avx512,
-    add_dropout_layer_norm_fwd,
-    add_dropout_layer_norm_bwd,
-    dropout_keep_bits,
-    peak_fp32_fma,
-    peak_bf16_dot,
+    .isa = Isa::avx512,
+    .add_dropout_layer_norm_fwd = add_dropout_layer_norm_fwd,
+    .add_dropout_layer_norm_bwd = add_dropout_layer_norm_bwd,
+    .dropout_keep_bits = dropout_keep_bits,
+    .peak_fp32_fma = peak_fp32_fma,
+    .peak_bf16_dot = peak_bf16_dot,
 };
 }  // namespace aiayn::cpu::avx512
 

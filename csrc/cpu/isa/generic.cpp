@@ -11,12 +11,12 @@ namespace aiayn::cpu::generic {
 #include "../peak_kernel.h"
 
 const KernelTable table = {
-    Isa::generic,
-    add_dropout_layer_norm_fwd,
-    add_dropout_layer_norm_bwd,
-    dropout_keep_bits,
-    peak_fp32_fma,
-    nullptr,
+    .isa = Isa::generic,
+    .add_dropout_layer_norm_fwd = add_dropout_layer_norm_fwd,
+    .add_dropout_layer_norm_bwd = add_dropout_layer_norm_bwd,
+    .dropout_keep_bits = dropout_keep_bits,
+    .peak_fp32_fma = peak_fp32_fma,
+    .peak_bf16_dot = nullptr,
 };
 }  // namespace aiayn::cpu::generic
 
