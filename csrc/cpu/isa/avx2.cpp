@@ -5,7 +5,7 @@
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
 
 namespace aiayn::cpu::avx2 {
-#include "../simd/bf16.h"
+#include "../simd/scalar_math.h"
 #include "../simd/buffer.h"
 #include "../simd/vec_scalar.h"
 #include "../simd/vec_avx2.h"

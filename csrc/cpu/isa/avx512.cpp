@@ -5,7 +5,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2,popcnt")
 
 namespace aiayn::cpu::avx512 {
-#include "../simd/bf16.h"
+#include "../simd/scalar_math.h"
 #include "../simd/buffer.h"
 #include "../simd/vec_scalar.h"
 #include "../simd/vec_avx512.h"

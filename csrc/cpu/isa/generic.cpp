@@ -2,7 +2,7 @@
 #include "prelude.h"
 
 namespace aiayn::cpu::generic {
-#include "../simd/bf16.h"
+#include "../simd/scalar_math.h"
 #include "../simd/buffer.h"
 #include "../simd/vec_scalar.h"
 #include "../simd/vec_generic.h"

@@ -41,6 +41,24 @@ struct Vec {
     const __m256i m = _mm256_cmpeq_epi32(b, lane_bit);
     return {_mm256_and_ps(_mm256_castsi256_ps(m), a.v)};
   }
+  static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  float reduce_max() const {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // 2^x as in vec_avx512.h; 2^n is built in the exponent bits, so results below 2^-126 (and
+  // -inf) become exactly 0.
+  static Vec exp2(Vec x) {
+    const __m256 t = _mm256_max_ps(x.v, _mm256_set1_ps(-127.0f));
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(t, n);
+    __m256 p = _mm256_set1_ps(kExp2C[7]);
+    for (int i = 6; i >= 0; --i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C[i]));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return {_mm256_mul_ps(p, _mm256_castsi256_ps(e))};
+  }
   float reduce_add() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

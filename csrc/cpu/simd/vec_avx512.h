@@ -32,11 +32,23 @@ struct Vec {
   static Vec keep(uint64_t bits, Vec a) {
     return {_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), a.v)};
   }
+  static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
+  float reduce_max() const { return _mm512_reduce_max_ps(v); }
+  // 2^x to ~1 ulp: x = n + f, |f| <= 1/2, 2^f by its degree-7 Taylor polynomial, then scalef
+  // (which also underflows to exactly 0, so masked scores at -inf give 0).
+  static Vec exp2(Vec x) {
+    const __m512 t = _mm512_max_ps(x.v, _mm512_set1_ps(-200.0f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(kExp2C[7]);
+    for (int i = 6; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C[i]));
+    return {_mm512_scalef_ps(p, n)};
+  }
 
  private:
   static __mmask16 tail(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
-  // Round to nearest even on the bits, as float_to_bf16 (bf16.h) does, NaN kept quiet.
+  // Round to nearest even on the bits, as float_to_bf16 (scalar_math.h) does, NaN kept quiet.
   __m256i to_bf16() const {
     const __m512i bits = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));

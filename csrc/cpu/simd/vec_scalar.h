@@ -27,5 +27,9 @@ struct ScalarVec {
   static ScalarVec fma(ScalarVec a, ScalarVec b, ScalarVec c) { return {a.v * b.v + c.v}; }
   // Lanes whose bit in `keep` is 0 become 0.
   static ScalarVec keep(uint64_t bits, ScalarVec a) { return {(bits & 1u) ? a.v : S(0)}; }
+  static ScalarVec max(ScalarVec a, ScalarVec b) { return {a.v > b.v ? a.v : b.v}; }
   S reduce_add() const { return v; }
+  S reduce_max() const { return v; }
+  // 2^x; exactly 0 for x = -inf (masked scores).
+  static ScalarVec exp2(ScalarVec x) { return {std::exp2(x.v)}; }
 };
