@@ -11,12 +11,16 @@ namespace aiayn::cpu::avx2 {
 #include "../simd/vec_avx2.h"
 #include "../dropout_kernel.h"
 #include "../add_dropout_layer_norm_kernel.h"
+#include "../attention_gemm.h"
+#include "../attention_kernel.h"
 #include "../peak_kernel.h"
 
 const KernelTable table = {
     .isa = Isa::avx2,
     .add_dropout_layer_norm_fwd = add_dropout_layer_norm_fwd,
     .add_dropout_layer_norm_bwd = add_dropout_layer_norm_bwd,
+    .attention_fwd = attention_fwd,
+    .attention_bwd = attention_bwd,
     .dropout_keep_bits = dropout_keep_bits,
     .peak_fp32_fma = peak_fp32_fma,
     .peak_bf16_dot = nullptr,

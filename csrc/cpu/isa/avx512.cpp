@@ -11,6 +11,8 @@ namespace aiayn::cpu::avx512 {
 #include "../simd/vec_avx512.h"
 #include "../dropout_kernel.h"
 #include "../add_dropout_layer_norm_kernel.h"
+#include "../attention_gemm.h"
+#include "../attention_kernel.h"
 #include "../peak_kernel.h"
 
 // bf16 dot-product peak: vdpbf16ps does 32 multiply-adds (64 flops) per instruction.
@@ -35,6 +37,8 @@ const KernelTable table = {
     .isa = Isa::avx512,
     .add_dropout_layer_norm_fwd = add_dropout_layer_norm_fwd,
     .add_dropout_layer_norm_bwd = add_dropout_layer_norm_bwd,
+    .attention_fwd = attention_fwd,
+    .attention_bwd = attention_bwd,
     .dropout_keep_bits = dropout_keep_bits,
     .peak_fp32_fma = peak_fp32_fma,
     .peak_bf16_dot = peak_bf16_dot,

@@ -30,3 +30,7 @@ constexpr float kExp2C[8] = {1.0f,
                              0.00133335581464284f,
                              0.000154035303933816f,
                              1.52527338040598e-05f};
+
+// Our own min/max, so kernels instantiate no std:: template in an ISA unit (kernels.h).
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }

@@ -5,6 +5,9 @@ struct Vec {
   using Scalar = float;
   static constexpr int N = 8;
   __m256 v;
+  // Register tiling of small matrix products (attention_gemm.h): a kTileR x kTileNV block of
+  // accumulators, and kStripR rows for one-vector column strips.
+  static constexpr int kTileNV = 2, kTileR = 6, kStripR = 8;
 
   static Vec zero() { return {_mm256_setzero_ps()}; }
   static Vec set1(float s) { return {_mm256_set1_ps(s)}; }

@@ -5,6 +5,9 @@ struct Vec {
   using Scalar = float;
   static constexpr int N = 16;
   __m512 v;
+  // Register tiling of small matrix products (attention_gemm.h): a kTileR x kTileNV block of
+  // accumulators, and kStripR rows for one-vector column strips.
+  static constexpr int kTileNV = 4, kTileR = 6, kStripR = 8;
 
   static Vec zero() { return {_mm512_setzero_ps()}; }
   static Vec set1(float s) { return {_mm512_set1_ps(s)}; }

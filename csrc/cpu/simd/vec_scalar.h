@@ -7,6 +7,7 @@ template <typename S>
 struct ScalarVec {
   using Scalar = S;
   static constexpr int N = 1;
+  static constexpr int kTileNV = 4, kTileR = 4, kStripR = 4;  // see vec_avx512.h
   S v;
 
   static ScalarVec zero() { return {S(0)}; }

@@ -1,0 +1,73 @@
+// Small in-cache matrix products for the attention kernels: C (+)= A * B with B's rows contiguous
+// and A read through arbitrary strides (so A or A^T, e.g. P or P^T, with no transposed copy).
+// Register-blocked: a kTileR x kTileNV tile of vector accumulators per step; each step broadcasts
+// one A element per row and loads one B row segment (the vector width and tile come from `Vec`).
+// Included inside the ISA namespace by isa/*.cpp.
+
+template <typename V>
+struct SmallGemm {
+  using S = typename V::Scalar;
+  static constexpr int W = V::N;
+
+  // Rows [0, R) x vectors [0, NV) of C; the last vector holds `tail` (<= W) valid lanes.
+  template <int R, int NV>
+  static void tile(int64_t K, const S* A, int64_t a_row, int64_t a_col, const S* B, int64_t ldb,
+                   S* C, int64_t ldc, int tail, bool accumulate) {
+    V c[R][NV];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) {
+        if (!accumulate) c[r][v] = V::zero();
+        else if (v == NV - 1 && tail < W) c[r][v] = V::load_partial(C + r * ldc + v * W, tail);
+        else c[r][v] = V::load(C + r * ldc + v * W);
+      }
+    for (int64_t k = 0; k < K; ++k) {
+      V b[NV];
+      const S* brow = B + k * ldb;
+      for (int v = 0; v < NV; ++v)
+        b[v] = (v == NV - 1 && tail < W) ? V::load_partial(brow + v * W, tail) : V::load(brow + v * W);
+      const S* acol = A + k * a_col;
+      for (int r = 0; r < R; ++r) {
+        const V x = V::set1(acol[r * a_row]);
+        for (int v = 0; v < NV; ++v) c[r][v] = V::fma(x, b[v], c[r][v]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) {
+        if (v == NV - 1 && tail < W) c[r][v].store_partial(C + r * ldc + v * W, tail);
+        else c[r][v].store(C + r * ldc + v * W);
+      }
+  }
+
+  // All M rows of one column panel, R rows at a time, the remainder by a smaller tile.
+  template <int NV, int R>
+  static void panel(int64_t M, int64_t K, const S* A, int64_t a_row, int64_t a_col, const S* B,
+                    int64_t ldb, S* C, int64_t ldc, int tail, bool accumulate) {
+    int64_t i = 0;
+    for (; i + R <= M; i += R)
+      tile<R, NV>(K, A + i * a_row, a_row, a_col, B, ldb, C + i * ldc, ldc, tail, accumulate);
+    if (i < M) rest<NV, R - 1>(M - i, K, A + i * a_row, a_row, a_col, B, ldb, C + i * ldc, ldc, tail, accumulate);
+  }
+
+  template <int NV, int R>
+  static void rest(int64_t m, int64_t K, const S* A, int64_t a_row, int64_t a_col, const S* B,
+                   int64_t ldb, S* C, int64_t ldc, int tail, bool accumulate) {
+    if constexpr (R >= 1) {
+      if (m == R) return tile<R, NV>(K, A, a_row, a_col, B, ldb, C, ldc, tail, accumulate);
+      rest<NV, R - 1>(m, K, A, a_row, a_col, B, ldb, C, ldc, tail, accumulate);
+    }
+  }
+
+  // C[M x N] = (accumulate ? C : 0) + A[M x K] * B[K x N]; A(i, k) = A[i * a_row + k * a_col].
+  static void run(int64_t M, int64_t N, int64_t K, const S* A, int64_t a_row, int64_t a_col,
+                  const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate) {
+    if (M <= 0 || N <= 0) return;
+    constexpr int NV = V::kTileNV;
+    int64_t n = 0;
+    for (; n + NV * W <= N; n += NV * W)
+      panel<NV, V::kTileR>(M, K, A, a_row, a_col, B + n, ldb, C + n, ldc, W, accumulate);
+    for (; n < N; n += W) {
+      const int tail = static_cast<int>(imin(W, N - n));
+      panel<1, V::kStripR>(M, K, A, a_row, a_col, B + n, ldb, C + n, ldc, tail, accumulate);
+    }
+  }
+};
