@@ -104,6 +104,23 @@ Prepared prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tenso
   return p;
 }
 
+// Scratch memory for the kernel: one block per thread, allocated once per call.
+class Workspace {
+ public:
+  explicit Workspace(size_t bytes_per_thread)
+      : stride_((bytes_per_thread + 63) / 64 * 64),
+        buf_(at::empty({static_cast<int64_t>(stride_) * at::get_num_threads() + 64}, at::kByte)) {}
+  void* for_thread() const {
+    auto base = reinterpret_cast<uintptr_t>(buf_.data_ptr());
+    base = (base + 63) / 64 * 64;
+    return reinterpret_cast<void*>(base + stride_ * static_cast<size_t>(at::get_thread_num()));
+  }
+
+ private:
+  size_t stride_;
+  at::Tensor buf_;
+};
+
 int64_t blocks(int64_t len, int64_t block) { return (len + block - 1) / block; }
 constexpr int64_t kBlockQ = 64, kBlockK = 64;  // = kAttnBlockQ / kAttnBlockK (attention_kernel.h)
 
@@ -123,8 +140,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   a.lse = lse.data_ptr();
   a.query_chunks = chunks_per_head(heads_total, blocks(a.len_q, kBlockQ));
   const KernelTable& kt = kernels();
+  Workspace ws(kt.attention_workspace(a, false));
   at::parallel_for(0, heads_total * a.query_chunks, 1,
-                   [&](int64_t b, int64_t e) { kt.attention_fwd(a, b, e); });
+                   [&](int64_t b, int64_t e) { kt.attention_fwd(a, b, e, ws.for_thread()); });
   return {out, lse};
 }
 
@@ -165,8 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   a.grad_k = gk.data_ptr();
   a.grad_v = gv.data_ptr();
   const KernelTable& kt = kernels();
+  Workspace ws(kt.attention_workspace(a, true));
   at::parallel_for(0, heads_total * a.key_chunks, 1,
-                   [&](int64_t b, int64_t e) { kt.attention_bwd(a, b, e); });
+                   [&](int64_t b, int64_t e) { kt.attention_bwd(a, b, e, ws.for_thread()); });
   at::Tensor gq = a.key_chunks == 1 ? gq_partial.reshape({a.batch, a.heads, a.len_q, a.dim})
                                     : gq_partial.sum(2);
   return {gq.to(q.scalar_type()), gk, gv};

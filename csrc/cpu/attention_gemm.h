@@ -58,16 +58,30 @@ struct SmallGemm {
   }
 
   // C[M x N] = (accumulate ? C : 0) + A[M x K] * B[K x N]; A(i, k) = A[i * a_row + k * a_col].
+  // Full-width panels of kTileNV vectors, then one narrower panel for the remaining whole vectors,
+  // then a one-vector panel for a partial vector.
   static void run(int64_t M, int64_t N, int64_t K, const S* A, int64_t a_row, int64_t a_col,
                   const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate) {
     if (M <= 0 || N <= 0) return;
     constexpr int NV = V::kTileNV;
     int64_t n = 0;
     for (; n + NV * W <= N; n += NV * W)
-      panel<NV, V::kTileR>(M, K, A, a_row, a_col, B + n, ldb, C + n, ldc, W, accumulate);
-    for (; n < N; n += W) {
-      const int tail = static_cast<int>(imin(W, N - n));
-      panel<1, V::kStripR>(M, K, A, a_row, a_col, B + n, ldb, C + n, ldc, tail, accumulate);
+      panel<NV, V::rows_for(NV)>(M, K, A, a_row, a_col, B + n, ldb, C + n, ldc, W, accumulate);
+    const int64_t rest_vectors = (N - n) / W;
+    if (rest_vectors > 0) {
+      narrow<NV - 1>(rest_vectors, M, K, A, a_row, a_col, B + n, ldb, C + n, ldc, accumulate);
+      n += rest_vectors * W;
+    }
+    if (n < N)
+      panel<1, V::rows_for(1)>(M, K, A, a_row, a_col, B + n, ldb, C + n, ldc, static_cast<int>(N - n), accumulate);
+  }
+
+  template <int NV>
+  static void narrow(int64_t nv, int64_t M, int64_t K, const S* A, int64_t a_row, int64_t a_col,
+                     const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate) {
+    if constexpr (NV >= 1) {
+      if (nv == NV) return panel<NV, V::rows_for(NV)>(M, K, A, a_row, a_col, B, ldb, C, ldc, W, accumulate);
+      narrow<NV - 1>(nv, M, K, A, a_row, a_col, B, ldb, C, ldc, accumulate);
     }
   }
 };

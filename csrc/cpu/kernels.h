@@ -100,9 +100,11 @@ struct KernelTable {
   void (*add_dropout_layer_norm_bwd)(const AddDropoutLayerNormBwd& a, int64_t row_begin,
                                      int64_t row_end, void* grad_weight, void* grad_bias);
   // Forward tasks: task t is (b, h, query chunk) = (t / (H * qc), t / qc % H, t % qc).
-  void (*attention_fwd)(const AttentionArgs& a, int64_t task_begin, int64_t task_end);
+  // `workspace`: attention_workspace(a, backward) bytes of scratch owned by the calling thread.
+  void (*attention_fwd)(const AttentionArgs& a, int64_t task_begin, int64_t task_end, void* workspace);
   // Backward tasks: (b, h, key chunk) likewise with key_chunks.
-  void (*attention_bwd)(const AttentionArgs& a, int64_t task_begin, int64_t task_end);
+  void (*attention_bwd)(const AttentionArgs& a, int64_t task_begin, int64_t task_end, void* workspace);
+  size_t (*attention_workspace)(const AttentionArgs& a, bool backward);
   // Dropout keep-bits of elements [4 * first_counter, 4 * (first_counter + num_counters)):
   // bit i of the result (bits[i / 64] >> (i % 64)) is element 4 * first_counter + i.
   void (*dropout_keep_bits)(const DropoutParams& d, uint64_t first_counter, int64_t num_counters,

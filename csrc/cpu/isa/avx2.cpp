@@ -21,6 +21,7 @@ const KernelTable table = {
     .add_dropout_layer_norm_bwd = add_dropout_layer_norm_bwd,
     .attention_fwd = attention_fwd,
     .attention_bwd = attention_bwd,
+    .attention_workspace = attention_workspace,
     .dropout_keep_bits = dropout_keep_bits,
     .peak_fp32_fma = peak_fp32_fma,
     .peak_bf16_dot = nullptr,

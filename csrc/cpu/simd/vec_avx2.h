@@ -8,6 +8,7 @@ struct Vec {
   // Register tiling of small matrix products (attention_gemm.h): a kTileR x kTileNV block of
   // accumulators, and kStripR rows for one-vector column strips.
   static constexpr int kTileNV = 2, kTileR = 6, kStripR = 8;
+  static constexpr int rows_for(int nv) { return nv >= 2 ? 6 : 8; }  // 16 registers
 
   static Vec zero() { return {_mm256_setzero_ps()}; }
   static Vec set1(float s) { return {_mm256_set1_ps(s)}; }
@@ -15,6 +16,12 @@ struct Vec {
   static Vec load(const uint16_t* p) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
+  }
+  // Lanes p[0], p[stride], ..., p[7 * stride] (needs 7 * stride < 2^31).
+  static Vec gather(const float* p, int64_t stride) {
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm256_set1_epi32(static_cast<int>(stride)));
+    return {_mm256_i32gather_ps(p, idx, 4)};
   }
   // Tails go through a small buffer: AVX2 has no 16-bit masked load/store.
   template <typename T>

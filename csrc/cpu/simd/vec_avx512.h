@@ -8,6 +8,8 @@ struct Vec {
   // Register tiling of small matrix products (attention_gemm.h): a kTileR x kTileNV block of
   // accumulators, and kStripR rows for one-vector column strips.
   static constexpr int kTileNV = 4, kTileR = 6, kStripR = 8;
+  // Rows of a tile of `nv` column vectors: as many as the 32 registers hold (nv + 1 for operands).
+  static constexpr int rows_for(int nv) { return nv >= 4 ? 6 : 8; }
 
   static Vec zero() { return {_mm512_setzero_ps()}; }
   static Vec set1(float s) { return {_mm512_set1_ps(s)}; }
@@ -15,6 +17,12 @@ struct Vec {
   static Vec load(const uint16_t* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+  }
+  // Lanes p[0], p[stride], ..., p[15 * stride] (needs 15 * stride < 2^31).
+  static Vec gather(const float* p, int64_t stride) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(static_cast<int>(stride)));
+    return {_mm512_i32gather_ps(idx, p, 4)};
   }
   static Vec load_partial(const float* p, int n) { return {_mm512_maskz_loadu_ps(tail(n), p)}; }
   static Vec load_partial(const uint16_t* p, int n) {

@@ -8,6 +8,8 @@ struct ScalarVec {
   using Scalar = S;
   static constexpr int N = 1;
   static constexpr int kTileNV = 4, kTileR = 4, kStripR = 4;  // see vec_avx512.h
+  static constexpr int rows_for(int) { return 4; }
+  static ScalarVec gather(const S* p, int64_t) { return {*p}; }
   S v;
 
   static ScalarVec zero() { return {S(0)}; }
