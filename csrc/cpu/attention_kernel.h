@@ -218,7 +218,10 @@ struct Attention {
             for (int64_t j = 0; j < np; ++j) srow[j] = S(0);
             continue;
           }
-          const S alpha = V::exp2(V::set1(f.m[r] - m_new)).reduce_max();
+          // Rescale what the row holds so far only when its running max moved (and it holds
+          // something: a first visible block starts from O = 0, l = 0).
+          const S m_old = f.m[r];
+          const S alpha = m_old == m_new ? S(1) : m_old == neg_inf ? S(0) : exp2_scalar(m_old - m_new);
           const V mv = V::set1(m_new);
           V sum = V::zero();
           for (int64_t j = 0; j < np; j += W) {
@@ -228,7 +231,7 @@ struct Attention {
           }
           f.l[r] = f.l[r] * alpha + sum.reduce_add();
           f.m[r] = m_new;
-          if (alpha != S(1)) scale_row(f.obuf + r * D, alpha);
+          if (alpha != S(1) && alpha != S(0)) scale_row(f.obuf + r * D, alpha);
           if (a.dropout.enabled) apply_dropout(srow, b, h, i, j0, nk, f.bits);
         }
         const S* vrows = direct_v ? reinterpret_cast<const S*>(row(a.v, a.v_stride, b, h, j0)) : f.vbuf + j0 * D;
@@ -353,6 +356,7 @@ struct Attention {
   }
 
   static S imax_s(S x, S y) { return x > y ? x : y; }
+  static S exp2_scalar(S x) { return V::exp2(V::set1(x)).reduce_max(); }
 
   // P(i, j) *= keep(i, j) / (1 - p) for keys [j0, j0 + n).
   void apply_dropout(S* prow, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n,
