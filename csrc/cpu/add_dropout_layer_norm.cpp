@@ -140,8 +140,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layer_nor
       k.add_dropout_layer_norm_bwd(a, r0, r1, partial[0][c].data_ptr(), partial[1][c].data_ptr());
     }
   });
+  // Two separate tensors (copy = true): outputs of an op must not alias each other.
   at::Tensor sums = partial.sum(1);
-  return {gx, gr, sums[0].to(wdtype), sums[1].to(wdtype)};
+  return {gx, gr, sums[0].to(wdtype, false, true), sums[1].to(wdtype, false, true)};
 }
 
 TORCH_LIBRARY_IMPL(aiayn, CPU, m) {
