@@ -21,6 +21,7 @@ CASE = "add_dropout_layer_norm"
 
 
 def _run(*args, cache_dir):
+    os.makedirs(cache_dir, exist_ok=True)
     env = {**os.environ, "AIAYN_CACHE_DIR": str(cache_dir),
            "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", "aiayn.bench", *args], cwd=str(cache_dir), env=env,
