@@ -15,9 +15,15 @@ def new_dropout_seed():
     return torch.randint(0, 2**62, (1,), dtype=torch.int64)
 
 
-def _unused_seed():
-    # A placeholder for p == 0: no random number is drawn, torch's RNG state is left untouched.
-    return torch.zeros(1, dtype=torch.int64)
+def _dropout_args(op, name, p, training, seed):
+    """(p, seed) an op gets: p is 0 outside training; a seed is drawn only when p > 0, so calls
+    without dropout leave torch's RNG state untouched (the op then ignores the placeholder)."""
+    p = float(p) if training else 0.0
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{op}: argument '{name}' must be a probability in [0, 1], got {p}")
+    if p == 0.0:
+        return p, torch.zeros(1, dtype=torch.int64)
+    return p, new_dropout_seed() if seed is None else seed
 
 
 def dropout_mask(like, p, seed):
@@ -52,13 +58,7 @@ def add_dropout_layer_norm(x, residual, weight=None, bias=None, p=0.0, eps=1e-5,
     Statistics are computed in float32 (float64 for float64 inputs); the output has x's dtype.
     The backward regenerates the dropout mask from the seed instead of storing it.
     """
-    p = float(p) if training else 0.0
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"add_dropout_layer_norm: argument 'p' must be a probability in [0, 1], got {p}")
-    if p > 0.0:
-        seed = new_dropout_seed() if seed is None else seed
-    else:
-        seed = _unused_seed()
+    p, seed = _dropout_args("add_dropout_layer_norm", "p", p, training, seed)
     out, _, _ = torch.ops.aiayn.add_dropout_layer_norm_fwd(x, residual, weight, bias, p, float(eps), seed)
     if return_dropout_mask:
         return out, dropout_mask(x, p, seed)
@@ -93,13 +93,7 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, key_padding_mask=None,
     Returns ``(B, H, Lq, D)``, contiguous, in q's dtype (float32 accumulation for bfloat16). A query
     row whose keys are all masked returns zeros (and zero gradients), not NaN.
     """
-    p = float(dropout_p) if training else 0.0
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"scaled_dot_product_attention: argument 'dropout_p' must be a probability in [0, 1], got {p}")
-    if p > 0.0:
-        seed = new_dropout_seed() if seed is None else seed
-    else:
-        seed = _unused_seed()
+    p, seed = _dropout_args("scaled_dot_product_attention", "dropout_p", dropout_p, training, seed)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     out, _ = torch.ops.aiayn.attention_fwd(q, k, v, attn_mask, key_padding_mask, p, bool(is_causal), float(scale), seed)

@@ -9,33 +9,13 @@
 
 #include "../common/checks.h"
 #include "../common/dropout.h"
+#include "../common/tensor_layout.h"
 #include "../common/add_dropout_layer_norm_args.h"
+#include "kernel_dtype.h"
 #include "kernels.h"
 
 namespace aiayn::cpu {
 namespace {
-
-DType kernel_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kBFloat16: return DType::bf16;
-    case at::kDouble: return DType::f64;
-    default: TORCH_CHECK(false, "unreachable");
-  }
-}
-
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Rows of a tensor whose last dim is the normalised one, without a copy when the leading dims
-// collapse to a single stride (slices, row-strided views); a copy otherwise.
-at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
-  at::Tensor r = t.reshape({-1, cols});
-  return cols > 1 && r.stride(1) != 1 ? r.contiguous() : r;
-}
-
-int64_t row_stride(const at::Tensor& r) { return r.size(0) > 1 ? r.stride(0) : r.size(1); }
 
 // weight / bias in the accumulation type (they are `cols` long: the copy is negligible).
 at::Tensor affine_param(const std::optional<at::Tensor>& p, const char* name, int64_t cols,

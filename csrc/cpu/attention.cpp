@@ -9,22 +9,12 @@
 
 #include "../common/attention_args.h"
 #include "../common/dropout.h"
+#include "../common/tensor_layout.h"
+#include "kernel_dtype.h"
 #include "kernels.h"
 
 namespace aiayn::cpu {
 namespace {
-
-DType kernel_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kBFloat16: return DType::bf16;
-    default: return DType::f64;
-  }
-}
-
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // q/k/v as used by the kernel: any strides with a contiguous last dim (views of a fused QKV
 // projection need no copy); a copy only when the last dim is strided.

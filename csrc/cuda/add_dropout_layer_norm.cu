@@ -22,10 +22,6 @@
 namespace aiayn::cuda {
 namespace {
 
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // weight / bias in the accumulation type, 16-byte aligned for the vector loads, or undefined for
 // None (the kernels use 1 and 0 then, with no tensor to read).
 at::Tensor affine_param(const std::optional<at::Tensor>& p, const at::Tensor& x) {

@@ -1,4 +1,4 @@
-// Host-side helpers of the CUDA entry points: tensors as rows, alignment and launch geometry,
+// Host-side helpers of the CUDA entry points (rows: common/tensor_layout.h): alignment and launch geometry,
 // dynamic shared memory beyond the default 48 KiB. Only c10/cuda headers (not
 // ATen/cuda/CUDAContext.h), so that the entry points need neither cuBLAS headers nor recent APIs.
 #pragma once
@@ -10,17 +10,9 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../common/tensor_layout.h"
+
 namespace aiayn::cuda {
-
-// Rows of a tensor whose last dim is the normalised one, without a copy when the leading dims
-// collapse to a single stride; a copy otherwise. The same as the CPU entry points
-// (cpu/add_dropout_layer_norm.cpp), so both devices accept the same layouts.
-inline at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
-  at::Tensor r = t.reshape({-1, cols});
-  return cols > 1 && r.stride(1) != 1 ? r.contiguous() : r;
-}
-
-inline int64_t row_stride(const at::Tensor& r) { return r.size(0) > 1 ? r.stride(0) : r.size(1); }
 
 inline bool is_aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;

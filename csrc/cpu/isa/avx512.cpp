@@ -5,15 +5,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2,popcnt")
 
 namespace aiayn::cpu::avx512 {
-#include "../simd/scalar_math.h"
-#include "../simd/buffer.h"
-#include "../simd/vec_scalar.h"
+#include "simd.inc"
 #include "../simd/vec_avx512.h"
-#include "../dropout_kernel.h"
-#include "../add_dropout_layer_norm_kernel.h"
-#include "../attention_gemm.h"
-#include "../attention_kernel.h"
-#include "../peak_kernel.h"
 
 // bf16 dot-product peak: vdpbf16ps does 32 multiply-adds (64 flops) per instruction.
 inline double peak_bf16_dot(int64_t iters) {
@@ -32,17 +25,9 @@ inline double peak_bf16_dot(int64_t iters) {
   return 64.0 * kAcc * static_cast<double>(iters);
 }
 
-const KernelTable table = {
-    .isa = Isa::avx512,
-    .add_dropout_layer_norm_fwd = add_dropout_layer_norm_fwd,
-    .add_dropout_layer_norm_bwd = add_dropout_layer_norm_bwd,
-    .attention_fwd = attention_fwd,
-    .attention_bwd = attention_bwd,
-    .attention_workspace = attention_workspace,
-    .dropout_keep_bits = dropout_keep_bits,
-    .peak_fp32_fma = peak_fp32_fma,
-    .peak_bf16_dot = peak_bf16_dot,
-};
+constexpr Isa kIsa = Isa::avx512;
+constexpr double (*kPeakBf16)(int64_t) = peak_bf16_dot;
+#include "kernels.inc"
 }  // namespace aiayn::cpu::avx512
 
 #pragma GCC pop_options
