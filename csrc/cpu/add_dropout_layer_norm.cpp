@@ -73,14 +73,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layer_nor
     double p, const at::Tensor& seed) {
   check_add_dropout_layer_norm_args(x, residual, weight, std::nullopt, p, 0.0,
                                     {at::kFloat, at::kBFloat16, at::kDouble});
-  check_same_shape(kAddDropoutLayerNorm, "grad_out", grad_out, "x", x);
-  check_same_dtype(kAddDropoutLayerNorm, "grad_out", grad_out, "x", x);
-  check_same_device(kAddDropoutLayerNorm, "grad_out", grad_out, "x", x);
+  const int64_t rows = check_add_dropout_layer_norm_bwd_args(grad_out, x, mean, rstd);
   const int64_t cols = x.size(-1);
-  const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
-  TORCH_CHECK_VALUE(mean.numel() == rows && rstd.numel() == rows, kAddDropoutLayerNorm,
-                    ": arguments 'mean' and 'rstd' must hold one value per row (", rows,
-                    "), got ", mean.numel(), " and ", rstd.numel());
   const auto acc = acc_type(x);
   at::Tensor gx = at::empty(x.sizes(), x.options());
   at::Tensor gr = at::empty(x.sizes(), x.options());

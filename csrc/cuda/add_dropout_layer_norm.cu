@@ -151,21 +151,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layer_nor
     double p, const at::Tensor& seed) {
   check_add_dropout_layer_norm_args(x, residual, weight, std::nullopt, p, 0.0,
                                     {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
-  check_defined(kAddDropoutLayerNorm, "grad_out", grad_out);
-  check_defined(kAddDropoutLayerNorm, "mean", mean);
-  check_defined(kAddDropoutLayerNorm, "rstd", rstd);
-  check_same_shape(kAddDropoutLayerNorm, "grad_out", grad_out, "x", x);
-  check_same_dtype(kAddDropoutLayerNorm, "grad_out", grad_out, "x", x);
-  check_same_device(kAddDropoutLayerNorm, "grad_out", grad_out, "x", x);
-  check_same_device(kAddDropoutLayerNorm, "mean", mean, "x", x);
-  check_same_device(kAddDropoutLayerNorm, "rstd", rstd, "x", x);
+  const int64_t rows = check_add_dropout_layer_norm_bwd_args(grad_out, x, mean, rstd);
   TORCH_CHECK(x.is_cuda(), kAddDropoutLayerNorm, ": argument 'x' must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t cols = x.size(-1);
-  const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
-  TORCH_CHECK_VALUE(mean.numel() == rows && rstd.numel() == rows, kAddDropoutLayerNorm,
-                    ": arguments 'mean' and 'rstd' must hold one value per row (", rows,
-                    "), got ", mean.numel(), " and ", rstd.numel());
   const auto acc = acc_type(x);
   at::Tensor gx = at::empty(x.sizes(), x.options());
   at::Tensor gr = at::empty(x.sizes(), x.options());
