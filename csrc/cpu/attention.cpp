@@ -112,7 +112,7 @@ class Workspace {
 };
 
 int64_t blocks(int64_t len, int64_t block) { return (len + block - 1) / block; }
-constexpr int64_t kBlockQ = 64, kBlockK = 64;  // = kAttnBlockQ / kAttnBlockK (attention_kernel.h)
+constexpr int64_t kBlockQ = 96, kBlockK = 64;   // = kAttnBlockQ / kAttnBlockK (attention_kernel.h)
 
 }  // namespace
 

@@ -10,21 +10,35 @@ struct SmallGemm {
   static constexpr int W = V::N;
 
   // Rows [0, R) x vectors [0, NV) of C; the last vector holds `tail` (<= W) valid lanes.
+  // Whole vectors (tail == W) and plain overwrite take branch-free instantiations, so the
+  // accumulators go straight between registers and C.
   template <int R, int NV>
   static void tile(int64_t K, const S* A, int64_t a_row, int64_t a_col, const S* B, int64_t ldb,
                    S* C, int64_t ldc, int tail, bool accumulate) {
+    if (tail == W) {
+      if (accumulate) tile_impl<R, NV, true, true>(K, A, a_row, a_col, B, ldb, C, ldc, tail);
+      else tile_impl<R, NV, true, false>(K, A, a_row, a_col, B, ldb, C, ldc, tail);
+    } else {
+      if (accumulate) tile_impl<R, NV, false, true>(K, A, a_row, a_col, B, ldb, C, ldc, tail);
+      else tile_impl<R, NV, false, false>(K, A, a_row, a_col, B, ldb, C, ldc, tail);
+    }
+  }
+
+  template <int R, int NV, bool kFull, bool kAccumulate>
+  static void tile_impl(int64_t K, const S* A, int64_t a_row, int64_t a_col, const S* B, int64_t ldb,
+                        S* C, int64_t ldc, int tail) {
     V c[R][NV];
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < NV; ++v) {
-        if (!accumulate) c[r][v] = V::zero();
-        else if (v == NV - 1 && tail < W) c[r][v] = V::load_partial(C + r * ldc + v * W, tail);
+        if constexpr (!kAccumulate) c[r][v] = V::zero();
+        else if (!kFull && v == NV - 1) c[r][v] = V::load_partial(C + r * ldc + v * W, tail);
         else c[r][v] = V::load(C + r * ldc + v * W);
       }
     for (int64_t k = 0; k < K; ++k) {
       V b[NV];
       const S* brow = B + k * ldb;
       for (int v = 0; v < NV; ++v)
-        b[v] = (v == NV - 1 && tail < W) ? V::load_partial(brow + v * W, tail) : V::load(brow + v * W);
+        b[v] = (!kFull && v == NV - 1) ? V::load_partial(brow + v * W, tail) : V::load(brow + v * W);
       const S* acol = A + k * a_col;
       for (int r = 0; r < R; ++r) {
         const V x = V::set1(acol[r * a_row]);
@@ -33,7 +47,7 @@ struct SmallGemm {
     }
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < NV; ++v) {
-        if (v == NV - 1 && tail < W) c[r][v].store_partial(C + r * ldc + v * W, tail);
+        if (!kFull && v == NV - 1) c[r][v].store_partial(C + r * ldc + v * W, tail);
         else c[r][v].store(C + r * ldc + v * W);
       }
   }
