@@ -112,7 +112,6 @@ class Workspace {
 };
 
 int64_t blocks(int64_t len, int64_t block) { return (len + block - 1) / block; }
-constexpr int64_t kBlockQ = 96, kBlockK = 64;   // = kAttnBlockQ / kAttnBlockK (attention_kernel.h)
 
 }  // namespace
 
@@ -128,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   if (heads_total == 0 || a.len_q == 0) return {out, lse};
   a.out = out.data_ptr();
   a.lse = lse.data_ptr();
-  a.query_chunks = chunks_per_head(heads_total, blocks(a.len_q, kBlockQ));
+  a.query_chunks = chunks_per_head(heads_total, blocks(a.len_q, kAttentionBlockQ));
   const KernelTable& kt = kernels();
   Workspace ws(kt.attention_workspace(a, false));
   at::parallel_for(0, heads_total * a.query_chunks, 1,
@@ -157,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::Tensor gk = at::empty({a.batch, a.heads, a.len_k, a.dim}, q.options());
   at::Tensor gv = at::empty({a.batch, a.heads, a.len_k, a.dim}, q.options());
   const int64_t heads_total = a.batch * a.heads;
-  a.key_chunks = heads_total == 0 ? 1 : chunks_per_head(heads_total, std::max<int64_t>(1, blocks(a.len_k, kBlockK)));
+  a.key_chunks = heads_total == 0 ? 1 : chunks_per_head(heads_total, std::max<int64_t>(1, blocks(a.len_k, kAttentionBlockK)));
   at::Tensor gq_partial = at::empty({a.batch, a.heads, a.key_chunks, a.len_q, a.dim}, q.options().dtype(acc));
   if (heads_total == 0) return {at::empty(q.sizes(), q.options()), gk, gv};
   if (a.len_q == 0 || a.len_k == 0) {

@@ -6,8 +6,6 @@
 //
 // Scores are kept in the log2 domain (scaled by scale * log2 e) so that the softmax is exp2.
 
-constexpr int64_t kAttnBlockQ = 96;  // query rows per block (a multiple of every tile height)
-constexpr int64_t kAttnBlockK = 64;  // keys per block (a multiple of every vector width)
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
@@ -16,7 +14,7 @@ struct Attention {
   using S = typename V::Scalar;
   using Gemm = SmallGemm<V>;
   static constexpr int W = V::N;
-  static constexpr int64_t BQ = kAttnBlockQ, BK = kAttnBlockK;
+  static constexpr int64_t BQ = kAttentionBlockQ, BK = kAttentionBlockK;
 
   const AttentionArgs& a;
   const int64_t D, Lq, Lk, H;

@@ -59,6 +59,11 @@ struct AddDropoutLayerNormBwd {
 // (batch, head) pairs. q/k/v/grad_out: element strides per batch, head and position; the last dim
 // is contiguous. out, grads: contiguous (B, H, L, D). lse: (B, H, Lq) in acc type (natural log;
 // +inf for a fully masked row, whose output is 0).
+// Query rows and keys per block of the attention kernels (keys: a multiple of every vector width;
+// rows: of every tile height).
+constexpr int64_t kAttentionBlockQ = 96;
+constexpr int64_t kAttentionBlockK = 64;
+
 struct AttentionMask {
   enum Kind : int { none = 0, boolean = 1, additive = 2 };
   Kind kind = none;
