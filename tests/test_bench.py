@@ -156,3 +156,11 @@ def test_plot(tmp_path):
 
     plot(results, tmp_path / "speedups.png")
     assert (tmp_path / "speedups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_probe_runs(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "aiayn.bench.memory", "--length", "64", "--heads", "1"],
+                         cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))})
+    assert out.returncode == 0, out.stderr
+    assert "peak RSS growth" in out.stdout and "L64" in out.stdout
