@@ -17,6 +17,17 @@ TORCH_LIBRARY(aiayn, m) {
   // Returns (grad_x, grad_residual, grad_weight, grad_bias); the dropout mask is regenerated.
   m.def("add_dropout_layer_norm_bwd(Tensor grad_out, Tensor x, Tensor residual, Tensor? weight, "
         "Tensor mean, Tensor rstd, float p, Tensor seed) -> (Tensor, Tensor, Tensor, Tensor)");
+  // out = act(x w^T + b), act = ReLU when relu (else identity); w: (out_features, in_features)
+  // like nn.Linear. x: (..., in_features), any leading shape.
+  m.def("linear_fwd(Tensor x, Tensor w, Tensor? b, bool relu) -> Tensor");
+  // Returns (grad_x, grad_w, grad_b); `out` (the forward's result) is read only when relu.
+  m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor w, Tensor? out, bool relu) -> (Tensor, Tensor, Tensor)");
+  // FFN(x) = dropout(relu(x w1^T + b1), p) w2^T + b2 (paper §3.3; dropout on the hidden activation,
+  // hidden element (t, j) is dropout element number t * d_ff + j). Returns (out, hidden), hidden
+  // being the activation after ReLU and dropout (the backward's mask is hidden > 0).
+  m.def("feed_forward_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, float p, Tensor seed) -> (Tensor, Tensor)");
+  // Returns (grad_x, grad_w1, grad_b1, grad_w2, grad_b2).
+  m.def("feed_forward_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor hidden, float p) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The keep-mask (bool, shaped like `like`) that the ops above draw for (p, seed).
   m.def("dropout_mask(Tensor like, float p, Tensor seed) -> Tensor");
 }
@@ -34,6 +45,11 @@ TORCH_LIBRARY(aiayn, m) {
 #ifndef AIAYN_CUDA_ARCHS
 #define AIAYN_CUDA_ARCHS ""
 #endif
+
+namespace aiayn::cpu {
+void gemm_clear_pack_cache();  // cpu/gemm/gemm.cpp
+bool gemm_set_pack_cache(bool enabled);
+}
 
 namespace {
 
@@ -86,6 +102,10 @@ PYBIND11_MODULE(_C, m) {
         "The CPU ISA variant the kernels run now.");
   m.def("set_cpu_isa", [](const std::string& name) { cpu::set_isa(name.c_str()); },
         "Force a CPU ISA variant (avx512, avx2, generic) the CPU supports; for tests.");
+  m.def("clear_pack_cache", [] { cpu::gemm_clear_pack_cache(); },
+        "Drop every cached packed weight of linear / feed_forward (after writes that bypass the version counter).");
+  m.def("set_pack_cache", [](bool enabled) { return cpu::gemm_set_pack_cache(enabled); },
+        "Turn the packed-weight cache of linear / feed_forward on or off; returns the previous setting.");
   m.def("cpu_isa_supported", [](const std::string& name) { return cpu::isa_supported(name.c_str()); });
   m.def("philox4x32_10",
         [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {

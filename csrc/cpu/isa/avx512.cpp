@@ -12,6 +12,9 @@ namespace aiayn::cpu::avx512 {
 #include "../dropout_kernel.h"
 #include "../add_dropout_layer_norm_kernel.h"
 #include "../peak_kernel.h"
+#define AIAYN_GEMM_BF16_DOT 1
+#include "../gemm/gemm_kernel.h"
+#undef AIAYN_GEMM_BF16_DOT
 
 // bf16 dot-product peak: vdpbf16ps does 32 multiply-adds (64 flops) per instruction.
 inline double peak_bf16_dot(int64_t iters) {
@@ -36,6 +39,9 @@ const KernelTable table = {
     .add_dropout_layer_norm_fwd = add_dropout_layer_norm_fwd,
     .add_dropout_layer_norm_bwd = add_dropout_layer_norm_bwd,
     .dropout_keep_bits = dropout_keep_bits,
+    .gemm_info = gemm_info,
+    .gemm_pack_b = gemm_pack_b,
+    .gemm_run = gemm_run,
     .peak_fp32_fma = peak_fp32_fma,
     .peak_bf16_dot = peak_bf16_dot,
 };

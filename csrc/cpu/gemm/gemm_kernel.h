@@ -1,0 +1,357 @@
+// The GEMM of linear and feed_forward (paper §3.3): packing, register-blocked micro-kernels and
+// the fused epilogue (bias, ReLU, Philox dropout, ReLU/dropout gate), written once over `Vec`.
+// Included inside the ISA namespace by isa/*.cpp, after simd/*.h and dropout_kernel.h.
+// isa/avx512.cpp defines AIAYN_GEMM_BF16_DOT first: bf16 then runs on vdpbf16ps (pairs of k per
+// 32-bit lane); elsewhere bf16 is widened to float32 while packing.
+//
+// Blocking (see kernels.h, GemmArgs): B is packed once into panels of NR columns x round_up(K, KP)
+// rows. A task (rows [m0, m1) x a range of panels, chosen by gemm/gemm.cpp so that the packed A
+// block, MC x K, stays in L2) packs its rows of A into micro-panels of MR rows, then for each B
+// panel (reused from L1/L2 by every micro-panel) runs the MR x NR micro-kernel over the *whole* K
+// with the tile in registers (MR * NV accumulators: 12 x 2 zmm on AVX-512, 6 x 2 ymm on AVX2) and
+// applies the epilogue to the registers before the one store of C. Keeping the whole reduction in
+// registers means no partial C sums in memory and an epilogue that sees finished values.
+
+// Register tile per ISA: MR rows x NV vectors.
+template <typename V>
+struct GemmTile {
+  static constexpr int MR = V::N == 16 ? 12 : V::N == 8 ? 6 : 4;
+  static constexpr int NV = V::N == 1 ? 4 : 2;
+  static constexpr int NR = NV * V::N;
+};
+
+inline int64_t gemm_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Storage -> packed conversions (packed P is float, double, or raw bf16 bits for the dot path).
+inline float gemm_to_float(float v) { return v; }
+inline float gemm_to_float(uint16_t v) { return bf16_to_float(v); }
+inline double gemm_to_float(double v) { return v; }
+template <typename P>
+inline P gemm_from_float(float v);
+template <>
+inline float gemm_from_float<float>(float v) { return v; }
+template <>
+inline uint16_t gemm_from_float<uint16_t>(float v) { return float_to_bf16(v); }
+template <typename P>
+inline P gemm_from_double(double v) { return static_cast<P>(v); }
+template <>
+inline uint16_t gemm_from_double<uint16_t>(double v) { return float_to_bf16(static_cast<float>(v)); }
+template <>
+inline float gemm_from_double<float>(double v) { return static_cast<float>(v); }
+
+// Packs B(k, n) for panels [p0, p1): element (k, j) of panel p at
+// p * Kp * NR + (k / KP) * NR * KP + j * KP + k % KP; zero outside K x N.
+template <typename T, typename P, int NR, int KP>
+void gemm_pack_b_impl(const GemmPackB& g, int64_t p0, int64_t p1, P* out) {
+  const int64_t K = g.K, N = g.N, Kp = gemm_round_up(K, KP);
+  const T* b = static_cast<const T*>(g.b);
+  for (int64_t p = p0; p < p1; ++p) {
+    P* dst = out + p * Kp * NR;
+    const int64_t n0 = p * NR;
+    const int nn = static_cast<int>(N - n0 < NR ? N - n0 : NR);
+    if (nn < NR || Kp != K)
+      for (int64_t i = 0; i < Kp * NR; ++i) dst[i] = P(0);
+    auto at = [&](int64_t k, int j) -> P& { return dst[(k / KP) * NR * KP + j * KP + k % KP]; };
+    if (g.b_cs == 1) {
+      for (int64_t k = 0; k < K; ++k) {
+        const T* src = b + k * g.b_rs + n0;
+        for (int j = 0; j < nn; ++j) at(k, j) = gemm_from_double<P>(gemm_to_float(src[j]));
+      }
+    } else {
+      for (int j = 0; j < nn; ++j) {
+        const T* src = b + (n0 + j) * g.b_cs;
+        for (int64_t k = 0; k < K; ++k) at(k, j) = gemm_from_double<P>(gemm_to_float(src[k * g.b_rs]));
+      }
+    }
+  }
+}
+
+// Packs rows [m0, m0 + rows) of A into micro-panels of MR rows (zero padded):
+// element (i, k) of micro-panel q at q * Kp * MR + (k / KP) * MR * KP + (i % MR) * KP + k % KP.
+// Optionally gates A and sums each row (double accumulator) into row_sums.
+template <typename T, typename P, typename Acc, int MR, int KP>
+void gemm_pack_a(const GemmArgs& g, int64_t m0, int64_t rows, P* out, bool want_sums) {
+  const int64_t K = g.K, Kp = gemm_round_up(K, KP);
+  const T* a = static_cast<const T*>(g.a);
+  const T* gate = static_cast<const T*>(g.a_gate);
+  const int64_t panels = (rows + MR - 1) / MR;
+  auto at = [&](int64_t i, int64_t k) -> P& {
+    return out[(i / MR) * Kp * MR + (k / KP) * MR * KP + (i % MR) * KP + k % KP];
+  };
+  for (int64_t i = rows; i < panels * MR; ++i)
+    for (int64_t k = 0; k < Kp; ++k) at(i, k) = P(0);
+  for (int64_t k = K; k < Kp; ++k)
+    for (int64_t i = 0; i < rows; ++i) at(i, k) = P(0);
+  const double gscale = g.a_gate_scale;
+  auto value = [&](int64_t off) -> double {
+    double v = gemm_to_float(a[off]);
+    if (gate) v = gemm_to_float(gate[off]) > 0 ? v * gscale : 0.0;
+    return v;
+  };
+  if (g.a_cs == 1 || g.a_rs != 1) {
+    // Rows contiguous in k (x, dY): read along k.
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t base = (m0 + i) * g.a_rs;
+      double s = 0.0;
+      if (!gate && !want_sums && KP == 1) {
+        for (int64_t k = 0; k < K; ++k) at(i, k) = gemm_from_double<P>(gemm_to_float(a[base + k * g.a_cs]));
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          const double v = value(base + k * g.a_cs);
+          s += v;
+          at(i, k) = gemm_from_double<P>(v);
+        }
+      }
+      if (want_sums) static_cast<Acc*>(g.a_row_sums)[m0 + i] = static_cast<Acc>(s);
+    }
+  } else {
+    // A transposed (A(m, k) = y[k, m], the weight-gradient GEMMs): rows of MR contiguous values.
+    Buffer<double> sums(want_sums ? rows : 1);
+    if (want_sums)
+      for (int64_t i = 0; i < rows; ++i) sums.p[i] = 0.0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t base = k * g.a_cs + m0;
+      for (int64_t i = 0; i < rows; ++i) {
+        const double v = value(base + i);
+        if (want_sums) sums.p[i] += v;
+        at(i, k) = gemm_from_double<P>(v);
+      }
+    }
+    if (want_sums)
+      for (int64_t i = 0; i < rows; ++i) static_cast<Acc*>(g.a_row_sums)[m0 + i] = static_cast<Acc>(sums.p[i]);
+  }
+}
+
+// K is reduced in blocks of kGemmKBlock steps: each block in fresh registers, the block sums
+// added into the tile's running total (in L1). Two-level summation keeps the rounding error of
+// long reductions (K = 4096) at the level of a blocked BLAS, for ~2% more instructions.
+constexpr int64_t kGemmKBlock = 64;
+
+// Adds (or, for the first block, copies) the block sums into the running total.
+template <typename V, int NV, int ROWS>
+inline void gemm_fold(V (&tot)[ROWS][NV], const V (&blk)[ROWS][NV], bool first) {
+#pragma GCC unroll 16
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) tot[r][j] = first ? blk[r][j] : tot[r][j] + blk[r][j];
+}
+
+// Micro-kernel: acc[r][j] = sum_k A(r, k) * B(k, j*N .. j*N + N) over the whole (padded) K.
+template <typename V, int MR, int NV, int ROWS>
+inline void gemm_micro(const typename V::Scalar* __restrict a, const typename V::Scalar* __restrict b,
+                       int64_t K, V (&acc)[ROWS][NV]) {
+  constexpr int NR = NV * V::N;
+  if (K == 0) {
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] = V::zero();
+    return;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kGemmKBlock) {
+    const int64_t k1 = K - k0 < kGemmKBlock ? K : k0 + kGemmKBlock;
+    V blk[ROWS][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) blk[r][j] = V::zero();
+#pragma GCC unroll 2
+    for (int64_t k = k0; k < k1; ++k) {
+      V bv[NV];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) bv[j] = V::load(b + k * NR + j * V::N);
+#pragma GCC unroll 16
+      for (int r = 0; r < ROWS; ++r) {
+        const V av = V::set1(a[k * MR + r]);
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) blk[r][j] = V::fma(av, bv[j], blk[r][j]);
+      }
+    }
+    gemm_fold<V, NV, ROWS>(acc, blk, k0 == 0);
+  }
+}
+
+#ifdef AIAYN_GEMM_BF16_DOT
+// bf16 micro-kernel on vdpbf16ps: each 32-bit lane holds the pair (k, k + 1), Kp / 2 steps.
+template <int MR, int ROWS>
+inline void gemm_micro_bf16(const uint16_t* __restrict a, const uint16_t* __restrict b, int64_t Kp,
+                            Vec (&acc)[ROWS][2]) {
+  const int64_t steps = Kp / 2;
+  if (steps == 0) {
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = Vec::zero();
+    return;
+  }
+  for (int64_t s0 = 0; s0 < steps; s0 += kGemmKBlock / 2) {
+    const int64_t s1 = steps - s0 < kGemmKBlock / 2 ? steps : s0 + kGemmKBlock / 2;
+    Vec blk[ROWS][2];
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r) blk[r][0] = blk[r][1] = Vec::zero();
+#pragma GCC unroll 2
+    for (int64_t s = s0; s < s1; ++s) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + s * 64);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + s * 64 + 32);
+      const uint16_t* ap = a + s * 2 * MR;
+#pragma GCC unroll 16
+      for (int r = 0; r < ROWS; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, ap + 2 * r, sizeof pair);
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+        blk[r][0].v = _mm512_dpbf16_ps(blk[r][0].v, av, b0);
+        blk[r][1].v = _mm512_dpbf16_ps(blk[r][1].v, av, b1);
+      }
+    }
+    gemm_fold<Vec, 2, ROWS>(acc, blk, s0 == 0);
+  }
+}
+#endif
+
+// The epilogue on a finished tile: rows m0 .. m0 + ROWS, columns n0 .. n0 + nn (nn <= NV * N).
+template <typename V, typename T, int NV, int ROWS>
+inline void gemm_epilogue(const GemmArgs& g, V (&acc)[ROWS][NV], int64_t m0, int64_t n0, int nn) {
+  using S = typename V::Scalar;
+  constexpr int N = V::N;
+  const S* bias = static_cast<const S*>(g.bias);
+  V bv[NV];
+  if (bias) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      const int valid = nn - j * N;
+      bv[j] = valid >= N ? V::load(bias + n0 + j * N) : valid > 0 ? V::load_partial(bias + n0 + j * N, valid) : V::zero();
+    }
+  }
+  const bool drop = g.dropout.enabled;
+  const V dscale = V::set1(static_cast<S>(g.dropout_scale));
+  const V gscale = V::set1(static_cast<S>(g.c_gate_scale));
+  const T* cgate = static_cast<const T*>(g.c_gate);
+  T* c = static_cast<T*>(g.c);
+#pragma GCC unroll 1
+  for (int r = 0; r < ROWS; ++r) {
+    const int64_t m = m0 + r;
+    uint64_t bits[4];
+    int64_t bit0 = 0;
+    if (drop) bit0 = fill_keep_bits(g.dropout, m * g.N + n0, m * g.N + n0 + nn, bits);
+    T* crow = c + m * g.c_rs + n0;
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      const int valid = nn - j * N;
+      if (valid <= 0) break;
+      V v = acc[r][j];
+      if (bias) v = v + bv[j];
+      if (g.relu) v = v.relu();
+      if (drop) v = V::keep(extract_bits(bits, bit0 + j * N, N), v) * dscale;
+      if (cgate) {
+        const T* gp = cgate + m * g.c_gate_rs + n0 + j * N;
+        const V gv = valid >= N ? V::load(gp) : V::load_partial(gp, valid);
+        v = V::where_positive(gv, v * gscale);
+      }
+      if (valid >= N)
+        v.store(crow + j * N);
+      else
+        v.store_partial(crow + j * N, valid);
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, rows>) for 1 <= rows <= R.
+template <int R, typename F>
+inline void gemm_dispatch_rows(int rows, F&& f) {
+  if constexpr (R >= 1) {
+    if (rows == R)
+      f(std::integral_constant<int, R>{});
+    else
+      gemm_dispatch_rows<R - 1>(rows, f);
+  }
+}
+
+// One task: rows [m0, m1) x panels [p0, p1). V: accumulator vector, T: storage, P: packed.
+template <typename V, typename T, typename P, int MR, int NV, int KP>
+void gemm_run_impl(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  using S = typename V::Scalar;
+  constexpr int NR = NV * V::N;
+  const int64_t K = g.K, Kp = gemm_round_up(K, KP);
+  const int64_t rows = m1 - m0;
+  const bool sums = g.a_row_sums != nullptr && p0 == 0;
+  if (rows <= 0 || (p1 <= p0 && !sums)) return;
+  const int64_t panels = (rows + MR - 1) / MR;
+  Buffer<P> ap(panels * Kp * MR);
+  gemm_pack_a<T, P, S, MR, KP>(g, m0, rows, ap.data(), sums);
+  const P* bpacked = static_cast<const P*>(g.packed_b);
+  for (int64_t p = p0; p < p1; ++p) {
+    const P* bp = bpacked + p * Kp * NR;
+    const int64_t n0 = p * NR;
+    const int nn = static_cast<int>(g.N - n0 < NR ? g.N - n0 : NR);
+    for (int64_t q = 0; q < panels; ++q) {
+      const int r = static_cast<int>(rows - q * MR < MR ? rows - q * MR : MR);
+      const P* aq = ap.data() + q * Kp * MR;
+      gemm_dispatch_rows<MR>(r, [&](auto rows_c) {
+        constexpr int R = decltype(rows_c)::value;
+        V acc[R][NV];
+#ifdef AIAYN_GEMM_BF16_DOT
+        if constexpr (KP == 2)
+          gemm_micro_bf16<MR, R>(aq, bp, Kp, acc);
+        else
+#endif
+          gemm_micro<V, MR, NV, R>(aq, bp, Kp, acc);
+        gemm_epilogue<V, T, NV, R>(g, acc, m0 + q * MR, n0, nn);
+      });
+    }
+  }
+}
+
+// The packed layout of each dtype on this ISA.
+template <typename V, int KP, typename P>
+constexpr GemmInfo gemm_info_of() {
+  return GemmInfo{GemmTile<V>::MR, GemmTile<V>::NR, KP, static_cast<int>(sizeof(P))};
+}
+
+using GemmF64 = ScalarVec<double>;
+
+inline GemmInfo gemm_info(DType dtype) {
+  switch (dtype) {
+    case DType::f32: return gemm_info_of<Vec, 1, float>();
+#ifdef AIAYN_GEMM_BF16_DOT
+    case DType::bf16: return gemm_info_of<Vec, 2, uint16_t>();
+#else
+    case DType::bf16: return gemm_info_of<Vec, 1, float>();
+#endif
+    case DType::f64: return gemm_info_of<GemmF64, 1, double>();
+  }
+  return GemmInfo{};
+}
+
+inline void gemm_pack_b(const GemmPackB& b, int64_t p0, int64_t p1, void* packed) {
+  switch (b.dtype) {
+    case DType::f32:
+      gemm_pack_b_impl<float, float, GemmTile<Vec>::NR, 1>(b, p0, p1, static_cast<float*>(packed));
+      break;
+    case DType::bf16:
+#ifdef AIAYN_GEMM_BF16_DOT
+      gemm_pack_b_impl<uint16_t, uint16_t, GemmTile<Vec>::NR, 2>(b, p0, p1, static_cast<uint16_t*>(packed));
+#else
+      gemm_pack_b_impl<uint16_t, float, GemmTile<Vec>::NR, 1>(b, p0, p1, static_cast<float*>(packed));
+#endif
+      break;
+    case DType::f64:
+      gemm_pack_b_impl<double, double, GemmTile<GemmF64>::NR, 1>(b, p0, p1, static_cast<double*>(packed));
+      break;
+  }
+}
+
+inline void gemm_run(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  switch (g.dtype) {
+    case DType::f32:
+      gemm_run_impl<Vec, float, float, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 1>(g, m0, m1, p0, p1);
+      break;
+    case DType::bf16:
+#ifdef AIAYN_GEMM_BF16_DOT
+      gemm_run_impl<Vec, uint16_t, uint16_t, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 2>(g, m0, m1, p0, p1);
+#else
+      gemm_run_impl<Vec, uint16_t, float, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 1>(g, m0, m1, p0, p1);
+#endif
+      break;
+    case DType::f64:
+      gemm_run_impl<GemmF64, double, double, GemmTile<GemmF64>::MR, GemmTile<GemmF64>::NV, 1>(g, m0, m1, p0, p1);
+      break;
+  }
+}
