@@ -1,0 +1,144 @@
+"""The benchmark CLI: ``python -m aiayn.bench`` or ``aiayn bench``.
+
+    python -m aiayn.bench                        # every case, on the CPU
+    python -m aiayn.bench --quick --filter layer_norm --json out.json --plot speedups.png
+"""
+
+import argparse
+import importlib.util
+import json
+import sys
+
+import torch
+
+import aiayn
+
+from . import peak, run, select
+
+_COLUMNS = [("case", "<"), ("shape", "<"), ("dtype", "<"), ("device", "<"), ("aiayn ms", ">"), ("torch ms", ">"),
+            ("speed-up", ">"), ("GFLOP/s", ">"), ("GB/s", ">"), ("% peak", ">")]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="aiayn bench", description=(
+        "Time aiayn's ops against their PyTorch equivalents, interleaved, in one process. The median of "
+        "--repeats samples is reported; GFLOP/s, GB/s and % of the measured machine peak are aiayn's."))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--filter", metavar="NAME", help="only the cases whose name contains NAME or matches it as a regex")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and shorter samples (a smoke run)")
+    p.add_argument("--repeats", type=int, metavar="N", help="timed samples per op (default 25, 5 with --quick)")
+    p.add_argument("--json", metavar="PATH", help="write the results, peaks and build info as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speed-ups (needs matplotlib)")
+    p.add_argument("--remeasure", action="store_true", help="measure the machine peaks again instead of the cache")
+    args = p.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device cuda: no CUDA device is available (torch {torch.__version__}, built with CUDA "
+                f"{torch.version.cuda or 'none'}; torch.cuda.is_available() is False)")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        p.error("--plot needs matplotlib, which is not installed: pip install matplotlib")
+    return p, args
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def _row(r):
+    if r["status"] != "ok":
+        return [r["name"], "x".join(map(str, r.get("shape", []))) or "-", r["dtype"], r["device"],
+                f"{r['status']}: {r['error']}"[:80]]
+    pct = f"{r['pct_peak']:.0f}% {r['peak_kind']}" if "pct_peak" in r else "-"
+    return [r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["device"], f"{r['aiayn_ms']:.3f}",
+            f"{r['torch_ms']:.3f}", f"{r['speedup']:.2f}x", _fmt(r.get("gflops"), ".1f"), _fmt(r.get("gbps"), ".1f"), pct]
+
+
+class _Table:
+    """Prints rows as they come, in columns wide enough for the case names."""
+
+    def __init__(self, name_width):
+        self.widths = [max(4, name_width), 10, 8, 6, 9, 9, 8, 8, 7, 16]
+
+    def line(self, cells):
+        """A full row, or (a skipped or failed case) the first cells and then a message as is."""
+        fixed = cells if len(cells) == len(self.widths) else cells[:-1]
+        out = [f"{cell:{align}{width}}" for cell, width, (_, align) in zip(fixed, self.widths, _COLUMNS)]
+        print("  ".join(out + cells[len(fixed):]).rstrip(), flush=True)
+
+    def header(self):
+        self.line([name for name, _ in _COLUMNS])
+        print("  ".join("-" * w for w in self.widths), flush=True)
+
+
+def _describe(peaks):
+    m = peaks["machine"]
+    where = f"{m['name']}, {m['threads']} threads, CPU ISA {m['cpu_isa']}" if m["device"] == "cpu" else m["name"]
+    flops = ", ".join(f"{dtype} {f / 1e9:.0f} GFLOP/s" for dtype, f in peaks["flops"].items() if f)
+    how = f"cached in {peaks['cache']}" if peaks["cached"] else f"measured in {peaks['seconds']:.1f} s, cached in {peaks['cache']}"
+    return (f"aiayn {aiayn.__version__}, torch {torch.__version__} on {where}\n"
+            f"peaks: {flops}, memory {peaks['bandwidth'] / 1e9:.1f} GB/s ({how}; --remeasure to redo)")
+
+
+def plot(results, path):
+    from matplotlib.figure import Figure  # lazily: matplotlib is an optional extra (aiayn[plot])
+
+    ok = [r for r in results if r["status"] == "ok"]
+    labels = [f"{r['name']}\n{r['dtype']} {r['device']}" for r in ok]
+    speedups = [r["speedup"] for r in ok]
+    fig = Figure(figsize=(8, 1 + 0.6 * max(1, len(ok))), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.barh(labels, speedups, color=["tab:green" if s >= 1 else "tab:red" for s in speedups])
+    ax.bar_label(bars, labels=[f"{s:.2f}x" for s in speedups], padding=3)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over PyTorch (torch time / aiayn time)")
+    ax.set_title(f"aiayn {aiayn.__version__} vs torch {torch.__version__}")
+    ax.margins(x=0.15)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    cases = select(args.filter, args.device)
+    if args.list:
+        listed = select(args.filter)
+        width = max((len(c.name) for c in listed), default=0)
+        for case in listed:
+            dtypes = ", ".join(str(d).removeprefix("torch.") for d in case.dtypes)
+            print(f"{case.name:<{width}}  {dtypes:<20}  on {', '.join(case.devices)}")
+        return 0
+    if not cases:
+        parser.error(f"no case matches --filter {args.filter!r} on {args.device} (--list shows them)")
+    repeats = args.repeats or (5 if args.quick else 25)
+    timing = dict(warmup=2, min_sample_s=0.005) if args.quick else dict(warmup=5, min_sample_s=0.02)
+
+    table = _Table(max(len(c.name) for c in cases))
+    peaks = peak.peaks(args.device, remeasure=args.remeasure)
+    print(_describe(peaks), flush=True)
+    print(f"median of {repeats} interleaved samples per op\n")
+    table.header()
+    results = run(cases, args.device, peaks=peaks, repeats=repeats, quick=args.quick,
+                         on_result=lambda r: table.line(_row(r)), **timing)
+    if any(r.get("peak_kind") == "bandwidth" and r["pct_peak"] > 100 for r in results):
+        print("\n% bandwidth is of the memory (DRAM) copy bandwidth: a working set that stays in cache can beat it.")
+    for r in results:
+        if r["status"] == "error":
+            print(f"\n{r['name']} [{r['dtype']}]: {r['error']}", file=sys.stderr)
+
+    if args.json:
+        report = {"build_info": aiayn.build_info(), "torch_version": torch.__version__, "device": args.device,
+                  "peaks": peaks, "settings": {"repeats": repeats, "quick": args.quick, **timing},
+                  "results": results}
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 1 if any(r["status"] == "error" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The registry of benchmark cases: aiayn's op against its PyTorch equivalent.
+
+A case is a function ``(device, dtype, quick) -> Bench`` registered under a name; it builds the
+inputs and returns the two callables to time (same inputs, same work) and what one call moves
+and computes. Adding a case::
+
+    @register("gelu.fwd", dtypes=(torch.float32, torch.bfloat16))
+    def _(device, dtype, quick):
+        x = torch.randn(3072, 2048, device=device, dtype=dtype)
+        return Bench(aiayn=lambda: aiayn.functional.gelu(x), torch=lambda: F.gelu(x),
+                     shape=x.shape, bytes=2 * x.nbytes)
+
+``flops`` (floating-point operations per call, an FMA counts 2) is compared with the FLOP/s peak
+of the dtype, ``bytes`` (the minimum traffic to and from memory per call) with the measured
+memory bandwidth; declare whichever is meaningful, or both.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import aiayn
+
+
+@dataclass
+class Bench:
+    aiayn: Callable[[], object]
+    torch: Callable[[], object]
+    shape: tuple
+    flops: float | None = None
+    bytes: float | None = None
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make: Callable[[torch.device, torch.dtype, bool], Bench]
+    dtypes: tuple
+    devices: tuple
+
+
+CASES: dict[str, Case] = {}
+
+
+def register(name, dtypes=(torch.float32,), devices=("cpu", "cuda")):
+    """Decorator: register ``make(device, dtype, quick) -> Bench`` as the case ``name``, run for
+    each of ``dtypes`` on each of ``devices``."""
+
+    def decorator(make):
+        if name in CASES:
+            raise ValueError(f"benchmark case {name!r} is already registered")
+        CASES[name] = Case(name, make, tuple(dtypes), tuple(devices))
+        return make
+
+    return decorator
+
+
+def select(pattern=None, device=None):
+    """The registered cases whose name contains ``pattern`` as a substring or matches it as a
+    regular expression (``re.search``), and that run on ``device``; all of them by default."""
+
+    def matches(name):
+        if pattern is None or pattern in name:
+            return True
+        try:
+            return re.search(pattern, name) is not None
+        except re.error:
+            return False
+
+    return [c for c in CASES.values() if matches(c.name) and (device is None or device in c.devices)]
+
+
+# --- add_dropout_layer_norm: LayerNorm(residual + dropout(x)), the Transformer's sub-layer connection
+
+
+def _add_dropout_layer_norm_inputs(device, dtype, requires_grad):
+    T, D, p = 3072, 512, 0.1  # 3072 tokens of d_model = 512 (the base model)
+    x = torch.randn(T, D, device=device, dtype=dtype, requires_grad=requires_grad)
+    r = torch.randn(T, D, device=device, dtype=dtype, requires_grad=requires_grad)
+    ln = torch.nn.LayerNorm(D, device=device, dtype=dtype)
+    with torch.no_grad():  # not the identity, so the affine part does real work
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+
+    def ours():
+        return aiayn.functional.add_dropout_layer_norm(x, r, ln.weight, ln.bias, p=p)
+
+    def theirs():
+        return ln(r + F.dropout(x, p=p, training=True))
+
+    return x, r, ln, ours, theirs
+
+
+@register("add_dropout_layer_norm.fwd", dtypes=(torch.float32, torch.bfloat16))
+def _add_dropout_layer_norm_fwd(device, dtype, quick):
+    x, r, ln, ours, theirs = _add_dropout_layer_norm_inputs(device, dtype, requires_grad=False)
+    return Bench(aiayn=torch.no_grad()(ours), torch=torch.no_grad()(theirs), shape=tuple(x.shape),
+                 bytes=3 * x.nbytes)  # read x and residual, write out
+
+
+@register("add_dropout_layer_norm.fwd_bwd", dtypes=(torch.float32, torch.bfloat16))
+def _add_dropout_layer_norm_fwd_bwd(device, dtype, quick):
+    x, r, ln, ours, theirs = _add_dropout_layer_norm_inputs(device, dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    inputs = (x, r, ln.weight, ln.bias)
+
+    # The gradients of (out * grad).sum() w.r.t. all inputs, without the extra mul and sum kernels,
+    # and returned rather than accumulated into .grad (no accumulation kernels either).
+    def fwd_bwd(forward):
+        return lambda: torch.autograd.grad(forward(), inputs, grad)
+
+    # Minimum traffic: forward reads x, residual and writes out; backward reads grad, x, residual
+    # (the dropout mask is regenerated from the seed) and writes grad_x, grad_residual.
+    return Bench(aiayn=fwd_bwd(ours), torch=fwd_bwd(theirs), shape=tuple(x.shape), bytes=8 * x.nbytes)

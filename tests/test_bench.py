@@ -1,0 +1,155 @@
+"""The benchmark harness behaves: CLI, table, JSON, registry, filter, list, plot. Speeds are not
+asserted here (tests check behaviour; the benchmarks themselves report speed)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import aiayn
+from aiayn import bench
+from aiayn.bench.__main__ import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASE = "add_dropout_layer_norm"
+
+
+def _run(*args, cache_dir):
+    env = {**os.environ, "AIAYN_CACHE_DIR": str(cache_dir),
+           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "aiayn.bench", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out = _run("--quick", "--filter", CASE, "--json", str(tmp / "tmp.json"), "--repeats", "3", cache_dir=tmp / "cache")
+    return out, tmp
+
+
+def test_cli_prints_table(quick_run):
+    out, _ = quick_run
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("case"))
+    for column in ("shape", "dtype", "device", "aiayn ms", "torch ms", "speed-up", "GFLOP/s", "GB/s", "% peak"):
+        assert column in header
+    rows = [line.split() for line in lines if line.startswith(CASE)]
+    assert sorted((r[0], r[2]) for r in rows) == sorted(
+        (f"{CASE}.{kind}", dtype) for kind in ("fwd", "fwd_bwd") for dtype in ("float32", "bfloat16"))
+    for r in rows:
+        assert r[1] == "3072x512" and r[3] == "cpu" and r[6].endswith("x")
+        assert float(r[4]) > 0 and float(r[5]) > 0
+    assert "peaks:" in out.stdout
+
+
+def test_cli_writes_json(quick_run):
+    _, tmp = quick_run
+    report = json.loads((tmp / "tmp.json").read_text())
+    assert {"build_info", "peaks", "results", "settings", "device"} <= report.keys()
+    assert report["build_info"]["version"] == aiayn.__version__ and report["torch_version"] == torch.__version__
+    assert report["settings"]["repeats"] == 3 and report["settings"]["quick"] is True
+    peaks = report["peaks"]
+    assert peaks["flops"]["float32"] > 0 and peaks["bandwidth"] > 0
+    assert peaks["machine"]["device"] == "cpu" and os.path.exists(peaks["cache"])
+    assert len(report["results"]) == 4
+    for r in report["results"]:
+        assert r["status"] == "ok" and r["device"] == "cpu" and r["shape"] == [3072, 512]
+        assert r["dtype"] in ("float32", "bfloat16")
+        assert len(r["aiayn_samples_ms"]) == len(r["torch_samples_ms"]) == 3
+        assert r["speedup"] == pytest.approx(r["torch_ms"] / r["aiayn_ms"])
+        assert r["gbps"] == pytest.approx(r["bytes"] / r["aiayn_ms"] / 1e6)
+        assert r["peak_kind"] == "bandwidth" and r["pct_peak"] > 0
+
+
+def test_peaks_are_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIAYN_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(bench.peak, "measure_cpu", lambda: calls.append(1) or {"flops": {"float32": 1e9}, "bandwidth": 1e9})
+    first = bench.peak.peaks("cpu")
+    second = bench.peak.peaks("cpu")
+    assert not first["cached"] and second["cached"] and first["cache"] == second["cache"] and len(calls) == 1
+    assert second["flops"] == {"float32": 1e9}
+    bench.peak.peaks("cpu", remeasure=True)
+    assert len(calls) == 2
+
+
+@pytest.fixture
+def restore_registry():
+    saved = dict(bench.CASES)
+    yield
+    bench.CASES.clear()
+    bench.CASES.update(saved)
+
+
+def test_registry_and_filter(restore_registry):
+    @bench.register("toy.scale", dtypes=(torch.float32,), devices=("cpu",))
+    def _(device, dtype, quick):
+        x = torch.randn(64, device=device, dtype=dtype)
+        return bench.Bench(aiayn=lambda: x * 2, torch=lambda: x + x, shape=x.shape, flops=64, bytes=2 * x.nbytes)
+
+    with pytest.raises(ValueError, match="already registered"):
+        bench.register("toy.scale")(lambda device, dtype, quick: None)
+    names = lambda pattern, device=None: [c.name for c in bench.select(pattern, device)]  # noqa: E731
+    assert names("toy") == ["toy.scale"]
+    assert names(r"^toy\.sc") == ["toy.scale"]  # regex
+    assert names("toy.scale", "cuda") == []
+    assert f"{CASE}.fwd" in names(CASE) and f"{CASE}.fwd_bwd" in names("fwd_bwd")
+    assert names("[unbalanced") == []  # not a valid regex, not a substring
+
+    peaks = {"flops": {"float32": 1e12}, "bandwidth": 1e11}
+    r = bench.run_case(bench.CASES["toy.scale"], torch.float32, "cpu", repeats=2, peaks=peaks, warmup=1, min_sample_s=1e-4)
+    assert r["status"] == "ok" and r["shape"] == [64] and len(r["aiayn_samples_ms"]) == 2
+    assert r["gflops"] > 0 and r["gbps"] > 0 and r["peak_kind"] in ("float32 peak", "bandwidth")
+
+
+def test_failing_case_is_reported_not_raised(monkeypatch):
+    def broken(device, dtype, quick):
+        raise RuntimeError("boom")
+
+    def missing(device, dtype, quick):
+        raise NotImplementedError("Could not run 'aiayn::x' with arguments from the 'CUDA' backend")
+
+    peaks = {"flops": {}, "bandwidth": 1e11}
+    r = bench.run_case(bench.Case("broken", broken, (torch.float32,), ("cpu",)), torch.float32, "cpu", repeats=1, peaks=peaks)
+    assert r["status"] == "error" and "boom" in r["error"]
+    r = bench.run_case(bench.Case("missing", missing, (torch.float32,), ("cpu",)), torch.float32, "cpu", repeats=1, peaks=peaks)
+    assert r["status"] == "skipped"
+
+
+def test_list(capsys):
+    assert main(["--list", "--filter", CASE]) == 0
+    out = capsys.readouterr().out
+    assert f"{CASE}.fwd " in out and f"{CASE}.fwd_bwd " in out and "bfloat16" in out
+
+
+def test_aiayn_bench_subcommand():
+    from aiayn.cli import main as cli_main
+
+    assert cli_main(["bench", "--list", "--filter", "fwd_bwd"]) == 0
+
+
+def test_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--filter", "no_such_case_anywhere"])
+    assert e.value.code == 2 and "no case matches" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            main(["--device", "cuda"])
+        assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+def test_plot(tmp_path):
+    results = [{"name": "a.fwd", "dtype": "float32", "device": "cpu", "status": "ok", "speedup": 4.2},
+               {"name": "a.fwd", "dtype": "bfloat16", "device": "cpu", "status": "ok", "speedup": 0.8},
+               {"name": "b", "dtype": "float32", "device": "cpu", "status": "error", "error": "x"}]
+    from aiayn.bench.__main__ import plot
+
+    plot(results, tmp_path / "speedups.png")
+    assert (tmp_path / "speedups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
