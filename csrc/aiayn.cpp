@@ -49,6 +49,8 @@ TORCH_LIBRARY(aiayn, m) {
 namespace aiayn::cpu {
 void gemm_clear_pack_cache();  // cpu/gemm/gemm.cpp
 bool gemm_set_pack_cache(bool enabled);
+bool gemm_bf16_dot();
+int gemm_set_bf16_dot(int mode);
 }
 
 namespace {
@@ -67,6 +69,7 @@ py::dict build_info() {
     if (cpu::isa_supported(isa)) supported.append(isa);
   info["cpu_isas_supported"] = supported;
   info["cpu_isa"] = cpu::isa_name(cpu::kernels().isa);
+  info["gemm_bf16"] = cpu::gemm_bf16_dot() ? "vdpbf16ps" : "widened to float32";
 #ifdef AIAYN_WITH_CUDA
   info["cuda"] = true;
 #else
@@ -106,6 +109,10 @@ PYBIND11_MODULE(_C, m) {
         "Drop every cached packed weight of linear / feed_forward (after writes that bypass the version counter).");
   m.def("set_pack_cache", [](bool enabled) { return cpu::gemm_set_pack_cache(enabled); },
         "Turn the packed-weight cache of linear / feed_forward on or off; returns the previous setting.");
+  m.def("gemm_bf16_dot", [] { return cpu::gemm_bf16_dot(); },
+        "Whether bf16 GEMMs (linear, feed_forward) run on vdpbf16ps (else widened to float32 FMAs).");
+  m.def("set_gemm_bf16_dot", [](int mode) { return cpu::gemm_set_bf16_dot(mode); },
+        "Force the bf16 GEMM mode: 1 vdpbf16ps, 0 widened to float32, -1 automatic (timed once); for tests.");
   m.def("cpu_isa_supported", [](const std::string& name) { return cpu::isa_supported(name.c_str()); });
   m.def("philox4x32_10",
         [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {

@@ -71,6 +71,7 @@ struct GemmInfo {
 
 struct GemmPackB {
   DType dtype;
+  bool bf16_dot;  // bf16 on vdpbf16ps (pairs, kp = 2) where the ISA has it, else widened to f32
   int64_t K, N;
   const void* b;  // B(k, n) = b[k * b_rs + n * b_cs]
   int64_t b_rs, b_cs;
@@ -78,6 +79,7 @@ struct GemmPackB {
 
 struct GemmArgs {
   DType dtype;
+  bool bf16_dot;  // as GemmPackB::bf16_dot; must match the packing of packed_b
   int64_t M, N, K;
   const void* a;  // A(m, k) = a[m * a_rs + k * a_cs]
   int64_t a_rs, a_cs;
@@ -116,10 +118,10 @@ struct KernelTable {
   // bit i of the result (bits[i / 64] >> (i % 64)) is element 4 * first_counter + i.
   void (*dropout_keep_bits)(const DropoutParams& d, uint64_t first_counter, int64_t num_counters,
                             uint64_t* bits);
-  // GEMM: the packed layout for a dtype; pack B panels [panel_begin, panel_end) into `packed`
+  // GEMM: the packed layout for a dtype (bf16_dot: vdpbf16ps pairs for bf16, where supported); pack B panels [panel_begin, panel_end) into `packed`
   // (gemm_info's layout: panel p at element offset p * round_up(K, kp) * nr); run the rows
   // [m_begin, m_end) x panels [panel_begin, panel_end) of C.
-  GemmInfo (*gemm_info)(DType dtype);
+  GemmInfo (*gemm_info)(DType dtype, bool bf16_dot);
   void (*gemm_pack_b)(const GemmPackB& b, int64_t panel_begin, int64_t panel_end, void* packed);
   void (*gemm_run)(const GemmArgs& g, int64_t m_begin, int64_t m_end, int64_t panel_begin,
                    int64_t panel_end);

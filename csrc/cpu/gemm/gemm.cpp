@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -39,14 +40,77 @@ at::Tensor gemm_bias(const std::optional<at::Tensor>& b, at::ScalarType x_dtype)
   return b->to(x_dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
+namespace {
+
+// Runs a small bf16 GEMM (96 x 256 x 512) in one mode on the calling thread; seconds, best of 3.
+double time_bf16_mode(const KernelTable& k, bool dot) {
+  constexpr int64_t M = 96, N = 256, K = 512;
+  std::vector<uint16_t> a(M * K, 0x3F80), b(K * N, 0x3F80), c(M * N);
+  const GemmInfo info = k.gemm_info(DType::bf16, dot);
+  const int64_t Kp = (K + info.kp - 1) / info.kp * info.kp;
+  std::vector<unsigned char> packed((N + info.nr - 1) / info.nr * Kp * info.nr * info.elem_bytes + 64);
+  GemmPackB pb{DType::bf16, dot, K, N, b.data(), N, 1};
+  k.gemm_pack_b(pb, 0, (N + info.nr - 1) / info.nr, packed.data());
+  GemmArgs g{};
+  g.dtype = DType::bf16;
+  g.bf16_dot = dot;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.a = a.data();
+  g.a_rs = K;
+  g.a_cs = 1;
+  g.a_gate_scale = g.c_gate_scale = g.dropout_scale = 1.0;
+  g.packed_b = packed.data();
+  g.c = c.data();
+  g.c_rs = N;
+  double best = 1e30;
+  for (int rep = 0; rep < 4; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    k.gemm_run(g, 0, M, 0, (N + info.nr - 1) / info.nr);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (rep > 0) best = std::min(best, s);
+  }
+  return best;
+}
+
+}  // namespace
+
+namespace {
+std::atomic<int> g_bf16_dot_override{-1};
+}
+
+int gemm_set_bf16_dot(int mode) { return g_bf16_dot_override.exchange(mode); }
+
+bool gemm_bf16_dot() {
+  const int forced = g_bf16_dot_override.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced == 1 && kernels().isa == Isa::avx512;
+  static const bool dot = [] {
+    const KernelTable& k = kernels();
+    if (k.isa != Isa::avx512) return false;
+    if (const char* e = std::getenv("AIAYN_BF16_DOT")) return std::strcmp(e, "1") == 0;
+    // vdpbf16ps does 2x the multiply-adds of an fp32 FMA per instruction, but some cores (Intel's
+    // Sapphire Rapids family) issue it on one port against two for FMAs, so widening bf16 to
+    // float32 while packing is as fast or faster there. Measure both once and keep the faster.
+    double t_dot = 0, t_wide = 0;
+    for (int i = 0; i < 2; ++i) {
+      t_dot += time_bf16_mode(k, true);
+      t_wide += time_bf16_mode(k, false);
+    }
+    return t_dot <= t_wide;
+  }();
+  return dot && kernels().isa == Isa::avx512;
+}
+
 at::Tensor gemm_pack_b(DType dtype, int64_t K, int64_t N, const void* b, int64_t b_rs, int64_t b_cs) {
   const KernelTable& k = kernels();
-  const GemmInfo info = k.gemm_info(dtype);
+  const bool dot = dtype == DType::bf16 && gemm_bf16_dot();
+  const GemmInfo info = k.gemm_info(dtype, dot);
   const int64_t Kp = (K + info.kp - 1) / info.kp * info.kp;
   const int64_t panels = (N + info.nr - 1) / info.nr;
   at::Tensor packed = at::empty({std::max<int64_t>(1, panels * Kp * info.nr * info.elem_bytes) + 64},
                                 at::TensorOptions().dtype(at::kByte));
-  GemmPackB pb{dtype, K, N, b, b_rs, b_cs};
+  GemmPackB pb{dtype, dot, K, N, b, b_rs, b_cs};
   // Panels per task: about 64K elements each.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, Kp * info.nr));
   void* out = packed.data_ptr();
@@ -65,6 +129,7 @@ struct PackEntry {
   at::ScalarType dtype;
   bool transpose;
   Isa isa;
+  bool bf16_dot;
   uint32_t version;
   uint64_t last_use;
   at::Tensor packed;
@@ -102,11 +167,12 @@ at::Tensor gemm_pack_weight(const at::Tensor& w, bool transpose) {
   const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
   c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
   const Isa isa = kernels().isa;
+  const bool dot = w.scalar_type() == at::kBFloat16 && gemm_bf16_dot();
   {
     std::lock_guard<std::mutex> lock(g_pack_mutex);
     auto& cache = pack_cache();
     for (PackEntry& e : cache) {
-      if (e.data != w.data_ptr() || e.transpose != transpose || e.isa != isa || e.dtype != w.scalar_type() ||
+      if (e.data != w.data_ptr() || e.transpose != transpose || e.isa != isa || e.bf16_dot != dot || e.dtype != w.scalar_type() ||
           e.version != version || e.sizes != w.sizes().vec() || e.strides != w.strides().vec())
         continue;
       auto alive = e.storage.lock();
@@ -132,7 +198,7 @@ at::Tensor gemm_pack_weight(const at::Tensor& w, bool transpose) {
     cache.erase(lru);
   }
   cache.push_back(PackEntry{c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()),
-                            w.data_ptr(), w.sizes().vec(), w.strides().vec(), w.scalar_type(), transpose, isa,
+                            w.data_ptr(), w.sizes().vec(), w.strides().vec(), w.scalar_type(), transpose, isa, dot,
                             version, ++g_pack_clock, packed});
   return packed;
 }
@@ -151,7 +217,8 @@ void gemm_clear_pack_cache() {
 void gemm_run_all(GemmArgs g, const at::Tensor& packed) {
   if (g.M <= 0 || (g.N <= 0 && !g.a_row_sums)) return;
   const KernelTable& k = kernels();
-  const GemmInfo info = k.gemm_info(g.dtype);
+  g.bf16_dot = g.dtype == DType::bf16 && gemm_bf16_dot();
+  const GemmInfo info = k.gemm_info(g.dtype, g.bf16_dot);
   g.packed_b = packed.data_ptr();
   const int64_t Kp = (g.K + info.kp - 1) / info.kp * info.kp;
   const int64_t panels = (g.N + info.nr - 1) / info.nr;
@@ -162,19 +229,29 @@ void gemm_run_all(GemmArgs g, const at::Tensor& packed) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t mblocks = (mpanels + mp_per_block - 1) / mp_per_block;
   if (mblocks > 1) mblocks = (mblocks + threads - 1) / threads * threads;  // equal work per thread
+  if (mblocks < 4 * threads && mpanels >= 4 * threads) mblocks = 4 * threads;  // some slack to balance
   mblocks = std::min(mblocks, mpanels);
   // Few row blocks (small M, decoding): split the columns too.
   int64_t nchunks = 1;
   if (mblocks < 2 * threads) nchunks = std::max<int64_t>(1, std::min(panels, (2 * threads + mblocks - 1) / mblocks));
   const int64_t tasks = mblocks * nchunks;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t mb = t / nchunks, nc = t % nchunks;
-      const int64_t m0 = std::min(g.M, mpanels * mb / mblocks * info.mr);
-      const int64_t m1 = std::min(g.M, mpanels * (mb + 1) / mblocks * info.mr);
-      const int64_t p0 = panels * nc / nchunks, p1 = panels * (nc + 1) / nchunks;
-      k.gemm_run(g, m0, m1, p0, p1);
-    }
+  auto run = [&](int64_t t) {
+    const int64_t mb = t / nchunks, nc = t % nchunks;
+    const int64_t m0 = std::min(g.M, mpanels * mb / mblocks * info.mr);
+    const int64_t m1 = std::min(g.M, mpanels * (mb + 1) / mblocks * info.mr);
+    const int64_t p0 = panels * nc / nchunks, p1 = panels * (nc + 1) / nchunks;
+    k.gemm_run(g, m0, m1, p0, p1);
+  };
+  if (tasks == 1 || threads == 1) {
+    for (int64_t t = 0; t < tasks; ++t) run(t);
+    return;
+  }
+  // Tasks are handed out dynamically (an atomic counter): on a shared, noisy machine a statically
+  // split range waits for its slowest thread. Which task computes what is fixed, so results do
+  // not depend on the schedule.
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) run(t);
   });
 }
 

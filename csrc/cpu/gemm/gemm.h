@@ -9,6 +9,12 @@ namespace aiayn::cpu {
 
 DType gemm_dtype(const at::Tensor& t);
 
+// Whether bf16 runs on vdpbf16ps (AVX-512 BF16) or is widened to float32 for the FMA kernel:
+// AIAYN_BF16_DOT=1/0 forces it, otherwise the faster of the two on this CPU (timed once).
+bool gemm_bf16_dot();
+// Forces the bf16 mode: 1 vdpbf16ps, 0 widened, -1 automatic; returns the previous setting.
+int gemm_set_bf16_dot(int mode);
+
 // A tensor as (rows, cols) with unit column stride and one row stride, copying only when the
 // leading dims do not collapse or the last dim is strided.
 at::Tensor gemm_rows(const at::Tensor& t, int64_t cols);

@@ -22,22 +22,26 @@ struct GemmTile {
 
 inline int64_t gemm_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Storage -> packed conversions (packed P is float, double, or raw bf16 bits for the dot path).
+// Storage -> compute (float, double for f64) and compute -> packed (float, double, or raw bf16
+// bits for the dot path) conversions.
 inline float gemm_to_float(float v) { return v; }
 inline float gemm_to_float(uint16_t v) { return bf16_to_float(v); }
 inline double gemm_to_float(double v) { return v; }
-template <typename P>
-inline P gemm_from_float(float v);
-template <>
-inline float gemm_from_float<float>(float v) { return v; }
-template <>
-inline uint16_t gemm_from_float<uint16_t>(float v) { return float_to_bf16(v); }
-template <typename P>
-inline P gemm_from_double(double v) { return static_cast<P>(v); }
-template <>
-inline uint16_t gemm_from_double<uint16_t>(double v) { return float_to_bf16(static_cast<float>(v)); }
-template <>
-inline float gemm_from_double<float>(double v) { return static_cast<float>(v); }
+template <typename P, typename F>
+inline P gemm_from(F v) {
+  if constexpr (std::is_same_v<P, uint16_t>)
+    return float_to_bf16(static_cast<float>(v));
+  else
+    return static_cast<P>(v);
+}
+// Storage -> packed, exact when they are the same type.
+template <typename P, typename T>
+inline P gemm_cvt(T v) {
+  if constexpr (std::is_same_v<P, T>)
+    return v;
+  else
+    return gemm_from<P>(gemm_to_float(v));
+}
 
 // Packs B(k, n) for panels [p0, p1): element (k, j) of panel p at
 // p * Kp * NR + (k / KP) * NR * KP + j * KP + k % KP; zero outside K x N.
@@ -51,16 +55,23 @@ void gemm_pack_b_impl(const GemmPackB& g, int64_t p0, int64_t p1, P* out) {
     const int nn = static_cast<int>(N - n0 < NR ? N - n0 : NR);
     if (nn < NR || Kp != K)
       for (int64_t i = 0; i < Kp * NR; ++i) dst[i] = P(0);
-    auto at = [&](int64_t k, int j) -> P& { return dst[(k / KP) * NR * KP + j * KP + k % KP]; };
     if (g.b_cs == 1) {
       for (int64_t k = 0; k < K; ++k) {
         const T* src = b + k * g.b_rs + n0;
-        for (int j = 0; j < nn; ++j) at(k, j) = gemm_from_double<P>(gemm_to_float(src[j]));
+        P* d = dst + (k / KP) * NR * KP + k % KP;
+        for (int j = 0; j < nn; ++j) d[j * KP] = gemm_cvt<P>(src[j]);
       }
     } else {
+      // B = W^T (the forward's weights): 16 columns at a time, so that each source row segment is
+      // read contiguously and each destination line is written whole.
       for (int j = 0; j < nn; ++j) {
         const T* src = b + (n0 + j) * g.b_cs;
-        for (int64_t k = 0; k < K; ++k) at(k, j) = gemm_from_double<P>(gemm_to_float(src[k * g.b_rs]));
+        P* d = dst + j * KP;
+        if (KP == 1) {
+          for (int64_t k = 0; k < K; ++k) d[k * NR] = gemm_cvt<P>(src[k * g.b_rs]);
+        } else {
+          for (int64_t k = 0; k < K; ++k) d[(k / KP) * NR * KP + k % KP] = gemm_cvt<P>(src[k * g.b_rs]);
+        }
       }
     }
   }
@@ -68,9 +79,11 @@ void gemm_pack_b_impl(const GemmPackB& g, int64_t p0, int64_t p1, P* out) {
 
 // Packs rows [m0, m0 + rows) of A into micro-panels of MR rows (zero padded):
 // element (i, k) of micro-panel q at q * Kp * MR + (k / KP) * MR * KP + (i % MR) * KP + k % KP.
-// Optionally gates A and sums each row (double accumulator) into row_sums.
+// Optionally gates A (a_gate) and sums each row into a_row_sums (in the compute type, via a
+// double accumulator).
 template <typename T, typename P, typename Acc, int MR, int KP>
 void gemm_pack_a(const GemmArgs& g, int64_t m0, int64_t rows, P* out, bool want_sums) {
+  using F = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const int64_t K = g.K, Kp = gemm_round_up(K, KP);
   const T* a = static_cast<const T*>(g.a);
   const T* gate = static_cast<const T*>(g.a_gate);
@@ -82,43 +95,73 @@ void gemm_pack_a(const GemmArgs& g, int64_t m0, int64_t rows, P* out, bool want_
     for (int64_t k = 0; k < Kp; ++k) at(i, k) = P(0);
   for (int64_t k = K; k < Kp; ++k)
     for (int64_t i = 0; i < rows; ++i) at(i, k) = P(0);
-  const double gscale = g.a_gate_scale;
-  auto value = [&](int64_t off) -> double {
-    double v = gemm_to_float(a[off]);
-    if (gate) v = gemm_to_float(gate[off]) > 0 ? v * gscale : 0.0;
-    return v;
-  };
+  const F gscale = static_cast<F>(g.a_gate_scale);
+  Acc* sums_out = static_cast<Acc*>(g.a_row_sums);
   if (g.a_cs == 1 || g.a_rs != 1) {
-    // Rows contiguous in k (x, dY): read along k.
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t base = (m0 + i) * g.a_rs;
-      double s = 0.0;
-      if (!gate && !want_sums && KP == 1) {
-        for (int64_t k = 0; k < K; ++k) at(i, k) = gemm_from_double<P>(gemm_to_float(a[base + k * g.a_cs]));
-      } else {
-        for (int64_t k = 0; k < K; ++k) {
-          const double v = value(base + k * g.a_cs);
-          s += v;
-          at(i, k) = gemm_from_double<P>(v);
+    // Rows contiguous in k (x, dY). Plain copies: a panel at a time, k outer, so that the packed
+    // panel is written contiguously from MR row streams.
+    if (!gate && !want_sums && g.a_cs == 1) {
+      for (int64_t q = 0; q < panels; ++q) {
+        const int64_t i0 = q * MR, n = rows - i0 < MR ? rows - i0 : MR;
+        const T* src[MR];
+        for (int i = 0; i < MR; ++i) src[i] = a + (m0 + i0 + (i < n ? i : 0)) * g.a_rs;
+        P* d = out + q * Kp * MR;
+        if (n == MR) {
+          for (int64_t k = 0; k < K; ++k)
+#pragma GCC unroll 16
+            for (int i = 0; i < MR; ++i) d[(k / KP) * MR * KP + i * KP + k % KP] = gemm_cvt<P>(src[i][k]);
+        } else {
+          for (int64_t k = 0; k < K; ++k)
+            for (int i = 0; i < n; ++i) d[(k / KP) * MR * KP + i * KP + k % KP] = gemm_cvt<P>(src[i][k]);
         }
       }
-      if (want_sums) static_cast<Acc*>(g.a_row_sums)[m0 + i] = static_cast<Acc>(s);
+      return;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* src = a + (m0 + i) * g.a_rs;
+      P* d = out + (i / MR) * Kp * MR + (i % MR) * KP;
+      if (!gate && !want_sums) {
+        if (KP == 1)
+          for (int64_t k = 0; k < K; ++k) d[k * MR] = gemm_cvt<P>(src[k * g.a_cs]);
+        else
+          for (int64_t k = 0; k < K; ++k) d[(k / KP) * MR * KP + k % KP] = gemm_cvt<P>(src[k * g.a_cs]);
+        continue;
+      }
+      const T* gsrc = gate ? gate + (m0 + i) * g.a_rs : nullptr;
+      double s = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        F v = gemm_to_float(src[k * g.a_cs]);
+        if (gsrc) v = gemm_to_float(gsrc[k * g.a_cs]) > 0 ? v * gscale : F(0);
+        s += v;
+        d[(k / KP) * MR * KP + k % KP] = gemm_from<P>(v);
+      }
+      if (want_sums) sums_out[m0 + i] = static_cast<Acc>(s);
     }
   } else {
-    // A transposed (A(m, k) = y[k, m], the weight-gradient GEMMs): rows of MR contiguous values.
+    // A transposed (A(m, k) = y[k, m], the weight-gradient GEMMs): MR contiguous values per k.
     Buffer<double> sums(want_sums ? rows : 1);
     if (want_sums)
       for (int64_t i = 0; i < rows; ++i) sums.p[i] = 0.0;
     for (int64_t k = 0; k < K; ++k) {
-      const int64_t base = k * g.a_cs + m0;
-      for (int64_t i = 0; i < rows; ++i) {
-        const double v = value(base + i);
-        if (want_sums) sums.p[i] += v;
-        at(i, k) = gemm_from_double<P>(v);
+      const T* src = a + k * g.a_cs + m0;
+      const T* gsrc = gate ? gate + k * g.a_cs + m0 : nullptr;
+      for (int64_t q = 0; q < panels; ++q) {
+        P* d = out + q * Kp * MR + (k / KP) * MR * KP + k % KP;
+        const int64_t i0 = q * MR, n = rows - i0 < MR ? rows - i0 : MR;
+        if (!gsrc && !want_sums) {
+          for (int64_t i = 0; i < n; ++i) d[i * KP] = gemm_cvt<P>(src[i0 + i]);
+          continue;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          F v = gemm_to_float(src[i0 + i]);
+          if (gsrc) v = gemm_to_float(gsrc[i0 + i]) > 0 ? v * gscale : F(0);
+          if (want_sums) sums.p[i0 + i] += v;
+          d[i * KP] = gemm_from<P>(v);
+        }
       }
     }
     if (want_sums)
-      for (int64_t i = 0; i < rows; ++i) static_cast<Acc*>(g.a_row_sums)[m0 + i] = static_cast<Acc>(sums.p[i]);
+      for (int64_t i = 0; i < rows; ++i) sums_out[m0 + i] = static_cast<Acc>(sums.p[i]);
   }
 }
 
@@ -307,14 +350,15 @@ constexpr GemmInfo gemm_info_of() {
 
 using GemmF64 = ScalarVec<double>;
 
-inline GemmInfo gemm_info(DType dtype) {
+inline GemmInfo gemm_info(DType dtype, bool bf16_dot) {
   switch (dtype) {
     case DType::f32: return gemm_info_of<Vec, 1, float>();
+    case DType::bf16:
 #ifdef AIAYN_GEMM_BF16_DOT
-    case DType::bf16: return gemm_info_of<Vec, 2, uint16_t>();
-#else
-    case DType::bf16: return gemm_info_of<Vec, 1, float>();
+      if (bf16_dot) return gemm_info_of<Vec, 2, uint16_t>();
 #endif
+      (void)bf16_dot;
+      return gemm_info_of<Vec, 1, float>();
     case DType::f64: return gemm_info_of<GemmF64, 1, double>();
   }
   return GemmInfo{};
@@ -327,10 +371,12 @@ inline void gemm_pack_b(const GemmPackB& b, int64_t p0, int64_t p1, void* packed
       break;
     case DType::bf16:
 #ifdef AIAYN_GEMM_BF16_DOT
-      gemm_pack_b_impl<uint16_t, uint16_t, GemmTile<Vec>::NR, 2>(b, p0, p1, static_cast<uint16_t*>(packed));
-#else
-      gemm_pack_b_impl<uint16_t, float, GemmTile<Vec>::NR, 1>(b, p0, p1, static_cast<float*>(packed));
+      if (b.bf16_dot) {
+        gemm_pack_b_impl<uint16_t, uint16_t, GemmTile<Vec>::NR, 2>(b, p0, p1, static_cast<uint16_t*>(packed));
+        break;
+      }
 #endif
+      gemm_pack_b_impl<uint16_t, float, GemmTile<Vec>::NR, 1>(b, p0, p1, static_cast<float*>(packed));
       break;
     case DType::f64:
       gemm_pack_b_impl<double, double, GemmTile<GemmF64>::NR, 1>(b, p0, p1, static_cast<double*>(packed));
@@ -345,10 +391,12 @@ inline void gemm_run(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int6
       break;
     case DType::bf16:
 #ifdef AIAYN_GEMM_BF16_DOT
-      gemm_run_impl<Vec, uint16_t, uint16_t, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 2>(g, m0, m1, p0, p1);
-#else
-      gemm_run_impl<Vec, uint16_t, float, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 1>(g, m0, m1, p0, p1);
+      if (g.bf16_dot) {
+        gemm_run_impl<Vec, uint16_t, uint16_t, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 2>(g, m0, m1, p0, p1);
+        break;
+      }
 #endif
+      gemm_run_impl<Vec, uint16_t, float, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 1>(g, m0, m1, p0, p1);
       break;
     case DType::f64:
       gemm_run_impl<GemmF64, double, double, GemmTile<GemmF64>::MR, GemmTile<GemmF64>::NV, 1>(g, m0, m1, p0, p1);
