@@ -161,6 +161,20 @@ def _feed_forward_fwd_small(device, dtype, quick):
     return _feed_forward_bench(device, dtype, 64, 512, 2048, 0.0, backward=False)
 
 
+@register("feed_forward.fwd_small_prepacked", dtypes=(torch.float32,), devices=("cpu",))
+def _feed_forward_fwd_small_prepacked(device, dtype, quick):
+    # The same with the weights packed once (aiayn.packed_weight_cache: inference reuses them).
+    b = _feed_forward_bench(device, dtype, 64, 512, 2048, 0.0, backward=False)
+    ours = b.aiayn
+
+    def cached():
+        with aiayn.packed_weight_cache():
+            return ours()
+
+    b.aiayn = cached
+    return b
+
+
 @register("feed_forward.fwd_big", dtypes=(torch.float32,), devices=("cpu",))
 def _feed_forward_fwd_big(device, dtype, quick):
     # The big model's FFN, 1024 -> 4096 -> 1024, 2048 tokens.

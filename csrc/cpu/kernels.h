@@ -92,6 +92,7 @@ struct GemmArgs {
   // owns panel 0.
   void* a_row_sums;
   const void* packed_b;  // gemm_pack_b of B
+  int64_t b_panel_stride;  // elements from one packed panel to the next; 0: round_up(K, kp) * nr
   // Epilogue, in this order on the float32 tile: + bias[n] (acc type, N values, may be null);
   // ReLU; dropout (element (m, n) is number m * N + n of `dropout`, kept ones scaled);
   // c_gate: C(m, n) := gate(m, n) > 0 ? C(m, n) * c_gate_scale : 0 (gate of dtype `dtype`, row

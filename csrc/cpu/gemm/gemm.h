@@ -41,7 +41,8 @@ at::Tensor gemm_pack_b(DType dtype, int64_t K, int64_t N, const void* b, int64_t
 // kPackCacheEntries packed weights are held; entries of freed storages are dropped.
 at::Tensor gemm_pack_weight(const at::Tensor& w, bool transpose);
 void gemm_clear_pack_cache();
-// Turns the cache on or off (off also empties it); returns the previous setting.
+// Turns the cache on or off (entries are kept, only not used while off; gemm_clear_pack_cache
+// drops them); returns the previous setting.
 bool gemm_set_pack_cache(bool enabled);
 
 // C = epilogue(A * B) over all of C, in parallel. g.packed_b is set from `packed`.

@@ -62,15 +62,18 @@ void gemm_pack_b_impl(const GemmPackB& g, int64_t p0, int64_t p1, P* out) {
         for (int j = 0; j < nn; ++j) d[j * KP] = gemm_cvt<P>(src[j]);
       }
     } else {
-      // B = W^T (the forward's weights): 16 columns at a time, so that each source row segment is
-      // read contiguously and each destination line is written whole.
-      for (int j = 0; j < nn; ++j) {
-        const T* src = b + (n0 + j) * g.b_cs;
-        P* d = dst + j * KP;
-        if (KP == 1) {
-          for (int64_t k = 0; k < K; ++k) d[k * NR] = gemm_cvt<P>(src[k * g.b_rs]);
+      // B = W^T (the forward's weights): k outer, so the panel is written contiguously while
+      // the nn source rows are each read sequentially.
+      const T* src[NR];
+      for (int j = 0; j < NR; ++j) src[j] = b + (n0 + (j < nn ? j : 0)) * g.b_cs;
+      for (int64_t k = 0; k < K; ++k) {
+        P* d = dst + (k / KP) * NR * KP + k % KP;
+        const int64_t off = k * g.b_rs;
+        if (nn == NR) {
+#pragma GCC unroll 8
+          for (int j = 0; j < NR; ++j) d[j * KP] = gemm_cvt<P>(src[j][off]);
         } else {
-          for (int64_t k = 0; k < K; ++k) d[(k / KP) * NR * KP + k % KP] = gemm_cvt<P>(src[k * g.b_rs]);
+          for (int j = 0; j < nn; ++j) d[j * KP] = gemm_cvt<P>(src[j][off]);
         }
       }
     }
@@ -169,6 +172,8 @@ void gemm_pack_a(const GemmArgs& g, int64_t m0, int64_t rows, P* out, bool want_
 // added into the tile's running total (in L1). Two-level summation keeps the rounding error of
 // long reductions (K = 4096) at the level of a blocked BLAS, for ~2% more instructions.
 constexpr int64_t kGemmKBlock = 64;
+// K slice kept in L1 per B panel (gemm_run_impl): 256 x 32 floats = 32 KiB on AVX-512.
+constexpr int64_t kGemmKSlice = 256;
 
 // Adds (or, for the first block, copies) the block sums into the running total.
 template <typename V, int NV, int ROWS>
@@ -200,6 +205,7 @@ inline void gemm_micro(const typename V::Scalar* __restrict a, const typename V:
       for (int j = 0; j < NV; ++j) blk[r][j] = V::zero();
 #pragma GCC unroll 2
     for (int64_t k = k0; k < k1; ++k) {
+      __builtin_prefetch(a + (k + 12) * MR);  // the A micro-panel streams from L2
       V bv[NV];
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) bv[j] = V::load(b + k * NR + j * V::N);
@@ -320,24 +326,52 @@ void gemm_run_impl(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_
   Buffer<P> ap(panels * Kp * MR);
   gemm_pack_a<T, P, S, MR, KP>(g, m0, rows, ap.data(), sums);
   const P* bpacked = static_cast<const P*>(g.packed_b);
+  // K in L1-sized slices: a slice of the B panel (kGemmKSlice x NR) stays in L1 while every
+  // micro-panel of the task's rows runs over it; the tile's partial sums of earlier slices wait in
+  // `partial` (MC x NR floats, L1/L2). The last slice adds them to the registers and runs the
+  // epilogue there. Short K (<= 1.5 slices) runs in one slice.
+  const int64_t slice = Kp <= kGemmKSlice + kGemmKSlice / 2 ? Kp : kGemmKSlice;
+  Buffer<S> partial(slice < Kp ? panels * MR * NR : 1);
   for (int64_t p = p0; p < p1; ++p) {
-    const P* bp = bpacked + p * Kp * NR;
+    const P* bp = bpacked + p * (g.b_panel_stride ? g.b_panel_stride : Kp * NR);
     const int64_t n0 = p * NR;
     const int nn = static_cast<int>(g.N - n0 < NR ? g.N - n0 : NR);
-    for (int64_t q = 0; q < panels; ++q) {
-      const int r = static_cast<int>(rows - q * MR < MR ? rows - q * MR : MR);
-      const P* aq = ap.data() + q * Kp * MR;
-      gemm_dispatch_rows<MR>(r, [&](auto rows_c) {
-        constexpr int R = decltype(rows_c)::value;
-        V acc[R][NV];
+    for (int64_t kb = 0; kb < Kp || kb == 0; kb += slice) {
+      const int64_t kn = Kp - kb < slice ? Kp - kb : slice;
+      const bool first = kb == 0, last = kb + kn >= Kp;
+      for (int64_t q = 0; q < panels; ++q) {
+        const int r = static_cast<int>(rows - q * MR < MR ? rows - q * MR : MR);
+        const P* aq = ap.data() + q * Kp * MR + kb * MR;
+        S* part = partial.data() + q * MR * NR;
+        gemm_dispatch_rows<MR>(r, [&](auto rows_c) {
+          constexpr int R = decltype(rows_c)::value;
+          V acc[R][NV];
 #ifdef AIAYN_GEMM_BF16_DOT
-        if constexpr (KP == 2)
-          gemm_micro_bf16<MR, R>(aq, bp, Kp, acc);
-        else
+          if constexpr (KP == 2)
+            gemm_micro_bf16<MR, R>(aq, bp + kb * NR, kn, acc);
+          else
 #endif
-          gemm_micro<V, MR, NV, R>(aq, bp, Kp, acc);
-        gemm_epilogue<V, T, NV, R>(g, acc, m0 + q * MR, n0, nn);
-      });
+            gemm_micro<V, MR, NV, R>(aq, bp + kb * NR, kn, acc);
+          if (!last) {
+#pragma GCC unroll 16
+            for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+              for (int j = 0; j < NV; ++j) {
+                S* c = part + i * NR + j * V::N;
+                (first ? acc[i][j] : acc[i][j] + V::load(c)).store(c);
+              }
+            return;
+          }
+          if (!first) {
+#pragma GCC unroll 16
+            for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+              for (int j = 0; j < NV; ++j) acc[i][j] = acc[i][j] + V::load(part + i * NR + j * V::N);
+          }
+          gemm_epilogue<V, T, NV, R>(g, acc, m0 + q * MR, n0, nn);
+        });
+      }
+      if (kn == 0) break;
     }
   }
 }
