@@ -122,7 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forw
   g.a_cs = 1;
   g.c = dx.data_ptr();
   g.c_rs = d_model;
-  gemm_run_all(g, gemm_pack_weight(w1c, /*transpose=*/false));
+  GemmArgs g_dx = g;
+  at::Tensor pack_w1 = gemm_pack_weight(w1c, /*transpose=*/false);
 
   // dW1 = dh^T x, db1 = column sums of dh (row sums of the packed A).
   g = gemm_args(x, d_ff, d_model, tokens);
@@ -132,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forw
   g.a_row_sums = db1.data_ptr();
   g.c = dw1.data_ptr();
   g.c_rs = d_model;
-  gemm_run_all(g, gemm_pack_b(gemm_dtype(x), tokens, d_model, x2.data_ptr(), gemm_row_stride(x2), 1));
+  GemmArgs g_dw1 = g;
+  at::Tensor pack_x = gemm_pack_b(gemm_dtype(x), tokens, d_model, x2.data_ptr(), gemm_row_stride(x2), 1);
 
   // dW2 = dy^T hidden, db2 = column sums of dy.
   g = gemm_args(x, d_model, d_ff, tokens);
@@ -142,7 +144,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forw
   g.a_row_sums = db2.data_ptr();
   g.c = dw2.data_ptr();
   g.c_rs = d_ff;
-  gemm_run_all(g, gemm_pack_b(gemm_dtype(x), tokens, d_ff, h.data_ptr(), gemm_row_stride(h), 1));
+  // The three are independent: one parallel region.
+  gemm_run_many({{g_dx, pack_w1},
+                 {g_dw1, pack_x},
+                 {g, gemm_pack_b(gemm_dtype(x), tokens, d_ff, h.data_ptr(), gemm_row_stride(h), 1)}});
 
   return {dx, dw1, db1.to(x.scalar_type()), dw2, db2.to(x.scalar_type())};
 }

@@ -79,7 +79,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
   g.a_cs = 1;
   g.c = dx.data_ptr();
   g.c_rs = K;
-  gemm_run_all(g, gemm_pack_weight(gemm_weight(w), /*transpose=*/false));
+  const GemmArgs g_dx = g;
+  at::Tensor pack_w = gemm_pack_weight(gemm_weight(w), /*transpose=*/false);
   // dW = (grad_out * [out > 0])^T x, db = its row sums.
   g.M = N;
   g.N = K;
@@ -89,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& 
   g.a_row_sums = db.data_ptr();
   g.c = dw.data_ptr();
   g.c_rs = K;
-  gemm_run_all(g, gemm_pack_b(gemm_dtype(x), tokens, K, x2.data_ptr(), gemm_row_stride(x2), 1));
+  gemm_run_many({{g_dx, pack_w}, {g, gemm_pack_b(gemm_dtype(x), tokens, K, x2.data_ptr(), gemm_row_stride(x2), 1)}});
   return {dx, dw, db.to(x.scalar_type())};
 }
 

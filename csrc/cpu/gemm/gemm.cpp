@@ -212,79 +212,84 @@ void gemm_clear_pack_cache() {
   pack_cache().clear();
 }
 
-void gemm_run_all(GemmArgs g, const at::Tensor& packed) {
-  if (g.M <= 0 || (g.N <= 0 && !g.a_row_sums)) return;
+namespace {
+
+// How one GEMM is cut into tasks: K chunks x row blocks x column chunks.
+struct GemmPlan {
+  GemmArgs g;
+  GemmInfo info;
+  int64_t panels = 0, mpanels = 0, mblocks = 0, nchunks = 1, kchunks = 1;
+  std::vector<GemmArgs> chunk_args;
+  at::Tensor partial, partial_sums;
+  int64_t tasks() const { return kchunks * mblocks * nchunks; }
+  void run(const KernelTable& k, int64_t t) const {
+    const int64_t per_chunk = mblocks * nchunks;
+    const int64_t c = t / per_chunk, mb = (t % per_chunk) / nchunks, nc = t % nchunks;
+    const int64_t m0 = std::min(g.M, mpanels * mb / mblocks * info.mr);
+    const int64_t m1 = std::min(g.M, mpanels * (mb + 1) / mblocks * info.mr);
+    const int64_t p0 = panels * nc / nchunks, p1 = panels * (nc + 1) / nchunks;
+    k.gemm_run(chunk_args[c], m0, m1, p0, p1);
+  }
+};
+
+GemmPlan make_plan(GemmArgs g, const at::Tensor& packed, int64_t threads) {
+  GemmPlan pl;
   const KernelTable& k = kernels();
   g.bf16_dot = g.dtype == DType::bf16 && gemm_bf16_dot();
   const GemmInfo info = k.gemm_info(g.dtype, g.bf16_dot);
   g.packed_b = packed.data_ptr();
+  pl.info = info;
   const int64_t Kp = (g.K + info.kp - 1) / info.kp * info.kp;
-  const int64_t panels = (g.N + info.nr - 1) / info.nr;
-  const int64_t mpanels = (g.M + info.mr - 1) / info.mr;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  pl.panels = (g.N + info.nr - 1) / info.nr;
+  pl.mpanels = (g.M + info.mr - 1) / info.mr;
 
   // Long reductions without an epilogue (the weight gradients, K = tokens): split K into chunks
   // whose float32 partial products are summed after, in a fixed order. A chunk's packed A block
   // is small, so each block of rows covers more of them and B is streamed from memory fewer
   // times. (bf16 keeps one pass: its C is stored as bf16.)
   const bool plain = !g.bias && !g.relu && !g.dropout.enabled && !g.c_gate && g.dtype != DType::bf16;
-  const int64_t kchunks = plain && g.K > 1536 && g.N > 0 ? (g.K + 767) / 768 : 1;
-  const int64_t kc = (Kp + kchunks - 1) / kchunks;
+  pl.kchunks = plain && g.K > 1536 && g.N > 0 ? (g.K + 767) / 768 : 1;
+  const int64_t kc = (Kp + pl.kchunks - 1) / pl.kchunks;
   const size_t esize = g.dtype == DType::f64 ? 8 : g.dtype == DType::f32 ? 4 : 2;
 
   // Rows per task: the packed A block (rows x K chunk) within ~1 MiB of L2, at most 32 micro-panels.
   const int64_t row_bytes = std::max<int64_t>(1, std::min(Kp, kc + info.kp) * info.elem_bytes);
   const int64_t mp_per_block = std::clamp<int64_t>((1 << 20) / (row_bytes * info.mr), 1, 32);
-  int64_t mblocks = (mpanels + mp_per_block - 1) / mp_per_block;
+  int64_t mblocks = (pl.mpanels + mp_per_block - 1) / mp_per_block;
   if (mblocks > 1) mblocks = (mblocks + threads - 1) / threads * threads;  // equal work per thread
-  if (mblocks * kchunks < 4 * threads && mpanels >= 4 * threads) mblocks = 4 * threads;  // slack to balance
-  mblocks = std::min(mblocks, mpanels);
+  if (mblocks * pl.kchunks < 4 * threads && pl.mpanels >= 4 * threads) mblocks = 4 * threads;  // slack
+  pl.mblocks = std::max<int64_t>(1, std::min(mblocks, pl.mpanels));
   // Few row blocks (small M, decoding): split the columns too.
-  int64_t nchunks = 1;
-  if (mblocks * kchunks < 2 * threads)
-    nchunks = std::max<int64_t>(1, std::min(panels, (2 * threads + mblocks - 1) / mblocks));
+  if (pl.mblocks * pl.kchunks < 2 * threads)
+    pl.nchunks = std::max<int64_t>(1, std::min(pl.panels, (2 * threads + pl.mblocks - 1) / pl.mblocks));
 
-  at::Tensor partial, partial_sums;
-  std::vector<GemmArgs> chunk_args(kchunks, g);
-  if (kchunks > 1) {
+  pl.chunk_args.assign(pl.kchunks, g);
+  if (pl.kchunks > 1) {
     const auto acc = g.dtype == DType::f64 ? at::kDouble : at::kFloat;
-    partial = at::empty({kchunks, g.M, g.N}, at::TensorOptions().dtype(acc));
-    if (g.a_row_sums) partial_sums = at::empty({kchunks, g.M}, at::TensorOptions().dtype(acc));
-    for (int64_t c = 0; c < kchunks; ++c) {
+    pl.partial = at::empty({pl.kchunks, g.M, g.N}, at::TensorOptions().dtype(acc));
+    if (g.a_row_sums) pl.partial_sums = at::empty({pl.kchunks, g.M}, at::TensorOptions().dtype(acc));
+    for (int64_t c = 0; c < pl.kchunks; ++c) {
       const int64_t k0 = std::min(Kp, c * kc), k1 = std::min(g.K, (c + 1) * kc);
-      GemmArgs& gc = chunk_args[c];
+      GemmArgs& gc = pl.chunk_args[c];
       gc.K = std::max<int64_t>(0, k1 - k0);
       gc.a = static_cast<const char*>(g.a) + k0 * g.a_cs * esize;
       if (g.a_gate) gc.a_gate = static_cast<const char*>(g.a_gate) + k0 * g.a_cs * esize;
       gc.packed_b = static_cast<const char*>(g.packed_b) + k0 * info.nr * info.elem_bytes;
       gc.b_panel_stride = Kp * info.nr;
-      gc.c = partial[c].data_ptr();
+      gc.c = pl.partial[c].data_ptr();
       gc.c_rs = g.N;
-      gc.a_row_sums = g.a_row_sums ? partial_sums[c].data_ptr() : nullptr;
+      gc.a_row_sums = g.a_row_sums ? pl.partial_sums[c].data_ptr() : nullptr;
     }
   }
+  pl.g = g;
+  return pl;
+}
 
-  const int64_t per_chunk = mblocks * nchunks, tasks = per_chunk * kchunks;
-  auto run = [&](int64_t t) {
-    const int64_t c = t / per_chunk, mb = (t % per_chunk) / nchunks, nc = t % nchunks;
-    const int64_t m0 = std::min(g.M, mpanels * mb / mblocks * info.mr);
-    const int64_t m1 = std::min(g.M, mpanels * (mb + 1) / mblocks * info.mr);
-    const int64_t p0 = panels * nc / nchunks, p1 = panels * (nc + 1) / nchunks;
-    k.gemm_run(chunk_args[c], m0, m1, p0, p1);
-  };
-  if (tasks == 1 || threads == 1) {
-    for (int64_t t = 0; t < tasks; ++t) run(t);
-  } else {
-    // Tasks are handed out dynamically (an atomic counter): on a shared, noisy machine a
-    // statically split range waits for its slowest thread. Which task computes what is fixed, so
-    // results do not depend on the schedule.
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
-      for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) run(t);
-    });
-  }
-  if (kchunks == 1) return;
-  // Sum the chunks' partial products (and row sums) in chunk order.
+// Sums a plan's K-chunk partial products (and row sums) into C, in chunk order.
+void reduce_plan(const GemmPlan& pl) {
+  if (pl.kchunks == 1) return;
+  const GemmArgs& g = pl.g;
+  const int64_t kchunks = pl.kchunks;
   auto reduce = [&](auto* src, int64_t rows, int64_t cols, int64_t plane, auto* dst, int64_t dst_rs) {
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols)), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
@@ -296,12 +301,47 @@ void gemm_run_all(GemmArgs g, const at::Tensor& packed) {
     });
   };
   if (g.dtype == DType::f64) {
-    reduce(partial.data_ptr<double>(), g.M, g.N, g.M * g.N, static_cast<double*>(g.c), g.c_rs);
-    if (g.a_row_sums) reduce(partial_sums.data_ptr<double>(), 1, g.M, g.M, static_cast<double*>(g.a_row_sums), 0);
+    reduce(pl.partial.data_ptr<double>(), g.M, g.N, g.M * g.N, static_cast<double*>(g.c), g.c_rs);
+    if (g.a_row_sums) reduce(pl.partial_sums.data_ptr<double>(), 1, g.M, g.M, static_cast<double*>(g.a_row_sums), 0);
   } else {
-    reduce(partial.data_ptr<float>(), g.M, g.N, g.M * g.N, static_cast<float*>(g.c), g.c_rs);
-    if (g.a_row_sums) reduce(partial_sums.data_ptr<float>(), 1, g.M, g.M, static_cast<float*>(g.a_row_sums), 0);
+    reduce(pl.partial.data_ptr<float>(), g.M, g.N, g.M * g.N, static_cast<float*>(g.c), g.c_rs);
+    if (g.a_row_sums) reduce(pl.partial_sums.data_ptr<float>(), 1, g.M, g.M, static_cast<float*>(g.a_row_sums), 0);
   }
 }
+
+}  // namespace
+
+void gemm_run_many(const std::vector<std::pair<GemmArgs, at::Tensor>>& jobs) {
+  const KernelTable& k = kernels();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<GemmPlan> plans;
+  std::vector<int64_t> first;  // first global task of each plan
+  int64_t tasks = 0;
+  for (const auto& [g, packed] : jobs) {
+    if (g.M <= 0 || (g.N <= 0 && !g.a_row_sums)) continue;
+    plans.push_back(make_plan(g, packed, threads));
+    first.push_back(tasks);
+    tasks += plans.back().tasks();
+  }
+  auto run = [&](int64_t t) {
+    const size_t i = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+    plans[i].run(k, t - first[i]);
+  };
+  if (tasks <= 1 || threads == 1) {
+    for (int64_t t = 0; t < tasks; ++t) run(t);
+  } else {
+    // Tasks are handed out dynamically (an atomic counter): on a shared, noisy machine a
+    // statically split range waits for its slowest thread, and independent GEMMs share one
+    // parallel region (one barrier). Which task computes what is fixed, so results do not depend
+    // on the schedule.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+      for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) run(t);
+    });
+  }
+  for (const GemmPlan& pl : plans) reduce_plan(pl);
+}
+
+void gemm_run_all(GemmArgs g, const at::Tensor& packed) { gemm_run_many({{g, packed}}); }
 
 }  // namespace aiayn::cpu

@@ -3,6 +3,9 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <utility>
+#include <vector>
+
 #include "../kernels.h"
 
 namespace aiayn::cpu {
@@ -47,5 +50,7 @@ bool gemm_set_pack_cache(bool enabled);
 
 // C = epilogue(A * B) over all of C, in parallel. g.packed_b is set from `packed`.
 void gemm_run_all(GemmArgs g, const at::Tensor& packed);
+// Independent GEMMs (none reads another's C) in one parallel region.
+void gemm_run_many(const std::vector<std::pair<GemmArgs, at::Tensor>>& jobs);
 
 }  // namespace aiayn::cpu
