@@ -95,7 +95,9 @@ def main():
         f'-DAIAYN_VERSION="{VERSION}"',
         f'-DAIAYN_TORCH_VERSION="{torch.__version__}"',
     ]
-    cxx = ["-O3", "-fopenmp", "-Wno-psabi", "-fno-math-errno"] + defines
+    # -ffp-contract=off: no FMA the source did not ask for (kernels call Vec::fma where they want
+    # one), so every ISA variant and the forward/backward recomputations round identically.
+    cxx = ["-O3", "-fopenmp", "-Wno-psabi", "-fno-math-errno", "-ffp-contract=off"] + defines
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DAIAYN_WITH_CUDA"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     library_dirs, libraries, link = [], [], ["-fopenmp"]

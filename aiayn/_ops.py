@@ -54,6 +54,38 @@ torch.library.register_autograd(f"{_lib}::add_dropout_layer_norm_fwd", _add_drop
                                 setup_context=_add_dropout_layer_norm_setup)
 
 
+# --- attention ------------------------------------------------------------------------------
+
+
+@torch.library.register_fake(f"{_lib}::attention_fwd")
+def _attention_fwd_fake(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
+    B, H, Lq, D = q.shape
+    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=_acc_dtype(q))
+
+
+@torch.library.register_fake(f"{_lib}::attention_bwd")
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, seed)
+    ctx.args = (dropout_p, is_causal, scale)
+
+
+def _attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, attn_mask, key_padding_mask, seed = ctx.saved_tensors
+    dropout_p, is_causal, scale = ctx.args
+    gq, gk, gv = torch.ops.aiayn.attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
+                                               dropout_p, is_causal, scale, seed)
+    return gq, gk, gv, None, None, None, None, None, None
+
+
+torch.library.register_autograd(f"{_lib}::attention_fwd", _attention_backward, setup_context=_attention_setup)
+
+
 # --- dropout_mask ----------------------------------------------------------------------------
 
 

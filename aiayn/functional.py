@@ -3,7 +3,10 @@ holds the pure-PyTorch definition of the same semantics, used by the tests."""
 
 import torch
 
-__all__ = ["add_dropout_layer_norm", "dropout_mask", "feed_forward", "linear", "new_dropout_seed"]
+__all__ = ["add_dropout_layer_norm", "dropout_mask", "feed_forward", "linear", "new_dropout_seed",
+           "scaled_dot_product_attention"]
+
+import math
 
 
 def new_dropout_seed():
@@ -13,9 +16,15 @@ def new_dropout_seed():
     return torch.randint(0, 2**62, (1,), dtype=torch.int64)
 
 
-def _unused_seed():
-    # A placeholder for p == 0: no random number is drawn, torch's RNG state is left untouched.
-    return torch.zeros(1, dtype=torch.int64)
+def _dropout_args(op, name, p, training, seed):
+    """(p, seed) an op gets: p is 0 outside training; a seed is drawn only when p > 0, so calls
+    without dropout leave torch's RNG state untouched (the op then ignores the placeholder)."""
+    p = float(p) if training else 0.0
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{op}: argument '{name}' must be a probability in [0, 1], got {p}")
+    if p == 0.0:
+        return p, torch.zeros(1, dtype=torch.int64)
+    return p, new_dropout_seed() if seed is None else seed
 
 
 def dropout_mask(like, p, seed):
@@ -50,13 +59,7 @@ def add_dropout_layer_norm(x, residual, weight=None, bias=None, p=0.0, eps=1e-5,
     Statistics are computed in float32 (float64 for float64 inputs); the output has x's dtype.
     The backward regenerates the dropout mask from the seed instead of storing it.
     """
-    p = float(p) if training else 0.0
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"add_dropout_layer_norm: argument 'p' must be a probability in [0, 1], got {p}")
-    if p > 0.0:
-        seed = new_dropout_seed() if seed is None else seed
-    else:
-        seed = _unused_seed()
+    p, seed = _dropout_args("add_dropout_layer_norm", "p", p, training, seed)
     out, _, _ = torch.ops.aiayn.add_dropout_layer_norm_fwd(x, residual, weight, bias, p, float(eps), seed)
     if return_dropout_mask:
         return out, dropout_mask(x, p, seed)
@@ -124,15 +127,47 @@ def feed_forward(x, w1, b1, w2, b2, dropout_p=0.0, training=True, seed=None, ret
     so weights are packed once per optimizer step. Writes through ``w.data`` bypass the version
     counter and are not seen (hence opt-in); ``aiayn._C.clear_pack_cache()`` empties the cache.
     """
-    p = float(dropout_p) if training else 0.0
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"feed_forward: argument 'dropout_p' must be a probability in [0, 1], got {dropout_p}")
+    p, seed = _dropout_args("feed_forward", "dropout_p", dropout_p, training, seed)
     _check_devices("feed_forward", x, w1=w1, b1=b1, w2=w2, b2=b2)
-    if p > 0.0:
-        seed = new_dropout_seed() if seed is None else seed
-    else:
-        seed = _unused_seed()
     out, hidden = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, p, seed)
     if return_dropout_mask:
         return out, dropout_mask(hidden, p, seed)
+    return out
+
+
+def scaled_dot_product_attention(q, k, v, attn_mask=None, key_padding_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, training=True, seed=None, return_dropout_mask=False):
+    """``softmax(q kᵀ · scale + mask) v``, the paper's scaled dot-product attention (§3.2.1), in one
+    fused kernel that never forms the Lq × Lk score matrix (flash-attention style).
+
+    Same meaning as ``torch.nn.functional.scaled_dot_product_attention`` for the arguments they share:
+
+    Args:
+        q: ``(B, H, Lq, D)``; k, v: ``(B, H, Lk, D)``; one dtype (float32, bfloat16, float64 on the
+            CPU) and device. Any strides with a contiguous last dim are used without a copy, e.g.
+            views of a fused ``(B, L, 3, H, D)`` QKV projection permuted to ``(B, H, L, D)``.
+            ``D`` ≤ 256.
+        attn_mask: broadcastable to ``(B, H, Lq, Lk)``. **bool: True = takes part** (torch's
+            convention); floating: **added** to the scores (``-inf`` removes a key).
+        key_padding_mask: ``(B, Lk)`` bool with ``nn.MultiheadAttention``'s convention:
+            **True = padding, ignored** (the opposite sense of a bool ``attn_mask``).
+        dropout_p: dropout on the attention probabilities (inverted: kept ones scaled by
+            1 / (1 - p)), only when ``training``.
+        is_causal: key j takes part in query i only if ``j <= i`` (torch's top-left alignment);
+            combines with the masks above.
+        scale: defaults to ``1 / sqrt(D)``.
+        seed: optional int64 tensor (one element) choosing the dropout mask; by default drawn from
+            torch's default generator (reproducible under ``torch.manual_seed``).
+        return_dropout_mask: also return the bool keep-mask ``(B, H, Lq, Lk)`` the call used.
+
+    Returns ``(B, H, Lq, D)``, contiguous, in q's dtype (float32 accumulation for bfloat16). A query
+    row whose keys are all masked returns zeros (and zero gradients), not NaN.
+    """
+    p, seed = _dropout_args("scaled_dot_product_attention", "dropout_p", dropout_p, training, seed)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    out, _ = torch.ops.aiayn.attention_fwd(q, k, v, attn_mask, key_padding_mask, p, bool(is_causal), float(scale), seed)
+    if return_dropout_mask:
+        B, H, Lq, _ = q.shape
+        return out, dropout_mask(q.new_empty((B, H, Lq, k.shape[-2]), dtype=torch.bool), p, seed)
     return out

@@ -4,7 +4,10 @@ compiled kernels with these (run in float64), and they run anywhere torch runs."
 import torch
 import torch.nn.functional as F
 
-__all__ = ["philox4x32_10", "dropout_mask", "add_dropout_layer_norm", "linear", "feed_forward"]
+__all__ = ["philox4x32_10", "dropout_mask", "add_dropout_layer_norm", "linear", "feed_forward",
+           "scaled_dot_product_attention"]
+
+import math
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
@@ -82,3 +85,33 @@ def feed_forward(x, w1, b1, w2, b2, p=0.0, keep_mask=None):
         scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
         h = h * keep_mask.to(h.dtype) * scale
     return F.linear(h, w2, b2)
+
+
+def scaled_dot_product_attention(q, k, v, attn_mask=None, key_padding_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, keep_mask=None):
+    """``softmax(q kᵀ · scale + mask) v`` (paper §3.2.1) materialising the scores, in q's dtype.
+    Masks as in ``aiayn.functional.scaled_dot_product_attention``; dropout given by ``keep_mask``
+    (bool, ``(B, H, Lq, Lk)``). A row with every key masked gives zeros."""
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-2, -1)) * scale
+    visible = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
+    if is_causal:
+        visible = visible.tril()
+    visible = visible.expand(s.shape)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            visible = visible & attn_mask
+        else:
+            s = s + attn_mask.to(s.dtype)
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask[:, None, None, :]
+    s = s.masked_fill(~visible, float("-inf"))
+    row_max = s.amax(-1, keepdim=True)
+    dead = torch.isneginf(row_max)
+    p = torch.exp(s - torch.where(dead, torch.zeros_like(row_max), row_max))
+    denom = p.sum(-1, keepdim=True)
+    p = torch.where(dead, torch.zeros_like(p), p / torch.where(dead, torch.ones_like(denom), denom))
+    if keep_mask is not None and dropout_p > 0.0:
+        p = p * keep_mask.to(p.dtype) * (0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
+    return p @ v

@@ -28,6 +28,17 @@ TORCH_LIBRARY(aiayn, m) {
   m.def("feed_forward_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, float p, Tensor seed) -> (Tensor, Tensor)");
   // Returns (grad_x, grad_w1, grad_b1, grad_w2, grad_b2).
   m.def("feed_forward_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor hidden, float p) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // softmax(q k^T * scale + mask) v over (B, H, L, D) tensors (paper §3.2.1); attn_mask bool
+  // (True = takes part) or additive, broadcastable to (B, H, Lq, Lk); key_padding_mask (B, Lk)
+  // bool (True = padding); is_causal: key j takes part in query i iff j <= i. Returns (out, lse):
+  // out (B, H, Lq, D) contiguous, lse the natural-log log-sum-exp per row (+inf for a fully
+  // masked row, whose output is 0). Dropout mask: dropout_mask(<(B, H, Lq, Lk)>, dropout_p, seed).
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? key_padding_mask, "
+        "float dropout_p, bool is_causal, float scale, Tensor seed) -> (Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v), contiguous; probabilities and dropout are recomputed.
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? attn_mask, Tensor? key_padding_mask, float dropout_p, bool is_causal, float scale, "
+        "Tensor seed) -> (Tensor, Tensor, Tensor)");
   // The keep-mask (bool, shaped like `like`) that the ops above draw for (p, seed).
   m.def("dropout_mask(Tensor like, float p, Tensor seed) -> Tensor");
 }

@@ -14,14 +14,17 @@ import aiayn
 from aiayn import bench
 from aiayn.bench.__main__ import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder holding the aiayn package this test imported (a source checkout built in place, or
+# site-packages): subprocesses must run that same build.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(aiayn.__file__)))
 CASE = "add_dropout_layer_norm"
 
 
 def _run(*args, cache_dir):
+    os.makedirs(cache_dir, exist_ok=True)
     env = {**os.environ, "AIAYN_CACHE_DIR": str(cache_dir),
-           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "aiayn.bench", *args], cwd=ROOT, env=env,
+           "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "aiayn.bench", *args], cwd=str(cache_dir), env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -179,3 +179,64 @@ def _feed_forward_fwd_small_prepacked(device, dtype, quick):
 def _feed_forward_fwd_big(device, dtype, quick):
     # The big model's FFN, 1024 -> 4096 -> 1024, 2048 tokens.
     return _feed_forward_bench(device, dtype, 512 if quick else 2048, 1024, 4096, 0.1, backward=False)
+
+
+# --- scaled_dot_product_attention: softmax(Q Kᵀ / √d_k) V (§3.2.1) ---------------------------
+
+
+def _attention_inputs(device, dtype, B, H, Lq, Lk, D, requires_grad=False):
+    def make(L):
+        return torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=requires_grad)
+
+    return make(Lq), make(Lk), make(Lk)
+
+
+def _attention_flops(B, H, Lq, Lk, D, causal=False):
+    # Two matrix products of 2 * Lq * Lk * D flops each; a causal mask halves the work.
+    flops = 4.0 * B * H * Lq * Lk * D
+    return flops / 2 if causal else flops
+
+
+def _attention_case(name, B, H, L, D, dtypes=(torch.float32,), causal=False, padding=False, dropout=0.0,
+                    backward=False, Lq=None, quick_L=None):
+    @register(name, dtypes=dtypes)
+    def _(device, dtype, quick):
+        L_ = quick_L if quick and quick_L else L
+        Lq_ = Lq if Lq is not None else L_
+        q, k, v = _attention_inputs(device, dtype, B, H, Lq_, L_, D, requires_grad=backward)
+        pad = None
+        if padding:  # sentences of different lengths in a batch: the last ~20% of keys padded in half of them
+            pad = torch.zeros(B, L_, dtype=torch.bool, device=device)
+            pad[::2, int(L_ * 0.8):] = True
+        torch_mask = None if pad is None else ~pad[:, None, None, :]
+
+        def ours():
+            return aiayn.functional.scaled_dot_product_attention(q, k, v, key_padding_mask=pad, dropout_p=dropout,
+                                                                 is_causal=causal)
+
+        def theirs():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=torch_mask, dropout_p=dropout, is_causal=causal)
+
+        flops = _attention_flops(B, H, Lq_, L_, D, causal)
+        if backward:
+            grad = torch.randn(B, H, Lq_, D, device=device, dtype=dtype)
+
+            def fwd_bwd(forward):
+                return lambda: torch.autograd.grad(forward(), (q, k, v), grad)
+
+            # The backward's five products (S recomputed, dP, dV, dQ, dK) are 2.5x the forward's two.
+            return Bench(aiayn=fwd_bwd(ours), torch=fwd_bwd(theirs), shape=(B, H, Lq_, L_, D), flops=3.5 * flops)
+        return Bench(aiayn=torch.no_grad()(ours), torch=torch.no_grad()(theirs), shape=(B, H, Lq_, L_, D),
+                     flops=flops, bytes=(q.nbytes + k.nbytes + v.nbytes + q.nbytes))
+
+
+# The paper's training shape (base model, ~25k-token batches of short sentences) with key padding.
+_attention_case("attention.fwd.paper_padding", B=64, H=8, L=48, D=64, padding=True)
+_attention_case("attention.fwd_bwd.paper_padding_dropout", B=64, H=8, L=48, D=64, padding=True, dropout=0.1,
+                backward=True)
+# Long sequences.
+_attention_case("attention.fwd.long", B=2, H=8, L=2048, D=64, dtypes=(torch.float32, torch.bfloat16), quick_L=512)
+_attention_case("attention.fwd.long_causal", B=2, H=8, L=2048, D=64, causal=True, quick_L=512)
+_attention_case("attention.fwd_bwd.long", B=2, H=8, L=2048, D=64, backward=True, quick_L=512)
+# One decoding step against a KV cache (incremental decoding / beam search).
+_attention_case("attention.decode", B=256, H=8, L=48, D=64, Lq=1)

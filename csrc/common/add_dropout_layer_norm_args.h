@@ -38,4 +38,24 @@ inline void check_add_dropout_layer_norm_args(const at::Tensor& x, const at::Ten
   TORCH_CHECK_VALUE(eps >= 0.0, kAddDropoutLayerNorm, ": argument 'eps' must be >= 0, got ", eps);
 }
 
+// The backward's extra arguments; returns the number of rows.
+inline int64_t check_add_dropout_layer_norm_bwd_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                                     const at::Tensor& mean, const at::Tensor& rstd) {
+  const char* op = kAddDropoutLayerNorm;
+  check_defined(op, "grad_out", grad_out);
+  check_defined(op, "mean", mean);
+  check_defined(op, "rstd", rstd);
+  check_same_shape(op, "grad_out", grad_out, "x", x);
+  check_same_dtype(op, "grad_out", grad_out, "x", x);
+  check_same_device(op, "grad_out", grad_out, "x", x);
+  check_same_device(op, "mean", mean, "x", x);
+  check_same_device(op, "rstd", rstd, "x", x);
+  const int64_t cols = x.size(-1);
+  const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
+  TORCH_CHECK_VALUE(mean.numel() == rows && rstd.numel() == rows, op,
+                    ": arguments 'mean' and 'rstd' must hold one value per row (", rows, "), got ",
+                    mean.numel(), " and ", rstd.numel());
+  return rows;
+}
+
 }  // namespace aiayn

@@ -15,7 +15,7 @@ struct DropoutParams {
   uint64_t seed = 0;
   uint64_t stream = 0;
   uint32_t threshold = 0;  // 0: keep everything
-  float scale = 1.0f;      // 1 / (1 - p), or 0 when p >= 1
+  double scale = 1.0;      // 1 / (1 - p), or 0 when p >= 1 (double: exact enough for float64 ops)
   bool enabled = false;    // false: no mask at all (p == 0 or not training)
 };
 
@@ -27,11 +27,11 @@ AIAYN_HOST_DEVICE DropoutParams make_dropout_params(double p, uint64_t seed, uin
   if (!d.enabled) return d;
   if (p >= 1.0) {
     d.threshold = 0xFFFFFFFFu;
-    d.scale = 0.0f;
+    d.scale = 0.0;
   } else {
     const double t = p * 4294967296.0;  // p * 2^32, < 2^32 here
     d.threshold = t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
-    d.scale = static_cast<float>(1.0 / (1.0 - p));
+    d.scale = 1.0 / (1.0 - p);
   }
   return d;
 }
@@ -40,7 +40,7 @@ AIAYN_HOST_DEVICE DropoutParams make_dropout_params(double p, uint64_t seed, uin
 AIAYN_HOST_DEVICE bool dropout_keep(const DropoutParams& d, uint64_t e) {
   if (!d.enabled) return true;
   const Philox4x32 w = philox_words(d.seed, d.stream, e >> 2);
-  return w.v[e & 3] >= d.threshold && d.scale != 0.0f;
+  return w.v[e & 3] >= d.threshold && d.scale != 0.0;
 }
 
 }  // namespace aiayn

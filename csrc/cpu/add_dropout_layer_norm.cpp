@@ -9,33 +9,13 @@
 
 #include "../common/checks.h"
 #include "../common/dropout.h"
+#include "../common/tensor_layout.h"
 #include "../common/add_dropout_layer_norm_args.h"
+#include "kernel_dtype.h"
 #include "kernels.h"
 
 namespace aiayn::cpu {
 namespace {
-
-DType kernel_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::f32;
-    case at::kBFloat16: return DType::bf16;
-    case at::kDouble: return DType::f64;
-    default: TORCH_CHECK(false, "unreachable");
-  }
-}
-
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Rows of a tensor whose last dim is the normalised one, without a copy when the leading dims
-// collapse to a single stride (slices, row-strided views); a copy otherwise.
-at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
-  at::Tensor r = t.reshape({-1, cols});
-  return cols > 1 && r.stride(1) != 1 ? r.contiguous() : r;
-}
-
-int64_t row_stride(const at::Tensor& r) { return r.size(0) > 1 ? r.stride(0) : r.size(1); }
 
 // weight / bias in the accumulation type (they are `cols` long: the copy is negligible).
 at::Tensor affine_param(const std::optional<at::Tensor>& p, const char* name, int64_t cols,
@@ -93,14 +73,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layer_nor
     double p, const at::Tensor& seed) {
   check_add_dropout_layer_norm_args(x, residual, weight, std::nullopt, p, 0.0,
                                     {at::kFloat, at::kBFloat16, at::kDouble});
-  check_same_shape(kAddDropoutLayerNorm, "grad_out", grad_out, "x", x);
-  check_same_dtype(kAddDropoutLayerNorm, "grad_out", grad_out, "x", x);
-  check_same_device(kAddDropoutLayerNorm, "grad_out", grad_out, "x", x);
+  const int64_t rows = check_add_dropout_layer_norm_bwd_args(grad_out, x, mean, rstd);
   const int64_t cols = x.size(-1);
-  const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
-  TORCH_CHECK_VALUE(mean.numel() == rows && rstd.numel() == rows, kAddDropoutLayerNorm,
-                    ": arguments 'mean' and 'rstd' must hold one value per row (", rows,
-                    "), got ", mean.numel(), " and ", rstd.numel());
   const auto acc = acc_type(x);
   at::Tensor gx = at::empty(x.sizes(), x.options());
   at::Tensor gr = at::empty(x.sizes(), x.options());
@@ -140,8 +114,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layer_nor
       k.add_dropout_layer_norm_bwd(a, r0, r1, partial[0][c].data_ptr(), partial[1][c].data_ptr());
     }
   });
+  // Two separate tensors (copy = true): outputs of an op must not alias each other.
   at::Tensor sums = partial.sum(1);
-  return {gx, gr, sums[0].to(wdtype), sums[1].to(wdtype)};
+  return {gx, gr, sums[0].to(wdtype, false, true), sums[1].to(wdtype, false, true)};
 }
 
 TORCH_LIBRARY_IMPL(aiayn, CPU, m) {

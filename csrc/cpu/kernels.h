@@ -108,6 +108,43 @@ struct GemmArgs {
   int64_t c_rs;
 };
 
+// Scaled dot-product attention softmax(Q K^T * scale + mask) V (paper §3.2.1) over
+// (batch, head) pairs. q/k/v/grad_out: element strides per batch, head and position; the last dim
+// is contiguous. out, grads: contiguous (B, H, L, D). lse: (B, H, Lq) in acc type (natural log;
+// +inf for a fully masked row, whose output is 0).
+struct AttentionMask {
+  enum Kind : int { none = 0, boolean = 1, additive = 2 };
+  Kind kind = none;
+  const void* data = nullptr;  // boolean: bool (true = takes part); additive: acc type
+  int64_t stride[4] = {0, 0, 0, 0};  // batch, head, query, key; 0 where broadcast
+};
+
+struct AttentionArgs {
+  DType dtype;
+  int64_t batch, heads, len_q, len_k, dim;
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_stride[3], k_stride[3], v_stride[3];
+  AttentionMask mask;
+  const bool* key_padding;  // (B, Lk), true = padding; nullptr: none
+  int64_t key_padding_stride[2];
+  bool causal;  // key j takes part in query i only if j <= i (torch's top-left alignment)
+  double scale;
+  // Dropout on the probabilities: element (b, h, i, j) has number ((b * H + h) * Lq + i) * Lk + j.
+  DropoutParams dropout;
+  void* out;
+  void* lse;
+  // Backward only.
+  const void* grad_out;
+  int64_t grad_out_stride[3];
+  void* grad_q_partial;  // (B, H, key_chunks, Lq, D) acc type: each task's dQ, summed by the caller
+  void* grad_k;
+  void* grad_v;
+  int64_t key_chunks;  // backward tasks per (b, h)
+  int64_t query_chunks;  // forward tasks per (b, h)
+};
+
 struct KernelTable {
   Isa isa;
   void (*add_dropout_layer_norm_fwd)(const AddDropoutLayerNormFwd& a, int64_t row_begin,
@@ -115,6 +152,12 @@ struct KernelTable {
   // grad_weight/grad_bias: acc-type accumulators of length cols, overwritten.
   void (*add_dropout_layer_norm_bwd)(const AddDropoutLayerNormBwd& a, int64_t row_begin,
                                      int64_t row_end, void* grad_weight, void* grad_bias);
+  // Forward tasks: task t is (b, h, query chunk) = (t / (H * qc), t / qc % H, t % qc).
+  // `workspace`: attention_workspace(a, backward) bytes of scratch owned by the calling thread.
+  void (*attention_fwd)(const AttentionArgs& a, int64_t task_begin, int64_t task_end, void* workspace);
+  // Backward tasks: (b, h, key chunk) likewise with key_chunks.
+  void (*attention_bwd)(const AttentionArgs& a, int64_t task_begin, int64_t task_end, void* workspace);
+  size_t (*attention_workspace)(const AttentionArgs& a, bool backward);
   // Dropout keep-bits of elements [4 * first_counter, 4 * (first_counter + num_counters)):
   // bit i of the result (bits[i / 64] >> (i % 64)) is element 4 * first_counter + i.
   void (*dropout_keep_bits)(const DropoutParams& d, uint64_t first_counter, int64_t num_counters,

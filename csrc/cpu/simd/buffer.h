@@ -14,3 +14,17 @@ struct Buffer {
   T* data() { return p; }
   T* p;
 };
+
+// Carves 64-byte-aligned arrays out of scratch memory the caller provides (one block per thread,
+// allocated once per op call instead of per task). With base == nullptr it only counts, so the
+// kernel's own layout function also tells the caller how many bytes to provide.
+struct Workspace {
+  char* base = nullptr;
+  size_t used = 0;
+  template <typename T>
+  T* take(int64_t n) {
+    const size_t offset = (used + 63) & ~size_t{63};
+    used = offset + sizeof(T) * static_cast<size_t>(n > 0 ? n : 0);
+    return base ? reinterpret_cast<T*>(base + offset) : nullptr;
+  }
+};

@@ -5,6 +5,10 @@ struct Vec {
   using Scalar = float;
   static constexpr int N = 8;
   __m256 v;
+  // Register tiling of small matrix products (attention_gemm.h): a kTileR x kTileNV block of
+  // accumulators, and kStripR rows for one-vector column strips.
+  static constexpr int kTileNV = 2, kTileR = 6, kStripR = 8;
+  static constexpr int rows_for(int nv) { return nv >= 2 ? 6 : 8; }  // 16 registers
 
   static Vec zero() { return {_mm256_setzero_ps()}; }
   static Vec set1(float s) { return {_mm256_set1_ps(s)}; }
@@ -12,6 +16,12 @@ struct Vec {
   static Vec load(const uint16_t* p) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
+  }
+  // Lanes p[0], p[stride], ..., p[7 * stride] (needs 7 * stride < 2^31).
+  static Vec gather(const float* p, int64_t stride) {
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm256_set1_epi32(static_cast<int>(stride)));
+    return {_mm256_i32gather_ps(p, idx, 4)};
   }
   // Tails go through a small buffer: AVX2 has no 16-bit masked load/store.
   template <typename T>
@@ -45,6 +55,24 @@ struct Vec {
   // Lanes of `a` where `m` > 0, 0 elsewhere (NaN in m gives 0).
   static Vec where_positive(Vec m, Vec a) {
     return {_mm256_and_ps(_mm256_cmp_ps(m.v, _mm256_setzero_ps(), _CMP_GT_OQ), a.v)};
+  }
+  static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  float reduce_max() const {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // 2^x as in vec_avx512.h; 2^n is built in the exponent bits, so results below 2^-126 (and
+  // -inf) become exactly 0.
+  static Vec exp2(Vec x) {
+    const __m256 t = _mm256_max_ps(x.v, _mm256_set1_ps(-127.0f));
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(t, n);
+    __m256 p = _mm256_set1_ps(kExp2C[7]);
+    for (int i = 6; i >= 0; --i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2C[i]));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return {_mm256_mul_ps(p, _mm256_castsi256_ps(e))};
   }
   float reduce_add() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

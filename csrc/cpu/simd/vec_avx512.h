@@ -5,6 +5,11 @@ struct Vec {
   using Scalar = float;
   static constexpr int N = 16;
   __m512 v;
+  // Register tiling of small matrix products (attention_gemm.h): a kTileR x kTileNV block of
+  // accumulators, and kStripR rows for one-vector column strips.
+  static constexpr int kTileNV = 4, kTileR = 6, kStripR = 8;
+  // Rows of a tile of `nv` column vectors: as many as the 32 registers hold (nv + 1 for operands).
+  static constexpr int rows_for(int nv) { return nv >= 4 ? 6 : 8; }
 
   static Vec zero() { return {_mm512_setzero_ps()}; }
   static Vec set1(float s) { return {_mm512_set1_ps(s)}; }
@@ -12,6 +17,12 @@ struct Vec {
   static Vec load(const uint16_t* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+  }
+  // Lanes p[0], p[stride], ..., p[15 * stride] (needs 15 * stride < 2^31).
+  static Vec gather(const float* p, int64_t stride) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(static_cast<int>(stride)));
+    return {_mm512_i32gather_ps(idx, p, 4)};
   }
   static Vec load_partial(const float* p, int n) { return {_mm512_maskz_loadu_ps(tail(n), p)}; }
   static Vec load_partial(const uint16_t* p, int n) {
@@ -37,11 +48,23 @@ struct Vec {
   static Vec where_positive(Vec m, Vec a) {
     return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m.v, _mm512_setzero_ps(), _CMP_GT_OQ), a.v)};
   }
+  static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
+  float reduce_max() const { return _mm512_reduce_max_ps(v); }
+  // 2^x to ~1 ulp: x = n + f, |f| <= 1/2, 2^f by its degree-7 Taylor polynomial, then scalef
+  // (which also underflows to exactly 0, so masked scores at -inf give 0).
+  static Vec exp2(Vec x) {
+    const __m512 t = _mm512_max_ps(x.v, _mm512_set1_ps(-200.0f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(kExp2C[7]);
+    for (int i = 6; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C[i]));
+    return {_mm512_scalef_ps(p, n)};
+  }
 
  private:
   static __mmask16 tail(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
-  // Round to nearest even on the bits, as float_to_bf16 (bf16.h) does, NaN kept quiet.
+  // Round to nearest even on the bits, as float_to_bf16 (scalar_math.h) does, NaN kept quiet.
   __m256i to_bf16() const {
     const __m512i bits = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));

@@ -7,6 +7,9 @@ template <typename S>
 struct ScalarVec {
   using Scalar = S;
   static constexpr int N = 1;
+  static constexpr int kTileNV = 4, kTileR = 4, kStripR = 4;  // see vec_avx512.h
+  static constexpr int rows_for(int) { return 4; }
+  static ScalarVec gather(const S* p, int64_t) { return {*p}; }
   S v;
 
   static ScalarVec zero() { return {S(0)}; }
@@ -31,5 +34,9 @@ struct ScalarVec {
   ScalarVec relu() const { return {v > S(0) || v != v ? v : S(0)}; }
   // `a` where `m` > 0, 0 elsewhere (NaN in m gives 0).
   static ScalarVec where_positive(ScalarVec m, ScalarVec a) { return {m.v > S(0) ? a.v : S(0)}; }
+  static ScalarVec max(ScalarVec a, ScalarVec b) { return {a.v > b.v ? a.v : b.v}; }
   S reduce_add() const { return v; }
+  S reduce_max() const { return v; }
+  // 2^x; exactly 0 for x = -inf (masked scores).
+  static ScalarVec exp2(ScalarVec x) { return {std::exp2(x.v)}; }
 };

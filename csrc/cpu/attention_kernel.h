@@ -1,0 +1,516 @@
+// Scaled dot-product attention, softmax(Q K^T * scale + mask) V (paper §3.2.1), forward and
+// backward, flash-attention style: blocked over queries and keys with an online softmax, so the
+// Lq x Lk score matrix never exists; the log-sum-exp of each row is saved for the backward, which
+// recomputes the probabilities block by block (Dao et al., FlashAttention-2, Algorithms 1 and 2).
+// Written once over `Vec`; included inside the ISA namespace by isa/*.cpp.
+//
+// Scores are kept in the log2 domain (scaled by scale * log2 e) so that the softmax is exp2.
+
+constexpr int64_t kAttnBlockQ = 96;  // query rows per block (a multiple of every tile height)
+constexpr int64_t kAttnBlockK = 64;  // keys per block (a multiple of every vector width)
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+template <typename V, typename T>
+struct Attention {
+  using S = typename V::Scalar;
+  using Gemm = SmallGemm<V>;
+  static constexpr int W = V::N;
+  static constexpr int64_t BQ = kAttnBlockQ, BK = kAttnBlockK;
+
+  const AttentionArgs& a;
+  const int64_t D, Lq, Lk, H;
+  const int64_t nkb;  // key blocks
+  const S c;          // scale * log2 e
+  const S neg_inf;
+
+  explicit Attention(const AttentionArgs& args)
+      : a(args),
+        D(args.dim),
+        Lq(args.len_q),
+        Lk(args.len_k),
+        H(args.heads),
+        nkb((args.len_k + BK - 1) / BK),
+        c(static_cast<S>(args.scale * kLog2e)),
+        neg_inf(-__builtin_inf()) {}
+
+  static S to_s(T x) {
+    if constexpr (sizeof(T) == 2) return bf16_to_float(x);
+    else return static_cast<S>(x);
+  }
+  static T from_s(S x) {
+    if constexpr (sizeof(T) == 2) return float_to_bf16(static_cast<float>(x));
+    else return static_cast<T>(x);
+  }
+
+  const T* row(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t i) const {
+    return static_cast<const T*>(base) + b * stride[0] + h * stride[1] + i * stride[2];
+  }
+
+  // rows [i0, i0 + m) of a (b, h) slice into a dense S buffer with row stride D, times `mul`.
+  void load_rows(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t i0,
+                 int64_t m, S* dst, S mul = S(1)) const {
+    const V mv = V::set1(mul);
+    const int64_t full = D / W * W;
+    const int tail = static_cast<int>(D - full);
+    for (int64_t r = 0; r < m; ++r) {
+      const T* src = row(base, stride, b, h, i0 + r);
+      S* out = dst + r * D;
+      for (int64_t d = 0; d < full; d += W) (V::load(src + d) * mv).store(out + d);
+      if (tail) (V::load_partial(src + full, tail) * mv).store_partial(out + full, tail);
+    }
+  }
+
+  // Keys [j0, j0 + n) transposed into dst[d * BK + j], zero past n (to the next vector).
+  void pack_keys_t(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t j0,
+                   int64_t n, S* dst) const {
+    const int64_t np = (n + W - 1) / W * W;
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t j = n; j < np; ++j) dst[d * BK + j] = S(0);
+    int64_t j = 0;
+    if constexpr (sizeof(T) == sizeof(S)) {
+      // Whole groups of W keys: one gather per head-dim index.
+      const int64_t ks = stride[2];
+      if (W > 1 && ks > 0 && ks * W < (int64_t{1} << 31)) {
+        for (; j + W <= n; j += W) {
+          const S* src = reinterpret_cast<const S*>(row(base, stride, b, h, j0 + j));
+          for (int64_t d = 0; d < D; ++d) V::gather(src + d, ks).store(dst + d * BK + j);
+        }
+      }
+    }
+    for (; j < n; ++j) {
+      const T* src = row(base, stride, b, h, j0 + j);
+      for (int64_t d = 0; d < D; ++d) dst[d * BK + j] = to_s(src[d]);
+    }
+  }
+
+  bool key_block_all_padded(int64_t b, int64_t kb) const {
+    if (!a.key_padding) return false;
+    const bool* p = a.key_padding + b * a.key_padding_stride[0];
+    for (int64_t j = kb * BK, e = imin(Lk, (kb + 1) * BK); j < e; ++j)
+      if (!p[j * a.key_padding_stride[1]]) return false;
+    return true;
+  }
+
+  // Columns of a key block that the kernels compute: the keys rounded up to whole vectors.
+  int64_t padded(int64_t nk) const { return (nk + W - 1) / W * W; }
+
+  // Scores of query row i against keys [j0, j0 + nk) in srow (Q K^T, times `mul` here unless the
+  // queries were pre-scaled) -> log2-domain logits with every mask applied over the padded width;
+  // masked entries and keys past Lk become -inf. kbias: this batch's key-padding bias (0 / -inf).
+  void mask_row(S* srow, int64_t b, int64_t h, int64_t i, int64_t j0, const S* kbias,
+                S mul = S(1)) const {
+    const int64_t n = imin(BK, Lk - j0), np = padded(n);
+    if (mul != S(1)) {
+      const V cv = V::set1(mul);
+      for (int64_t j = 0; j < np; j += W) (V::load(srow + j) * cv).store(srow + j);
+    }
+    for (int64_t j = n; j < np; ++j) srow[j] = neg_inf;
+    if (a.mask.kind == AttentionMask::additive) {
+      const S* m = static_cast<const S*>(a.mask.data) + b * a.mask.stride[0] +
+                   h * a.mask.stride[1] + i * a.mask.stride[2] + j0 * a.mask.stride[3];
+      const int64_t sk = a.mask.stride[3];
+      const V l2e = V::set1(static_cast<S>(kLog2e));
+      int64_t j = 0;
+      if (sk == 1)
+        for (; j + W <= n; j += W) V::fma(V::load(m + j), l2e, V::load(srow + j)).store(srow + j);
+      for (; j < n; ++j) srow[j] += m[j * sk] * static_cast<S>(kLog2e);
+    } else if (a.mask.kind == AttentionMask::boolean) {
+      const bool* m = static_cast<const bool*>(a.mask.data) + b * a.mask.stride[0] +
+                      h * a.mask.stride[1] + i * a.mask.stride[2] + j0 * a.mask.stride[3];
+      const int64_t sk = a.mask.stride[3];
+      for (int64_t j = 0; j < n; ++j)
+        if (!m[j * sk]) srow[j] = neg_inf;
+    }
+    if (kbias)
+      for (int64_t j = 0; j < np; j += W) (V::load(srow + j) + V::load(kbias + j0 + j)).store(srow + j);
+    if (a.causal)
+      for (int64_t j = imax(0, i + 1 - j0); j < n; ++j) srow[j] = neg_inf;
+  }
+
+  // 0 for a visible key, -inf for a padded one, over every key block of batch b (nullptr when
+  // there is no key padding mask).
+  S* key_bias(int64_t b, S* buf) const {
+    if (!a.key_padding) return nullptr;
+    const bool* p = a.key_padding + b * a.key_padding_stride[0];
+    for (int64_t j = 0; j < nkb * BK; ++j)
+      buf[j] = j < Lk && p[j * a.key_padding_stride[1]] ? neg_inf : S(0);
+    return buf;
+  }
+
+  // First element number of row i's keys from j0 (kernels.h: dropout numbering).
+  int64_t dropout_base(int64_t b, int64_t h, int64_t i, int64_t j0) const {
+    return ((b * H + h) * Lq + i) * Lk + j0;
+  }
+
+  // Keys that query rows [i0, i0 + m) can see under the causal mask: blocks [0, end).
+  int64_t key_blocks_for(int64_t i0, int64_t m) const {
+    if (!a.causal) return nkb;
+    return imin(nkb, (i0 + m - 1) / BK + 1);
+  }
+
+  // --- forward ---------------------------------------------------------------------------
+
+  // Rows at most this many take the decode path: one pass over the keys as dot products, no
+  // packing (incremental decoding and beam search query 1..few rows against a KV cache).
+  static constexpr int64_t kDecodeRows = 4;
+  bool decode() const { return Lq <= kDecodeRows; }
+
+  struct FwdScratch {
+    S *kt, *vbuf, *qbuf, *sbuf, *obuf, *m, *l, *kbias;
+    uint64_t* bits;
+  };
+  FwdScratch fwd_scratch(Workspace& ws) const {
+    FwdScratch f{};
+    f.kbias = ws.take<S>(a.key_padding ? nkb * BK : 0);
+    const bool direct_v = sizeof(T) == sizeof(S);
+    f.kt = ws.take<S>(decode() ? 0 : nkb * D * BK);
+    f.vbuf = ws.take<S>(decode() || direct_v ? 0 : Lk * D);
+    f.qbuf = ws.take<S>(BQ * D);
+    f.sbuf = ws.take<S>(decode() ? nkb * BK : BQ * BK);
+    f.obuf = ws.take<S>(BQ * D);
+    f.m = ws.take<S>(BQ);
+    f.l = ws.take<S>(BQ);
+    f.bits = ws.take<uint64_t>(keep_bits_words(BK));
+    return f;
+  }
+
+  void forward(int64_t task, void* workspace) const {
+    const int64_t qc = a.query_chunks;
+    const int64_t b = task / (H * qc), h = task / qc % H, chunk = task % qc;
+    Workspace ws{static_cast<char*>(workspace)};
+    const FwdScratch f = fwd_scratch(ws);
+    const S* kbias = key_bias(b, f.kbias);
+    if (decode()) return forward_decode(b, h, f, kbias);
+    const int64_t nqb = (Lq + BQ - 1) / BQ;
+
+    // This head's keys, packed transposed once (the key blocks its rows can see), and the values
+    // as S rows unless they already are.
+    const int64_t kmax = key_blocks_for(0, Lq);
+    for (int64_t kb = 0; kb < kmax; ++kb)
+      pack_keys_t(a.k, a.k_stride, b, h, kb * BK, imin(BK, Lk - kb * BK), f.kt + kb * D * BK);
+    const bool direct_v = sizeof(T) == sizeof(S);
+    if (!direct_v) load_rows(a.v, a.v_stride, b, h, 0, Lk, f.vbuf);
+
+    // Query blocks of this chunk: chunk c takes blocks c and 2 qc - 1 - c of every 2 qc, so a
+    // causal mask (later rows see more keys) costs every chunk about the same.
+    for (int64_t qb = 0; qb < nqb; ++qb) {
+      const int64_t pos = qb % (2 * qc);
+      if (pos != chunk && pos != 2 * qc - 1 - chunk) continue;
+      const int64_t i0 = qb * BQ, mq = imin(BQ, Lq - i0);
+      load_rows(a.q, a.q_stride, b, h, i0, mq, f.qbuf, c);  // pre-scaled: S comes out in log2 units
+      for (int64_t r = 0; r < mq; ++r) f.m[r] = neg_inf, f.l[r] = S(0);
+      for (int64_t x = 0; x < mq * D; ++x) f.obuf[x] = S(0);
+
+      const int64_t kend = key_blocks_for(i0, mq);
+      for (int64_t kb = 0; kb < kend; ++kb) {
+        if (key_block_all_padded(b, kb)) continue;
+        const int64_t j0 = kb * BK, nk = imin(BK, Lk - j0), np = padded(nk);
+        Gemm::run(mq, np, D, f.qbuf, D, 1, f.kt + kb * D * BK, BK, f.sbuf, BK, false);
+        for (int64_t r = 0; r < mq; ++r) {
+          S* srow = f.sbuf + r * BK;
+          const int64_t i = i0 + r;
+          mask_row(srow, b, h, i, j0, kbias);
+          V mx = V::load(srow);
+          for (int64_t j = W; j < np; j += W) mx = V::max(mx, V::load(srow + j));
+          const S m_new = imax_s(f.m[r], mx.reduce_max());
+          if (m_new == neg_inf) {  // nothing visible yet in this row
+            for (int64_t j = 0; j < np; ++j) srow[j] = S(0);
+            continue;
+          }
+          // Rescale what the row holds so far only when its running max moved (and it holds
+          // something: a first visible block starts from O = 0, l = 0).
+          const S m_old = f.m[r];
+          const S alpha = m_old == m_new ? S(1) : m_old == neg_inf ? S(0) : exp2_scalar(m_old - m_new);
+          const V mv = V::set1(m_new);
+          V sum = V::zero();
+          for (int64_t j = 0; j < np; j += W) {
+            const V p = V::exp2(V::load(srow + j) - mv);
+            p.store(srow + j);
+            sum = sum + p;
+          }
+          f.l[r] = f.l[r] * alpha + sum.reduce_add();
+          f.m[r] = m_new;
+          if (alpha != S(1) && alpha != S(0)) scale_row(f.obuf + r * D, alpha);
+          if (a.dropout.enabled) apply_dropout(srow, b, h, i, j0, nk, f.bits);
+        }
+        const S* vrows = direct_v ? reinterpret_cast<const S*>(row(a.v, a.v_stride, b, h, j0)) : f.vbuf + j0 * D;
+        const int64_t ldv = direct_v ? a.v_stride[2] : D;
+        Gemm::run(mq, D, nk, f.sbuf, BK, 1, vrows, ldv, f.obuf, D, true);
+      }
+      finish_rows(b, h, i0, mq, f);
+    }
+  }
+
+  // out = O / l and the log-sum-exp, for rows [i0, i0 + mq) held in f.obuf, f.m, f.l.
+  void finish_rows(int64_t b, int64_t h, int64_t i0, int64_t mq, const FwdScratch& f) const {
+    T* out = static_cast<T*>(a.out) + ((b * H + h) * Lq + i0) * D;
+    S* lse = static_cast<S*>(a.lse) + (b * H + h) * Lq + i0;
+    for (int64_t r = 0; r < mq; ++r) {
+      const S lr = f.l[r];
+      if (lr == S(0)) {  // a fully masked row: zeros, and +inf so the backward sees P = 0
+        for (int64_t d = 0; d < D; ++d) out[r * D + d] = from_s(S(0));
+        lse[r] = __builtin_inf();
+        continue;
+      }
+      const V inv = V::set1(S(1) / lr);
+      const int64_t full = D / W * W;
+      for (int64_t d = 0; d < full; d += W) (V::load(f.obuf + r * D + d) * inv).store(out + r * D + d);
+      if (full < D) {
+        const int t = static_cast<int>(D - full);
+        (V::load_partial(f.obuf + r * D + full, t) * inv).store_partial(out + r * D + full, t);
+      }
+      lse[r] = static_cast<S>((static_cast<double>(f.m[r]) + std::log2(static_cast<double>(lr))) * kLn2);
+    }
+  }
+
+  void scale_row(S* x, S alpha) const {
+    const V av = V::set1(alpha);
+    int64_t d = 0;
+    for (; d + W <= D; d += W) (V::load(x + d) * av).store(x + d);
+    for (; d < D; ++d) x[d] *= alpha;
+  }
+
+  // out[j] = q . k_{j0 + j} for j < n, four keys at a time (independent accumulator chains).
+  void dot_keys(const S* q, int64_t b, int64_t h, int64_t j0, int64_t n, S* out) const {
+    const int64_t full = D / W * W;
+    const int tail = static_cast<int>(D - full);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const T* k0 = row(a.k, a.k_stride, b, h, j0 + j);
+      const int64_t ks = a.k_stride[2];
+      V acc[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+      for (int64_t d = 0; d < full; d += W) {
+        const V qv = V::load(q + d);
+        for (int u = 0; u < 4; ++u) acc[u] = V::fma(qv, V::load(k0 + u * ks + d), acc[u]);
+      }
+      if (tail) {
+        const V qv = V::load_partial(q + full, tail);
+        for (int u = 0; u < 4; ++u) acc[u] = V::fma(qv, V::load_partial(k0 + u * ks + full, tail), acc[u]);
+      }
+      for (int u = 0; u < 4; ++u) out[j + u] = acc[u].reduce_add();
+    }
+    for (; j < n; ++j) {
+      const T* krow = row(a.k, a.k_stride, b, h, j0 + j);
+      V acc = V::zero();
+      for (int64_t d = 0; d < full; d += W) acc = V::fma(V::load(q + d), V::load(krow + d), acc);
+      if (tail) acc = V::fma(V::load_partial(q + full, tail), V::load_partial(krow + full, tail), acc);
+      out[j] = acc.reduce_add();
+    }
+  }
+
+  // The decode path: per query row, scores as dot products against every key (read straight from
+  // k, in its own dtype), an exact two-pass softmax over the row, then sum_j p_j v_j.
+  void forward_decode(int64_t b, int64_t h, const FwdScratch& f, const S* kbias) const {
+    load_rows(a.q, a.q_stride, b, h, 0, Lq, f.qbuf, c);
+    for (int64_t i = 0; i < Lq; ++i) {
+      const S* qrow = f.qbuf + i * D;
+      S* srow = f.sbuf;
+      for (int64_t kb = 0; kb < nkb; ++kb) {
+        const int64_t j0 = kb * BK, nk = imin(BK, Lk - j0);
+        if (key_block_all_padded(b, kb)) {
+          for (int64_t j = 0; j < BK; ++j) srow[j0 + j] = neg_inf;
+          continue;
+        }
+        dot_keys(qrow, b, h, j0, nk, srow + j0);
+        mask_row(srow + j0, b, h, i, j0, kbias);
+        for (int64_t j = padded(nk); j < BK; ++j) srow[j0 + j] = neg_inf;
+      }
+      V mx = V::set1(neg_inf);
+      for (int64_t j = 0; j < nkb * BK; j += W) mx = V::max(mx, V::load(srow + j));
+      const S m = mx.reduce_max();
+      f.m[i] = m;
+      f.l[i] = S(0);
+      S* orow = f.obuf + i * D;
+      for (int64_t d = 0; d < D; ++d) orow[d] = S(0);
+      if (m == neg_inf) continue;
+      const V mv = V::set1(m);
+      V sum = V::zero();
+      for (int64_t j = 0; j < nkb * BK; j += W) {
+        const V p = V::exp2(V::load(srow + j) - mv);
+        p.store(srow + j);
+        sum = sum + p;
+      }
+      f.l[i] = sum.reduce_add();
+      if (a.dropout.enabled)
+        for (int64_t kb = 0; kb < nkb; ++kb)
+          apply_dropout(srow + kb * BK, b, h, i, kb * BK, imin(BK, Lk - kb * BK), f.bits);
+      // o = sum_j p_j v_j.
+      if constexpr (sizeof(T) == sizeof(S)) {
+        Gemm::run(1, D, Lk, srow, 0, 1, reinterpret_cast<const S*>(row(a.v, a.v_stride, b, h, 0)), a.v_stride[2],
+                  orow, D, false);
+      } else {
+        for (int64_t d = 0; d < D; d += W) {
+          const int n = static_cast<int>(imin(W, D - d));
+          V acc = V::zero();
+          for (int64_t j = 0; j < Lk; ++j) {
+            const T* vrow = row(a.v, a.v_stride, b, h, j) + d;
+            acc = V::fma(V::set1(srow[j]), n == W ? V::load(vrow) : V::load_partial(vrow, n), acc);
+          }
+          if (n == W) acc.store(orow + d);
+          else acc.store_partial(orow + d, n);
+        }
+      }
+    }
+    finish_rows(b, h, 0, Lq, f);
+  }
+
+  static S imax_s(S x, S y) { return x > y ? x : y; }
+  static S exp2_scalar(S x) { return V::exp2(V::set1(x)).reduce_max(); }
+
+  // P(i, j) *= keep(i, j) / (1 - p) for keys [j0, j0 + n).
+  void apply_dropout(S* prow, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n,
+                     uint64_t* bits) const {
+    const int64_t e0 = dropout_base(b, h, i, j0);
+    const int64_t bit0 = fill_keep_bits(a.dropout, e0, e0 + n, bits);
+    const V sv = V::set1(static_cast<S>(a.dropout.scale));
+    for (int64_t j = 0; j < padded(n); j += W)
+      (V::keep(extract_bits(bits, bit0 + j, W), V::load(prow + j)) * sv).store(prow + j);
+  }
+
+  // --- backward --------------------------------------------------------------------------
+
+  struct BwdScratch {
+    S *qf, *dof, *delta, *lse2, *kt, *vt, *krows, *sbuf, *pz, *dk, *dv, *kbias;
+    uint64_t* bits;
+  };
+  BwdScratch bwd_scratch(Workspace& ws) const {
+    BwdScratch f{};
+    f.kbias = ws.take<S>(a.key_padding ? nkb * BK : 0);
+    f.qf = ws.take<S>(Lq * D);
+    f.dof = ws.take<S>(Lq * D);
+    f.delta = ws.take<S>(Lq);
+    f.lse2 = ws.take<S>(Lq);
+    f.kt = ws.take<S>(D * BK);
+    f.vt = ws.take<S>(D * BK);
+    f.krows = ws.take<S>(BK * D);
+    f.sbuf = ws.take<S>(BQ * BK);
+    f.pz = ws.take<S>(BQ * BK);
+    f.dk = ws.take<S>(BK * D);
+    f.dv = ws.take<S>(BK * D);
+    f.bits = ws.take<uint64_t>(keep_bits_words(BK));
+    return f;
+  }
+
+  void backward(int64_t task, void* workspace) const {
+    const int64_t kc = a.key_chunks;
+    const int64_t b = task / (H * kc), h = task / kc % H, chunk = task % kc;
+    const int64_t kb_begin = nkb * chunk / kc, kb_end = nkb * (chunk + 1) / kc;
+    Workspace ws{static_cast<char*>(workspace)};
+    const BwdScratch f = bwd_scratch(ws);
+    const S* kbias = key_bias(b, f.kbias);
+    // The whole head's queries, output gradients, row terms delta_i = dO_i . O_i and the
+    // log2-domain log-sum-exp, as S: O(Lq) memory per task.
+    load_rows(a.q, a.q_stride, b, h, 0, Lq, f.qf);
+    load_rows(a.grad_out, a.grad_out_stride, b, h, 0, Lq, f.dof);
+    const T* out = static_cast<const T*>(a.out) + (b * H + h) * Lq * D;
+    const S* lse = static_cast<const S*>(a.lse) + (b * H + h) * Lq;
+    for (int64_t i = 0; i < Lq; ++i) {
+      double acc = 0;
+      for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(f.dof[i * D + d]) * to_s(out[i * D + d]);
+      f.delta[i] = static_cast<S>(acc);
+      f.lse2[i] = lse[i] * static_cast<S>(kLog2e);  // +inf stays +inf
+    }
+    S* dq = static_cast<S*>(a.grad_q_partial) + ((b * H + h) * kc + chunk) * Lq * D;
+    for (int64_t x = 0; x < Lq * D; ++x) dq[x] = S(0);
+
+    const S scale = static_cast<S>(a.scale);
+    T* gk = static_cast<T*>(a.grad_k) + (b * H + h) * Lk * D;
+    T* gv = static_cast<T*>(a.grad_v) + (b * H + h) * Lk * D;
+
+    for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+      const int64_t j0 = kb * BK, nk = imin(BK, Lk - j0), np = padded(nk);
+      for (int64_t x = 0; x < BK * D; ++x) f.dk[x] = f.dv[x] = S(0);
+      // Rows that can see these keys: all, or under the causal mask only i >= j0.
+      const int64_t qb_begin = a.causal ? j0 / BQ : 0;
+      const bool skip = key_block_all_padded(b, kb) || qb_begin * BQ >= Lq;
+      if (!skip) {
+        pack_keys_t(a.k, a.k_stride, b, h, j0, nk, f.kt);
+        pack_keys_t(a.v, a.v_stride, b, h, j0, nk, f.vt);
+        load_rows(a.k, a.k_stride, b, h, j0, nk, f.krows);
+      }
+      for (int64_t qb = skip ? (Lq + BQ - 1) / BQ : qb_begin; qb * BQ < Lq; ++qb) {
+        const int64_t i0 = qb * BQ, mq = imin(BQ, Lq - i0);
+        const S* qblk = f.qf + i0 * D;
+        const S* doblk = f.dof + i0 * D;
+        Gemm::run(mq, np, D, qblk, D, 1, f.kt, BK, f.sbuf, BK, false);  // S
+        Gemm::run(mq, np, D, doblk, D, 1, f.vt, BK, f.pz, BK, false);   // dO V^T
+        for (int64_t r = 0; r < mq; ++r) {
+          const int64_t i = i0 + r;
+          S* srow = f.sbuf + r * BK;  // -> dS * scale
+          S* prow = f.pz + r * BK;    // dP~ in, P * Z out
+          mask_row(srow, b, h, i, j0, kbias, c);
+          const V lv = V::set1(f.lse2[i]);
+          const V dl = V::set1(f.delta[i]);
+          const V sv = V::set1(scale);
+          if (a.dropout.enabled) {
+            const int64_t e0 = dropout_base(b, h, i, j0);
+            const int64_t bit0 = fill_keep_bits(a.dropout, e0, e0 + nk, f.bits);
+            const V zs = V::set1(static_cast<S>(a.dropout.scale));
+            for (int64_t j = 0; j < np; j += W) {
+              const uint64_t keep = extract_bits(f.bits, bit0 + j, W);
+              const V p = V::exp2(V::load(srow + j) - lv);
+              const V dp = V::keep(keep, V::load(prow + j)) * zs;
+              (p * (dp - dl) * sv).store(srow + j);
+              (V::keep(keep, p) * zs).store(prow + j);
+            }
+          } else {
+            for (int64_t j = 0; j < np; j += W) {
+              const V p = V::exp2(V::load(srow + j) - lv);
+              (p * (V::load(prow + j) - dl) * sv).store(srow + j);
+              p.store(prow + j);
+            }
+          }
+        }
+        // dV += (P Z)^T dO;  dQ += dS K;  dK += dS^T Q  (dS already carries the scale).
+        Gemm::run(nk, D, mq, f.pz, 1, BK, doblk, D, f.dv, D, true);
+        Gemm::run(mq, D, nk, f.sbuf, BK, 1, f.krows, D, dq + i0 * D, D, true);
+        Gemm::run(nk, D, mq, f.sbuf, 1, BK, qblk, D, f.dk, D, true);
+      }
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t d = 0; d < D; ++d) {
+          gk[(j0 + j) * D + d] = from_s(f.dk[j * D + d]);
+          gv[(j0 + j) * D + d] = from_s(f.dv[j * D + d]);
+        }
+    }
+  }
+};
+
+// Scratch bytes one thread needs for any task of this call.
+template <typename V, typename T>
+size_t attention_workspace_for(const AttentionArgs& a, bool backward) {
+  const Attention<V, T> att(a);
+  Workspace ws;
+  if (backward) att.bwd_scratch(ws);
+  else att.fwd_scratch(ws);
+  return ws.used + 64;
+}
+
+inline size_t attention_workspace(const AttentionArgs& a, bool backward) {
+  switch (a.dtype) {
+    case DType::f32: return attention_workspace_for<Vec, float>(a, backward);
+    case DType::bf16: return attention_workspace_for<Vec, uint16_t>(a, backward);
+    case DType::f64: return attention_workspace_for<ScalarVec<double>, double>(a, backward);
+  }
+  return 0;
+}
+
+inline void attention_fwd(const AttentionArgs& a, int64_t begin, int64_t end, void* ws) {
+  for (int64_t t = begin; t < end; ++t) {
+    switch (a.dtype) {
+      case DType::f32: Attention<Vec, float>(a).forward(t, ws); break;
+      case DType::bf16: Attention<Vec, uint16_t>(a).forward(t, ws); break;
+      case DType::f64: Attention<ScalarVec<double>, double>(a).forward(t, ws); break;
+    }
+  }
+}
+
+inline void attention_bwd(const AttentionArgs& a, int64_t begin, int64_t end, void* ws) {
+  for (int64_t t = begin; t < end; ++t) {
+    switch (a.dtype) {
+      case DType::f32: Attention<Vec, float>(a).backward(t, ws); break;
+      case DType::bf16: Attention<Vec, uint16_t>(a).backward(t, ws); break;
+      case DType::f64: Attention<ScalarVec<double>, double>(a).backward(t, ws); break;
+    }
+  }
+}

@@ -1,0 +1,36 @@
+// Scalar helpers every ISA shares: bfloat16 <-> float on raw bits, and the exp2 polynomial.
+//
+// bfloat16 conversion is identical on every ISA (and to c10::BFloat16): round to nearest
+// even, NaN stays NaN, subnormals kept. (AVX512_BF16's vcvtneps2bf16 flushes subnormals, which
+// would make the ISA variants disagree, so no variant uses it.)
+// Included inside the ISA namespace by isa/*.cpp.
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// Taylor coefficients of 2^f = e^(f ln 2): (ln 2)^k / k!, k = 0..7; on |f| <= 1/2 the truncation
+// error is below 3e-9, under float32's half ulp.
+constexpr float kExp2C[8] = {1.0f,
+                             0.693147180559945f,
+                             0.240226506959101f,
+                             0.0555041086648216f,
+                             0.00961812910762848f,
+                             0.00133335581464284f,
+                             0.000154035303933816f,
+                             1.52527338040598e-05f};
+
+// Our own min/max, so kernels instantiate no std:: template in an ISA unit (kernels.h).
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }

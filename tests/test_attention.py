@@ -1,0 +1,277 @@
+"""scaled_dot_product_attention on the CPU (paper §3.2.1): the fused flash-style kernels against
+the float64 reference with the 2x rule, on every ISA variant; masks, causal, dropout (exact, with
+the returned mask), gradients, opcheck, torch.compile, odd lengths, strided inputs and bad calls."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aiayn
+from aiayn import functional as AF
+from aiayn import reference
+from conftest import assert_2x_rule
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape) * scale).to(dtype)
+
+
+def make_mask(kind, B, H, Lq, Lk, dtype):
+    """(attn_mask, key_padding_mask) of a kind; every query keeps at least one key except in
+    'full_rows' where some rows lose them all."""
+    if kind == "none":
+        return None, None
+    if kind == "key_padding":
+        pad = torch.rand(B, Lk) < 0.3
+        pad[:, 0] = False
+        return None, pad
+    if kind == "bool":
+        m = torch.rand(1, H, Lq, Lk) < 0.7
+        m[..., 0] = True
+        return m, None
+    if kind == "float":
+        m = torch.randn(B, 1, Lq, Lk).to(dtype)
+        m[..., 1:][torch.rand(B, 1, Lq, Lk - 1) < 0.2] = float("-inf")
+        return m, None
+    if kind == "full_rows":
+        m = torch.rand(Lq, Lk) < 0.5
+        m[::3] = False  # every third query sees nothing
+        return m, None
+    raise ValueError(kind)
+
+
+def references(q, k, v, attn_mask, kpm, p, causal, scale, keep):
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                 None if attn_mask is None else (attn_mask if attn_mask.dtype == torch.bool else attn_mask.double()),
+                                                 kpm, p, causal, scale, keep)
+    theirs = reference.scaled_dot_product_attention(q, k, v, attn_mask, kpm, p, causal, scale, keep)
+    if q.dtype == torch.bfloat16:
+        # torch's own bf16 attention: the math reference in bf16 is far worse than torch's SDPA
+        # kernel, so compare against the better of the two.
+        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=_torch_mask(attn_mask, kpm, q), is_causal=False,
+                                              scale=scale) if p == 0 and not causal else theirs
+        theirs = sdpa if (sdpa.double() - ref).abs().max() < (theirs.double() - ref).abs().max() else theirs
+    return ref, theirs
+
+
+def _torch_mask(attn_mask, kpm, q):
+    if kpm is None:
+        return attn_mask
+    keep = ~kpm[:, None, None, :]
+    if attn_mask is None:
+        return keep
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
+
+
+CASES = [  # (B, H, Lq, Lk, D)
+    (1, 1, 1, 1, 16), (2, 3, 7, 7, 32), (1, 2, 48, 48, 64), (2, 1, 129, 129, 80), (1, 2, 7, 129, 128),
+    (1, 1, 129, 48, 64), (1, 1, 1, 1000, 64), (1, 1, 512, 512, 64), (1, 1, 200, 100, 256),
+]
+
+
+@pytest.mark.parametrize("B,H,Lq,Lk,D", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_matches_reference(rng_seed, B, H, Lq, Lk, D, dtype, causal):
+    q, k, v = rand(B, H, Lq, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype)
+    out = AF.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert out.shape == (B, H, Lq, D) and out.dtype == dtype and out.is_contiguous()
+    ref, theirs = references(q, k, v, None, None, 0.0, causal, None, None)
+    if causal:  # torch's math path in the dtype
+        theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if Lq > Lk:  # rows past Lk see every key in both; torch's kernel agrees
+            pass
+    assert_2x_rule(out, theirs, ref, f"fwd {dtype} causal={causal} {B, H, Lq, Lk, D}", seed=rng_seed, slack=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["key_padding", "bool", "float", "full_rows"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masks(isa, rng_seed, kind, causal, dtype):
+    B, H, Lq, Lk, D = 2, 3, 70, 70, 40
+    q, k, v = rand(B, H, Lq, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype)
+    attn_mask, kpm = make_mask(kind, B, H, Lq, Lk, dtype)
+    out = AF.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, key_padding_mask=kpm, is_causal=causal)
+    ref, theirs = references(q, k, v, attn_mask, kpm, 0.0, causal, None, None)
+    assert not torch.isnan(out).any()
+    assert_2x_rule(out, theirs, ref, f"mask {kind} causal={causal} {isa} {dtype}", seed=rng_seed, slack=2e-6)
+    if kind == "full_rows":
+        assert torch.equal(out[:, :, ::3], torch.zeros_like(out[:, :, ::3]))
+
+
+@pytest.mark.parametrize("B,H,Lq,Lk,D", [(1, 1, 1, 1, 5), (2, 2, 17, 33, 16), (1, 2, 65, 65, 64), (1, 1, 3, 130, 33)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_isa(isa, rng_seed, B, H, Lq, Lk, D, dtype):
+    q, k, v = rand(B, H, Lq, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype)
+    for causal in (False, True):
+        out = AF.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        ref, theirs = references(q, k, v, None, None, 0.0, causal, None, None)
+        if causal:
+            theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert_2x_rule(out, theirs, ref, f"{isa} {dtype} causal={causal}", seed=rng_seed, slack=1e-6)
+
+
+def test_strided_views_of_fused_qkv_are_not_copied(rng_seed):
+    B, L, H, D = 2, 37, 4, 32
+    qkv = rand(B, L, 3, H, D)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, D) views, last dim contiguous
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    out = AF.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_2x_rule(out, theirs, ref, "fused qkv views", seed=rng_seed)
+    # A strided last dim is accepted too (copied).
+    qt = rand(B, H, D, L).transpose(-1, -2)
+    out2 = AF.scaled_dot_product_attention(qt, k, v)
+    assert_2x_rule(out2, F.scaled_dot_product_attention(qt, k, v),
+                   reference.scaled_dot_product_attention(qt.double(), k.double(), v.double()), "strided last dim")
+
+
+def test_large_logits_do_not_overflow(isa, rng_seed):
+    q, k, v = rand(1, 2, 33, 64, scale=30.0), rand(1, 2, 40, 64, scale=30.0), rand(1, 2, 40, 64)
+    scores = (q.double() @ k.double().transpose(-1, -2)).abs().max().item() / 8
+    assert scores > 1e3  # logits of magnitude ~1e4
+    out = AF.scaled_dot_product_attention(q, k, v)
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert not torch.isnan(out).any()
+    assert_2x_rule(out, F.scaled_dot_product_attention(q, k, v), ref, "large logits", seed=rng_seed, slack=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("kind,causal,p", [("none", False, 0.0), ("key_padding", True, 0.0), ("float", False, 0.2),
+                                           ("full_rows", False, 0.0), ("bool", True, 0.1)])
+def test_backward_matches_reference(isa, rng_seed, dtype, kind, causal, p):
+    B, H, Lq, Lk, D = 2, 2, 67, 75, 24
+    q, k, v = rand(B, H, Lq, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype)
+    attn_mask, kpm = make_mask(kind, B, H, Lq, Lk, dtype)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, keep = AF.scaled_dot_product_attention(*leaves, attn_mask=attn_mask, key_padding_mask=kpm, dropout_p=p,
+                                                is_causal=causal, return_dropout_mask=True)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    am64 = None if attn_mask is None else (attn_mask if attn_mask.dtype == torch.bool else attn_mask.double())
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference.scaled_dot_product_attention(*ref_leaves, am64, kpm, p, causal, None, keep).backward(grad.double())
+    t_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    reference.scaled_dot_product_attention(*t_leaves, attn_mask, kpm, p, causal, None, keep).backward(grad)
+    for name, ours, r, t in zip("qkv", leaves, ref_leaves, t_leaves):
+        assert ours.grad.dtype == dtype and not torch.isnan(ours.grad).any()
+        assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} {isa} {dtype} {kind} causal={causal} p={p}",
+                       seed=rng_seed, slack=1e-5 if dtype != torch.float64 else 1e-10)
+    if kind == "full_rows":
+        assert torch.equal(leaves[0].grad[:, :, ::3], torch.zeros_like(leaves[0].grad[:, :, ::3]))
+
+
+def test_gradcheck_float64():
+    q, k, v = (torch.randn(1, 2, s, 6, dtype=torch.float64, requires_grad=True) for s in (5, 7, 7))
+    pad = torch.tensor([[False, False, True, False, False, True, False]])
+    seed = torch.tensor([9], dtype=torch.int64)
+    assert torch.autograd.gradcheck(lambda q, k, v: AF.scaled_dot_product_attention(q, k, v), (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: AF.scaled_dot_product_attention(q, k, v, key_padding_mask=pad, is_causal=True, dropout_p=0.3,
+                                                        seed=seed), (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    q, k, v = (rand(2, 2, s, 16, dtype=dtype).requires_grad_() for s in (5, 9, 9))
+    pad = torch.rand(2, 9) < 0.3
+    mask = torch.randn(5, 9)
+    seed = torch.tensor([5], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.aiayn.attention_fwd.default, (q, k, v, None, None, 0.0, False, 0.25, seed))
+    torch.library.opcheck(torch.ops.aiayn.attention_fwd.default, (q, k, v, mask, pad, 0.2, True, 0.25, seed))
+
+
+def test_torch_compile_fullgraph(rng_seed):
+    q, k, v = (rand(2, 2, 20, 16) for _ in range(3))
+    pad = torch.zeros(2, 20, dtype=torch.bool)
+    pad[:, -3:] = True
+
+    def f(q, k, v):
+        return AF.scaled_dot_product_attention(q * 2, k, v, key_padding_mask=pad, is_causal=True).sum(-1)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+
+
+def test_dropout_exact_and_keep_rate(isa):
+    q, k, v = (rand(2, 3, 50, 32) for _ in range(3))
+    torch.manual_seed(1)
+    out, keep = AF.scaled_dot_product_attention(q, k, v, dropout_p=0.25, return_dropout_mask=True)
+    torch.manual_seed(1)
+    out2 = AF.scaled_dot_product_attention(q, k, v, dropout_p=0.25)
+    assert torch.equal(out, out2), "reproducible under torch.manual_seed"
+    assert keep.shape == (2, 3, 50, 50)
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), dropout_p=0.25, keep_mask=keep)
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    rate = keep.float().mean().item()
+    n = keep.numel()
+    assert abs(rate - 0.75) < 5 * math.sqrt(0.75 * 0.25 / n)
+    assert not torch.equal(keep, AF.scaled_dot_product_attention(q, k, v, dropout_p=0.25, return_dropout_mask=True)[1])
+    assert torch.equal(AF.scaled_dot_product_attention(q, k, v, dropout_p=0.25, training=False),
+                       AF.scaled_dot_product_attention(q, k, v))
+
+
+def test_decode_step_shapes(isa, rng_seed):
+    # One or a few query rows against a KV cache (incremental decoding, beam search).
+    for Lq, Lk in [(1, 48), (2, 48), (1, 1), (4, 300)]:
+        q, k, v = rand(16, 8, Lq, 64), rand(16, 8, Lk, 64), rand(16, 8, Lk, 64)
+        pad = torch.rand(16, Lk) < 0.2
+        pad[:, 0] = False
+        out = AF.scaled_dot_product_attention(q, k, v, key_padding_mask=pad)
+        ref, theirs = references(q, k, v, None, pad, 0.0, False, None, None)
+        assert_2x_rule(out, theirs, ref, f"decode Lq={Lq} Lk={Lk}", seed=rng_seed)
+
+
+def test_empty_and_degenerate():
+    q, k, v = rand(0, 2, 5, 8), rand(0, 2, 5, 8), rand(0, 2, 5, 8)
+    assert AF.scaled_dot_product_attention(q, k, v).shape == (0, 2, 5, 8)
+    q, k, v = rand(1, 1, 3, 8, dtype=torch.float32).requires_grad_(), rand(1, 1, 0, 8).requires_grad_(), rand(1, 1, 0, 8)
+    out = AF.scaled_dot_product_attention(q, k, v.requires_grad_())
+    assert torch.equal(out, torch.zeros(1, 1, 3, 8))
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+
+
+def test_nan_input_propagates():
+    q, k, v = rand(1, 1, 4, 8), rand(1, 1, 4, 8), rand(1, 1, 4, 8)
+    v[0, 0, 2, 3] = float("nan")
+    out = AF.scaled_dot_product_attention(q, k, v)
+    assert torch.isnan(out[..., 3]).all() and not torch.isnan(out[..., :3]).any()
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, v = rand(2, 2, 5, 8), rand(2, 2, 6, 8), rand(2, 2, 6, 8)
+    sdpa = AF.scaled_dot_product_attention
+    with pytest.raises(ValueError, match="'q' must be 4-D"):
+        sdpa(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="'k' must have head_dim"):
+        sdpa(q, rand(2, 2, 6, 4), v)
+    with pytest.raises(ValueError, match="'v' must have length"):
+        sdpa(q, k, rand(2, 2, 7, 8))
+    with pytest.raises(ValueError, match="same batch and heads"):
+        sdpa(q, rand(1, 2, 6, 8), rand(1, 2, 6, 8))
+    with pytest.raises(TypeError, match="'k' has dtype"):
+        sdpa(q, k.double(), v)
+    with pytest.raises(TypeError, match="'q' has dtype"):
+        sdpa(q.half(), k.half(), v.half())
+    with pytest.raises(ValueError, match="head_dim"):
+        big = rand(1, 1, 2, 300)
+        sdpa(big, big, big)
+    with pytest.raises(ValueError, match="'attn_mask'.*not broadcastable"):
+        sdpa(q, k, v, attn_mask=torch.ones(5, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="'attn_mask'"):
+        sdpa(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="'key_padding_mask'"):
+        sdpa(q, k, v, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="'key_padding_mask'"):
+        sdpa(q, k, v, key_padding_mask=torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="'dropout_p'"):
+        sdpa(q, k, v, dropout_p=1.5)
