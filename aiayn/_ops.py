@@ -94,6 +94,70 @@ def _dropout_mask_fake(like, p, seed):
     return torch.empty_like(like, dtype=torch.bool, memory_format=torch.contiguous_format)
 
 
+# --- linear ----------------------------------------------------------------------------------
+
+
+@torch.library.register_fake(f"{_lib}::linear_fwd")
+def _linear_fwd_fake(x, w, b, relu):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.register_fake(f"{_lib}::linear_bwd")
+def _linear_bwd_fake(grad_out, x, w, out, relu):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(w, memory_format=torch.contiguous_format), w.new_empty((w.shape[0],)))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, w, b, relu = inputs
+    ctx.relu = relu
+    ctx.has_bias = b is not None
+    ctx.save_for_backward(x, w, output if relu else None)
+
+
+def _linear_backward(ctx, grad_out):
+    x, w, out = ctx.saved_tensors
+    gx, gw, gb = torch.ops.aiayn.linear_bwd(grad_out.contiguous(), x, w, out, ctx.relu)
+    return gx, gw, gb if ctx.has_bias else None, None
+
+
+torch.library.register_autograd(f"{_lib}::linear_fwd", _linear_backward, setup_context=_linear_setup)
+
+
+# --- feed_forward ----------------------------------------------------------------------------
+
+
+@torch.library.register_fake(f"{_lib}::feed_forward_fwd")
+def _feed_forward_fwd_fake(x, w1, b1, w2, b2, p, seed):
+    return x.new_empty(x.shape), x.new_empty((*x.shape[:-1], w1.shape[0]))
+
+
+@torch.library.register_fake(f"{_lib}::feed_forward_bwd")
+def _feed_forward_bwd_fake(grad_out, x, w1, w2, hidden, p):
+    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty((w1.shape[0],)),
+            w2.new_empty(w2.shape), w2.new_empty((w2.shape[0],)))
+
+
+def _feed_forward_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, p, seed = inputs
+    _, hidden = output
+    ctx.p = p
+    ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+    ctx.save_for_backward(x, w1, w2, hidden)
+
+
+def _feed_forward_backward(ctx, grad_out, _grad_hidden):
+    # The hidden output is an internal activation (saved for the backward); its gradient is not
+    # supported, and it is marked non-differentiable by the functional wrapper's use.
+    x, w1, w2, hidden = ctx.saved_tensors
+    gx, gw1, gb1, gw2, gb2 = torch.ops.aiayn.feed_forward_bwd(grad_out, x, w1, w2, hidden, ctx.p)
+    return gx, gw1, gb1 if ctx.has_b1 else None, gw2, gb2 if ctx.has_b2 else None, None, None
+
+
+torch.library.register_autograd(f"{_lib}::feed_forward_fwd", _feed_forward_backward,
+                                setup_context=_feed_forward_setup)
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 
@@ -110,3 +174,18 @@ def cpu_isa(name):
         yield
     finally:
         _C.set_cpu_isa(previous)
+
+
+@contextlib.contextmanager
+def packed_weight_cache(enabled=True):
+    """Within the block, linear / feed_forward keep the packed (GEMM panel) copy of each weight and
+    reuse it while ``w._version`` is unchanged: weights are packed once per optimizer step (any
+    in-place update bumps the version) instead of once per call. Writes through ``w.data`` do not
+    bump the version and are not seen: do not use it around code that writes weights that way
+    (e.g. torch.autograd.gradcheck). Also settable process-wide with ``AIAYN_PACK_CACHE=1``.
+    Process-wide: not for concurrent use."""
+    previous = _C.set_pack_cache(bool(enabled))
+    try:
+        yield
+    finally:
+        _C.set_pack_cache(previous)

@@ -3,7 +3,8 @@ holds the pure-PyTorch definition of the same semantics, used by the tests."""
 
 import torch
 
-__all__ = ["add_dropout_layer_norm", "dropout_mask", "new_dropout_seed", "scaled_dot_product_attention"]
+__all__ = ["add_dropout_layer_norm", "dropout_mask", "feed_forward", "linear", "new_dropout_seed",
+           "scaled_dot_product_attention"]
 
 import math
 
@@ -62,6 +63,75 @@ def add_dropout_layer_norm(x, residual, weight=None, bias=None, p=0.0, eps=1e-5,
     out, _, _ = torch.ops.aiayn.add_dropout_layer_norm_fwd(x, residual, weight, bias, p, float(eps), seed)
     if return_dropout_mask:
         return out, dropout_mask(x, p, seed)
+    return out
+
+
+def _check_devices(op, x, **tensors):
+    for name, t in tensors.items():
+        if t is not None and torch.is_tensor(t) and t.device != x.device:
+            raise ValueError(f"{op}: argument '{name}' is on {t.device} but 'x' is on {x.device}; "
+                             "all tensors must be on one device")
+
+
+def linear(x, w, b=None, activation=None):
+    """``act(x @ w.T + b)``, ``act`` = identity (``activation=None``) or ``"relu"``: ``nn.Linear``
+    (followed by a ReLU) on aiayn's own GEMM, bias and ReLU fused into its epilogue.
+
+    Args:
+        x: ``(..., in_features)``, float32, bfloat16 or float64 (CPU); any leading shape, any strides
+            (a last dim that is not contiguous is copied).
+        w: ``(out_features, in_features)`` like ``nn.Linear.weight``, x's dtype and device.
+        b: ``(out_features,)`` or None.
+        activation: None or ``"relu"``.
+
+    bfloat16 is multiplied with float32 accumulation (``vdpbf16ps`` on AVX-512 BF16) and rounded once
+    at the end. Packed weights can be cached across calls (``aiayn.packed_weight_cache``, see
+    ``feed_forward``).
+    """
+    if activation not in (None, "relu"):
+        raise ValueError(f"linear: argument 'activation' must be None or 'relu', got {activation!r}")
+    _check_devices("linear", x, w=w, b=b)
+    return torch.ops.aiayn.linear_fwd(x, w, b, activation == "relu")
+
+
+def feed_forward(x, w1, b1, w2, b2, dropout_p=0.0, training=True, seed=None, return_dropout_mask=False):
+    """The position-wise feed-forward network of the Transformer (Vaswani et al., 2017, §3.3),
+    ``FFN(x) = max(0, x W1 + b1) W2 + b2``, with dropout on the hidden activation (as in
+    tensor2tensor and the annotated transformer):
+    ``linear(dropout(relu(linear(x, w1, b1)), dropout_p), w2, b2)``. Same result as
+    ``nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Dropout(p), nn.Linear(d_ff, d_model))``
+    with that module's parameters passed as ``w1, b1, w2, b2``.
+
+    Args:
+        x: ``(..., d_model)``, float32, bfloat16 or float64 (CPU); any leading shape, any strides.
+        w1: ``(d_ff, d_model)``, b1: ``(d_ff,)`` or None, w2: ``(d_model, d_ff)``, b2: ``(d_model,)`` or
+            None, all in x's dtype and on its device (``nn.Linear`` layout).
+        dropout_p: dropout probability on the hidden activation (inverted: kept values scaled by
+            1 / (1 - p)); only when ``training``.
+        seed: optional int64 tensor (one element) choosing the mask; by default a fresh one is drawn
+            from torch's default generator, so ``torch.manual_seed`` makes calls reproducible.
+        return_dropout_mask: also return the bool keep-mask of the hidden activation, shape
+            ``(..., d_ff)``: ``dropout_mask(hidden, p, seed)`` -- hidden element (t, j) (t the
+            flattened token index) is Philox element number ``t * d_ff + j``.
+
+    Kernels: two GEMMs of aiayn's own (packed panels, register-blocked micro-kernels); bias, ReLU
+    and dropout are applied in the first one's epilogue while the tile is in registers. The backward
+    needs no stored mask: the saved hidden activation is > 0 exactly where the unit was active and
+    kept. Bias gradients are summed while the weight-gradient GEMMs pack their operand.
+
+    Packed weights: each call packs ``w1`` and ``w2`` into the GEMM's panel layout (O(d_model *
+    d_ff), small next to the GEMMs for many tokens). Inside ``aiayn.packed_weight_cache()`` (or with
+    ``AIAYN_PACK_CACHE=1``) the packed copies are cached, keyed on the weight's storage, data pointer,
+    shape, strides, dtype and version counter (``w._version``): any in-place update
+    (``optimizer.step()``, ``w.add_()``, ``w.copy_()``) bumps the version and the next call repacks,
+    so weights are packed once per optimizer step. Writes through ``w.data`` bypass the version
+    counter and are not seen (hence opt-in); ``aiayn._C.clear_pack_cache()`` empties the cache.
+    """
+    p, seed = _dropout_args("feed_forward", "dropout_p", dropout_p, training, seed)
+    _check_devices("feed_forward", x, w1=w1, b1=b1, w2=w2, b2=b2)
+    out, hidden = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, p, seed)
+    if return_dropout_mask:
+        return out, dropout_mask(hidden, p, seed)
     return out
 
 

@@ -4,7 +4,8 @@ compiled kernels with these (run in float64), and they run anywhere torch runs."
 import torch
 import torch.nn.functional as F
 
-__all__ = ["philox4x32_10", "dropout_mask", "add_dropout_layer_norm", "scaled_dot_product_attention"]
+__all__ = ["philox4x32_10", "dropout_mask", "add_dropout_layer_norm", "linear", "feed_forward",
+           "scaled_dot_product_attention"]
 
 import math
 
@@ -68,6 +69,22 @@ def add_dropout_layer_norm(x, residual, weight=None, bias=None, p=0.0, eps=1e-5,
         scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
         h = x * keep_mask.to(x.dtype) * scale
     return F.layer_norm(residual + h, (x.shape[-1],), weight, bias, eps)
+
+
+def linear(x, w, b=None, activation=None):
+    """``act(x @ w.T + b)`` with ``act`` = identity or ReLU. Computed in x's dtype."""
+    out = F.linear(x, w, b)
+    return torch.relu(out) if activation == "relu" else out
+
+
+def feed_forward(x, w1, b1, w2, b2, p=0.0, keep_mask=None):
+    """``dropout(relu(x w1^T + b1)) w2^T + b2``, dropout given by ``keep_mask`` (bool, shape
+    ``(..., d_ff)``) with kept values scaled by 1 / (1 - p). Computed in x's dtype."""
+    h = torch.relu(F.linear(x, w1, b1))
+    if keep_mask is not None and p > 0.0:
+        scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+        h = h * keep_mask.to(h.dtype) * scale
+    return F.linear(h, w2, b2)
 
 
 def scaled_dot_product_attention(q, k, v, attn_mask=None, key_padding_mask=None, dropout_p=0.0, is_causal=False,

@@ -17,6 +17,17 @@ TORCH_LIBRARY(aiayn, m) {
   // Returns (grad_x, grad_residual, grad_weight, grad_bias); the dropout mask is regenerated.
   m.def("add_dropout_layer_norm_bwd(Tensor grad_out, Tensor x, Tensor residual, Tensor? weight, "
         "Tensor mean, Tensor rstd, float p, Tensor seed) -> (Tensor, Tensor, Tensor, Tensor)");
+  // out = act(x w^T + b), act = ReLU when relu (else identity); w: (out_features, in_features)
+  // like nn.Linear. x: (..., in_features), any leading shape.
+  m.def("linear_fwd(Tensor x, Tensor w, Tensor? b, bool relu) -> Tensor");
+  // Returns (grad_x, grad_w, grad_b); `out` (the forward's result) is read only when relu.
+  m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor w, Tensor? out, bool relu) -> (Tensor, Tensor, Tensor)");
+  // FFN(x) = dropout(relu(x w1^T + b1), p) w2^T + b2 (paper §3.3; dropout on the hidden activation,
+  // hidden element (t, j) is dropout element number t * d_ff + j). Returns (out, hidden), hidden
+  // being the activation after ReLU and dropout (the backward's mask is hidden > 0).
+  m.def("feed_forward_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, float p, Tensor seed) -> (Tensor, Tensor)");
+  // Returns (grad_x, grad_w1, grad_b1, grad_w2, grad_b2).
+  m.def("feed_forward_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor hidden, float p) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // softmax(q k^T * scale + mask) v over (B, H, L, D) tensors (paper §3.2.1); attn_mask bool
   // (True = takes part) or additive, broadcastable to (B, H, Lq, Lk); key_padding_mask (B, Lk)
   // bool (True = padding); is_causal: key j takes part in query i iff j <= i. Returns (out, lse):
@@ -46,6 +57,13 @@ TORCH_LIBRARY(aiayn, m) {
 #define AIAYN_CUDA_ARCHS ""
 #endif
 
+namespace aiayn::cpu {
+void gemm_clear_pack_cache();  // cpu/gemm/gemm.cpp
+bool gemm_set_pack_cache(bool enabled);
+bool gemm_bf16_dot();
+int gemm_set_bf16_dot(int mode);
+}
+
 namespace {
 
 namespace cpu = aiayn::cpu;
@@ -62,6 +80,7 @@ py::dict build_info() {
     if (cpu::isa_supported(isa)) supported.append(isa);
   info["cpu_isas_supported"] = supported;
   info["cpu_isa"] = cpu::isa_name(cpu::kernels().isa);
+  info["gemm_bf16"] = cpu::gemm_bf16_dot() ? "vdpbf16ps" : "widened to float32";
 #ifdef AIAYN_WITH_CUDA
   info["cuda"] = true;
 #else
@@ -97,6 +116,14 @@ PYBIND11_MODULE(_C, m) {
         "The CPU ISA variant the kernels run now.");
   m.def("set_cpu_isa", [](const std::string& name) { cpu::set_isa(name.c_str()); },
         "Force a CPU ISA variant (avx512, avx2, generic) the CPU supports; for tests.");
+  m.def("clear_pack_cache", [] { cpu::gemm_clear_pack_cache(); },
+        "Drop every cached packed weight of linear / feed_forward (after writes that bypass the version counter).");
+  m.def("set_pack_cache", [](bool enabled) { return cpu::gemm_set_pack_cache(enabled); },
+        "Turn the packed-weight cache of linear / feed_forward on or off; returns the previous setting.");
+  m.def("gemm_bf16_dot", [] { return cpu::gemm_bf16_dot(); },
+        "Whether bf16 GEMMs (linear, feed_forward) run on vdpbf16ps (else widened to float32 FMAs).");
+  m.def("set_gemm_bf16_dot", [](int mode) { return cpu::gemm_set_bf16_dot(mode); },
+        "Force the bf16 GEMM mode: 1 vdpbf16ps, 0 widened to float32, -1 automatic (timed once); for tests.");
   m.def("cpu_isa_supported", [](const std::string& name) { return cpu::isa_supported(name.c_str()); });
   m.def("philox4x32_10",
         [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {

@@ -19,6 +19,20 @@ def isa(request):
         yield request.param
 
 
+@pytest.fixture(params=[isa for isa in ("avx512", "avx512-bf16-widened", "avx2", "generic")
+                        if aiayn._C.cpu_isa_supported(isa.split("-")[0])])
+def isa_bf16(request):
+    """Like `isa`, plus AVX-512 with bf16 widened to float32 instead of vdpbf16ps (the GEMM picks
+    the faster of the two per CPU; both are tested)."""
+    name = request.param.split("-")[0]
+    previous = aiayn._C.set_gemm_bf16_dot(0 if request.param.endswith("widened") else 1)
+    try:
+        with aiayn.cpu_isa(name):
+            yield request.param
+    finally:
+        aiayn._C.set_gemm_bf16_dot(previous)
+
+
 @pytest.fixture
 def rng_seed():
     """A fresh seed per test (inputs differ every run); printed on failure to reproduce."""

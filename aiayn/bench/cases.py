@@ -117,6 +117,70 @@ def _add_dropout_layer_norm_fwd_bwd(device, dtype, quick):
     return Bench(aiayn=fwd_bwd(ours), torch=fwd_bwd(theirs), shape=tuple(x.shape), bytes=8 * x.nbytes)
 
 
+# --- feed_forward: FFN(x) = dropout(relu(x W1^T + b1)) W2^T + b2, the position-wise network (§3.3)
+
+
+def _feed_forward_bench(device, dtype, T, d_model, d_ff, p, backward):
+    seq = torch.nn.Sequential(torch.nn.Linear(d_model, d_ff), torch.nn.ReLU(), torch.nn.Dropout(p),
+                              torch.nn.Linear(d_ff, d_model)).to(device=device, dtype=dtype)
+    seq.train()
+    x = torch.randn(T, d_model, device=device, dtype=dtype, requires_grad=backward)
+    w1, b1, w2, b2 = seq[0].weight, seq[0].bias, seq[3].weight, seq[3].bias
+
+    def ours():
+        return aiayn.functional.feed_forward(x, w1, b1, w2, b2, dropout_p=p)
+
+    theirs = lambda: seq(x)  # noqa: E731
+    flops = 2 * 2 * T * d_model * d_ff  # two GEMMs
+    if not backward:
+        return Bench(aiayn=torch.no_grad()(ours), torch=torch.no_grad()(theirs), shape=(T, d_model, d_ff),
+                     flops=flops)
+    grad = torch.randn(T, d_model, device=device, dtype=dtype)
+    inputs = (x, w1, b1, w2, b2)
+
+    def fwd_bwd(forward):
+        return lambda: torch.autograd.grad(forward(), inputs, grad)
+
+    return Bench(aiayn=fwd_bwd(ours), torch=fwd_bwd(theirs), shape=(T, d_model, d_ff), flops=3 * flops)
+
+
+@register("feed_forward.fwd", dtypes=(torch.float32, torch.bfloat16), devices=("cpu",))
+def _feed_forward_fwd(device, dtype, quick):
+    # The base model's FFN, 3072 tokens, dropout 0.1 on the hidden activation (training mode).
+    return _feed_forward_bench(device, dtype, 1024 if quick else 3072, 512, 2048, 0.1, backward=False)
+
+
+@register("feed_forward.fwd_bwd", dtypes=(torch.float32, torch.bfloat16), devices=("cpu",))
+def _feed_forward_fwd_bwd(device, dtype, quick):
+    return _feed_forward_bench(device, dtype, 1024 if quick else 3072, 512, 2048, 0.1, backward=True)
+
+
+@register("feed_forward.fwd_small", dtypes=(torch.float32,), devices=("cpu",))
+def _feed_forward_fwd_small(device, dtype, quick):
+    # Decoding-sized: 64 tokens, no dropout (inference).
+    return _feed_forward_bench(device, dtype, 64, 512, 2048, 0.0, backward=False)
+
+
+@register("feed_forward.fwd_small_prepacked", dtypes=(torch.float32,), devices=("cpu",))
+def _feed_forward_fwd_small_prepacked(device, dtype, quick):
+    # The same with the weights packed once (aiayn.packed_weight_cache: inference reuses them).
+    b = _feed_forward_bench(device, dtype, 64, 512, 2048, 0.0, backward=False)
+    ours = b.aiayn
+
+    def cached():
+        with aiayn.packed_weight_cache():
+            return ours()
+
+    b.aiayn = cached
+    return b
+
+
+@register("feed_forward.fwd_big", dtypes=(torch.float32,), devices=("cpu",))
+def _feed_forward_fwd_big(device, dtype, quick):
+    # The big model's FFN, 1024 -> 4096 -> 1024, 2048 tokens.
+    return _feed_forward_bench(device, dtype, 512 if quick else 2048, 1024, 4096, 0.1, backward=False)
+
+
 # --- scaled_dot_product_attention: softmax(Q Kᵀ / √d_k) V (§3.2.1) ---------------------------
 
 

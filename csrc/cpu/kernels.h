@@ -55,6 +55,59 @@ struct AddDropoutLayerNormBwd {
   DropoutParams dropout;
 };
 
+// --- GEMM (gemm/gemm_kernel.h): C = epilogue(A * B), the kernel of linear and feed_forward ---
+//
+// A is M x K, B is K x N, any element strides; C is M x N with row stride c_rs. A, B and C share
+// `dtype` (storage), the accumulation is in float32 (float64 for f64). B is packed once per call
+// (or once per weight version, see gemm/gemm.h) into panels of `nr` columns; each task packs its
+// own rows of A (the full K) and runs the register-blocked micro-kernel over them, the whole
+// K-reduction staying in registers, then applies the epilogue to the tile before storing it.
+
+// The packed layout of one ISA and dtype: B panels of nr columns, A micro-panels of mr rows, K
+// padded to a multiple of kp (2 for the bf16 pairs of vdpbf16ps), elements of elem_bytes.
+struct GemmInfo {
+  int mr, nr, kp, elem_bytes;
+};
+
+struct GemmPackB {
+  DType dtype;
+  bool bf16_dot;  // bf16 on vdpbf16ps (pairs, kp = 2) where the ISA has it, else widened to f32
+  int64_t K, N;
+  const void* b;  // B(k, n) = b[k * b_rs + n * b_cs]
+  int64_t b_rs, b_cs;
+};
+
+struct GemmArgs {
+  DType dtype;
+  bool bf16_dot;  // as GemmPackB::bf16_dot; must match the packing of packed_b
+  int64_t M, N, K;
+  const void* a;  // A(m, k) = a[m * a_rs + k * a_cs]
+  int64_t a_rs, a_cs;
+  // Optional gate applied while packing A: A(m, k) := gate(m, k) > 0 ? A(m, k) * a_gate_scale : 0,
+  // gate laid out like A (same strides), dtype `dtype` (the ReLU mask of linear's backward).
+  const void* a_gate;
+  double a_gate_scale;
+  // Optional: sum over k of the (gated) A(m, k) for the task's rows, in the accumulation type
+  // (a bias gradient fused into the packing of the weight-gradient GEMM). Written by the task that
+  // owns panel 0.
+  void* a_row_sums;
+  const void* packed_b;  // gemm_pack_b of B
+  int64_t b_panel_stride;  // elements from one packed panel to the next; 0: round_up(K, kp) * nr
+  // Epilogue, in this order on the float32 tile: + bias[n] (acc type, N values, may be null);
+  // ReLU; dropout (element (m, n) is number m * N + n of `dropout`, kept ones scaled);
+  // c_gate: C(m, n) := gate(m, n) > 0 ? C(m, n) * c_gate_scale : 0 (gate of dtype `dtype`, row
+  // stride c_gate_rs: the ReLU/dropout mask of the FFN backward, read off the saved activation).
+  const void* bias;
+  bool relu;
+  DropoutParams dropout;
+  const void* c_gate;
+  int64_t c_gate_rs;
+  double c_gate_scale;
+  double dropout_scale;  // 1 / (1 - p) in double (dropout.scale rounded to float is not enough for f64)
+  void* c;  // C(m, n) = c[m * c_rs + n]
+  int64_t c_rs;
+};
+
 // Scaled dot-product attention softmax(Q K^T * scale + mask) V (paper §3.2.1) over
 // (batch, head) pairs. q/k/v/grad_out: element strides per batch, head and position; the last dim
 // is contiguous. out, grads: contiguous (B, H, L, D). lse: (B, H, Lq) in acc type (natural log;
@@ -114,6 +167,13 @@ struct KernelTable {
   // bit i of the result (bits[i / 64] >> (i % 64)) is element 4 * first_counter + i.
   void (*dropout_keep_bits)(const DropoutParams& d, uint64_t first_counter, int64_t num_counters,
                             uint64_t* bits);
+  // GEMM: the packed layout for a dtype (bf16_dot: vdpbf16ps pairs for bf16, where supported); pack B panels [panel_begin, panel_end) into `packed`
+  // (gemm_info's layout: panel p at element offset p * round_up(K, kp) * nr); run the rows
+  // [m_begin, m_end) x panels [panel_begin, panel_end) of C.
+  GemmInfo (*gemm_info)(DType dtype, bool bf16_dot);
+  void (*gemm_pack_b)(const GemmPackB& b, int64_t panel_begin, int64_t panel_end, void* packed);
+  void (*gemm_run)(const GemmArgs& g, int64_t m_begin, int64_t m_end, int64_t panel_begin,
+                   int64_t panel_end);
   // Peak probes for the benchmark harness: run `iters` iterations of an FMA (resp. bf16 dot
   // product) loop on the calling thread; return the floating-point operations done.
   double (*peak_fp32_fma)(int64_t iters);

@@ -27,7 +27,9 @@ inline double peak_bf16_dot(int64_t iters) {
 
 constexpr Isa kIsa = Isa::avx512;
 constexpr double (*kPeakBf16)(int64_t) = peak_bf16_dot;
+#define AIAYN_GEMM_BF16_DOT 1  // gemm_kernel.h: bf16 on vdpbf16ps
 #include "kernels.inc"
+#undef AIAYN_GEMM_BF16_DOT
 }  // namespace aiayn::cpu::avx512
 
 #pragma GCC pop_options

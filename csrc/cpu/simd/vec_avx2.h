@@ -51,6 +51,11 @@ struct Vec {
     const __m256i m = _mm256_cmpeq_epi32(b, lane_bit);
     return {_mm256_and_ps(_mm256_castsi256_ps(m), a.v)};
   }
+  Vec relu() const { return {_mm256_max_ps(_mm256_setzero_ps(), v)}; }  // NaN stays NaN
+  // Lanes of `a` where `m` > 0, 0 elsewhere (NaN in m gives 0).
+  static Vec where_positive(Vec m, Vec a) {
+    return {_mm256_and_ps(_mm256_cmp_ps(m.v, _mm256_setzero_ps(), _CMP_GT_OQ), a.v)};
+  }
   static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
   float reduce_max() const {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

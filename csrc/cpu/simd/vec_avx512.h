@@ -43,6 +43,11 @@ struct Vec {
   static Vec keep(uint64_t bits, Vec a) {
     return {_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), a.v)};
   }
+  Vec relu() const { return {_mm512_max_ps(_mm512_setzero_ps(), v)}; }  // NaN stays NaN
+  // Lanes of `a` where `m` > 0, 0 elsewhere (NaN in m gives 0).
+  static Vec where_positive(Vec m, Vec a) {
+    return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m.v, _mm512_setzero_ps(), _CMP_GT_OQ), a.v)};
+  }
   static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }

@@ -30,6 +30,10 @@ struct ScalarVec {
   static ScalarVec fma(ScalarVec a, ScalarVec b, ScalarVec c) { return {a.v * b.v + c.v}; }
   // Lanes whose bit in `keep` is 0 become 0.
   static ScalarVec keep(uint64_t bits, ScalarVec a) { return {(bits & 1u) ? a.v : S(0)}; }
+  // max(v, 0); NaN stays NaN, as torch.relu.
+  ScalarVec relu() const { return {v > S(0) || v != v ? v : S(0)}; }
+  // `a` where `m` > 0, 0 elsewhere (NaN in m gives 0).
+  static ScalarVec where_positive(ScalarVec m, ScalarVec a) { return {m.v > S(0) ? a.v : S(0)}; }
   static ScalarVec max(ScalarVec a, ScalarVec b) { return {a.v > b.v ? a.v : b.v}; }
   S reduce_add() const { return v; }
   S reduce_max() const { return v; }

@@ -1,0 +1,63 @@
+// Argument checks of linear and feed_forward, shared by the CPU and CUDA entry points.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <initializer_list>
+#include <optional>
+
+#include "checks.h"
+
+namespace aiayn {
+
+constexpr const char* kLinear = "linear";
+constexpr const char* kFeedForward = "feed_forward";
+
+// A 2-d weight of x's dtype and device with the given shape (rows, cols); names in messages.
+inline void check_weight(const char* op, const char* name, const at::Tensor& w, const at::Tensor& x,
+                         int64_t rows, const char* rows_name, int64_t cols, const char* cols_name) {
+  check_defined(op, name, w);
+  check_same_device(op, name, w, "x", x);
+  check_same_dtype(op, name, w, "x", x);
+  TORCH_CHECK_VALUE(w.dim() == 2 && (rows < 0 || w.size(0) == rows) && w.size(1) == cols, op, ": argument '",
+                    name, "' must have shape (", rows_name, rows < 0 ? "" : "=", rows < 0 ? std::string() : std::to_string(rows),
+                    ", ", cols_name, "=", cols, "), got ", w.sizes());
+}
+
+inline void check_bias(const char* op, const char* name, const std::optional<at::Tensor>& b, const at::Tensor& x,
+                       int64_t n, const char* n_name) {
+  if (!b.has_value() || !b->defined()) return;
+  check_same_device(op, name, *b, "x", x);
+  check_same_dtype(op, name, *b, "x", x);
+  TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == n, op, ": argument '", name, "' must have shape (", n_name,
+                    "=", n, ",), got ", b->sizes());
+}
+
+inline void check_input(const char* op, const at::Tensor& x, std::initializer_list<at::ScalarType> dtypes) {
+  check_defined(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": argument 'x' must have at least one dimension");
+  check_dtype_in(op, "x", x, dtypes);
+}
+
+// x: (..., in_features), w: (out_features, in_features), b: (out_features,).
+inline void check_linear_args(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                              std::initializer_list<at::ScalarType> dtypes) {
+  check_input(kLinear, x, dtypes);
+  check_weight(kLinear, "w", w, x, -1, "out_features", x.size(-1), "in_features");
+  check_bias(kLinear, "b", b, x, w.size(0), "out_features");
+}
+
+// x: (..., d_model), w1: (d_ff, d_model), b1: (d_ff,), w2: (d_model, d_ff), b2: (d_model,).
+inline void check_feed_forward_args(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                    const at::Tensor& w2, const std::optional<at::Tensor>& b2, double p,
+                                    std::initializer_list<at::ScalarType> dtypes) {
+  check_input(kFeedForward, x, dtypes);
+  const int64_t d_model = x.size(-1);
+  check_weight(kFeedForward, "w1", w1, x, -1, "d_ff", d_model, "d_model");
+  const int64_t d_ff = w1.size(0);
+  check_weight(kFeedForward, "w2", w2, x, d_model, "d_model", d_ff, "d_ff");
+  check_bias(kFeedForward, "b1", b1, x, d_ff, "d_ff");
+  check_bias(kFeedForward, "b2", b2, x, d_model, "d_model");
+  check_probability(kFeedForward, "p", p);
+}
+
+}  // namespace aiayn

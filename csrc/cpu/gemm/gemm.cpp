@@ -1,0 +1,347 @@
+// Torch-facing GEMM driver: packing of B, task split over at::parallel_for, the packed-weight
+// cache (gemm.h).
+#include "gemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/StorageImpl.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+namespace aiayn::cpu {
+
+DType gemm_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kBFloat16: return DType::bf16;
+    case at::kDouble: return DType::f64;
+    default: TORCH_CHECK(false, "aiayn gemm: unsupported dtype ", t.scalar_type());
+  }
+}
+
+at::Tensor gemm_rows(const at::Tensor& t, int64_t cols) {
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) rows *= t.size(i);
+  at::Tensor r = t.reshape({rows, cols});
+  return cols > 1 && r.size(0) > 0 && r.stride(1) != 1 ? r.contiguous() : r;
+}
+
+at::Tensor gemm_weight(const at::Tensor& w) { return w.size(1) > 1 && w.stride(1) != 1 ? w.contiguous() : w; }
+
+at::Tensor gemm_bias(const std::optional<at::Tensor>& b, at::ScalarType x_dtype) {
+  if (!b.has_value() || !b->defined()) return at::Tensor();
+  return b->to(x_dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+namespace {
+
+// Runs a small bf16 GEMM (96 x 256 x 512) in one mode on the calling thread; seconds, best of 3.
+double time_bf16_mode(const KernelTable& k, bool dot) {
+  constexpr int64_t M = 96, N = 256, K = 512;
+  std::vector<uint16_t> a(M * K, 0x3F80), b(K * N, 0x3F80), c(M * N);
+  const GemmInfo info = k.gemm_info(DType::bf16, dot);
+  const int64_t Kp = (K + info.kp - 1) / info.kp * info.kp;
+  std::vector<unsigned char> packed((N + info.nr - 1) / info.nr * Kp * info.nr * info.elem_bytes + 64);
+  GemmPackB pb{DType::bf16, dot, K, N, b.data(), N, 1};
+  k.gemm_pack_b(pb, 0, (N + info.nr - 1) / info.nr, packed.data());
+  GemmArgs g{};
+  g.dtype = DType::bf16;
+  g.bf16_dot = dot;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.a = a.data();
+  g.a_rs = K;
+  g.a_cs = 1;
+  g.a_gate_scale = g.c_gate_scale = g.dropout_scale = 1.0;
+  g.packed_b = packed.data();
+  g.c = c.data();
+  g.c_rs = N;
+  double best = 1e30;
+  for (int rep = 0; rep < 4; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    k.gemm_run(g, 0, M, 0, (N + info.nr - 1) / info.nr);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (rep > 0) best = std::min(best, s);
+  }
+  return best;
+}
+
+}  // namespace
+
+namespace {
+std::atomic<int> g_bf16_dot_override{-1};
+}
+
+int gemm_set_bf16_dot(int mode) { return g_bf16_dot_override.exchange(mode); }
+
+bool gemm_bf16_dot() {
+  const int forced = g_bf16_dot_override.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced == 1 && kernels().isa == Isa::avx512;
+  static const bool dot = [] {
+    const KernelTable& k = kernels();
+    if (k.isa != Isa::avx512) return false;
+    if (const char* e = std::getenv("AIAYN_BF16_DOT")) return std::strcmp(e, "1") == 0;
+    // vdpbf16ps does 2x the multiply-adds of an fp32 FMA per instruction, but some cores (Intel's
+    // Sapphire Rapids family) issue it on one port against two for FMAs, so widening bf16 to
+    // float32 while packing is as fast or faster there. Measure both once and keep the faster.
+    double t_dot = 0, t_wide = 0;
+    for (int i = 0; i < 2; ++i) {
+      t_dot += time_bf16_mode(k, true);
+      t_wide += time_bf16_mode(k, false);
+    }
+    return t_dot <= t_wide;
+  }();
+  return dot && kernels().isa == Isa::avx512;
+}
+
+at::Tensor gemm_pack_b(DType dtype, int64_t K, int64_t N, const void* b, int64_t b_rs, int64_t b_cs) {
+  const KernelTable& k = kernels();
+  const bool dot = dtype == DType::bf16 && gemm_bf16_dot();
+  const GemmInfo info = k.gemm_info(dtype, dot);
+  const int64_t Kp = (K + info.kp - 1) / info.kp * info.kp;
+  const int64_t panels = (N + info.nr - 1) / info.nr;
+  at::Tensor packed = at::empty({std::max<int64_t>(1, panels * Kp * info.nr * info.elem_bytes) + 64},
+                                at::TensorOptions().dtype(at::kByte));
+  GemmPackB pb{dtype, dot, K, N, b, b_rs, b_cs};
+  // Panels per task: about 64K elements each.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, Kp * info.nr));
+  void* out = packed.data_ptr();
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) { k.gemm_pack_b(pb, p0, p1, out); });
+  return packed;
+}
+
+namespace {
+
+constexpr size_t kPackCacheEntries = 64;
+
+struct PackEntry {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* data;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  bool transpose;
+  Isa isa;
+  bool bf16_dot;
+  uint32_t version;
+  uint64_t last_use;
+  at::Tensor packed;
+};
+
+std::mutex g_pack_mutex;
+std::vector<PackEntry>& pack_cache() {
+  static std::vector<PackEntry> cache;
+  return cache;
+}
+uint64_t g_pack_clock = 0;
+
+std::atomic<bool>& pack_cache_flag() {
+  static std::atomic<bool> on{[] {
+    const char* e = std::getenv("AIAYN_PACK_CACHE");
+    return e && std::strcmp(e, "1") == 0;
+  }()};
+  return on;
+}
+bool pack_cache_enabled() { return pack_cache_flag().load(std::memory_order_relaxed); }
+
+at::Tensor pack_weight_uncached(const at::Tensor& w, bool transpose) {
+  const int64_t rows = w.size(0), cols = w.size(1);
+  const int64_t rs = rows > 1 ? w.stride(0) : cols;
+  // B = w^T: K = cols, N = rows, B(k, n) = w[n, k]; B = w: K = rows, N = cols.
+  return transpose ? gemm_pack_b(gemm_dtype(w), cols, rows, w.data_ptr(), 1, rs)
+                   : gemm_pack_b(gemm_dtype(w), rows, cols, w.data_ptr(), rs, 1);
+}
+
+}  // namespace
+
+at::Tensor gemm_pack_weight(const at::Tensor& w, bool transpose) {
+  TORCH_INTERNAL_ASSERT(w.dim() == 2 && (w.size(1) <= 1 || w.stride(1) == 1));
+  if (!pack_cache_enabled() || w.is_inference() || !w.has_storage()) return pack_weight_uncached(w, transpose);
+  const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
+  c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
+  const Isa isa = kernels().isa;
+  const bool dot = w.scalar_type() == at::kBFloat16 && gemm_bf16_dot();
+  {
+    std::lock_guard<std::mutex> lock(g_pack_mutex);
+    auto& cache = pack_cache();
+    for (PackEntry& e : cache) {
+      if (e.data != w.data_ptr() || e.transpose != transpose || e.isa != isa || e.bf16_dot != dot || e.dtype != w.scalar_type() ||
+          e.version != version || e.sizes != w.sizes().vec() || e.strides != w.strides().vec())
+        continue;
+      auto alive = e.storage.lock();
+      if (!alive || alive.get() != storage) continue;
+      e.last_use = ++g_pack_clock;
+      return e.packed;
+    }
+  }
+  at::Tensor packed = pack_weight_uncached(w, transpose);
+  std::lock_guard<std::mutex> lock(g_pack_mutex);
+  auto& cache = pack_cache();
+  // Drop entries of freed storages, stale versions of this weight, then the least recently used.
+  cache.erase(std::remove_if(cache.begin(), cache.end(),
+                             [&](const PackEntry& e) {
+                               return e.storage.expired() ||
+                                      (e.data == w.data_ptr() && e.transpose == transpose && e.isa == isa &&
+                                       e.version != version);
+                             }),
+              cache.end());
+  if (cache.size() >= kPackCacheEntries) {
+    auto lru = std::min_element(cache.begin(), cache.end(),
+                                [](const PackEntry& a, const PackEntry& b) { return a.last_use < b.last_use; });
+    cache.erase(lru);
+  }
+  cache.push_back(PackEntry{c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()),
+                            w.data_ptr(), w.sizes().vec(), w.strides().vec(), w.scalar_type(), transpose, isa, dot,
+                            version, ++g_pack_clock, packed});
+  return packed;
+}
+
+bool gemm_set_pack_cache(bool enabled) {
+  return pack_cache_flag().exchange(enabled);
+}
+
+void gemm_clear_pack_cache() {
+  std::lock_guard<std::mutex> lock(g_pack_mutex);
+  pack_cache().clear();
+}
+
+namespace {
+
+// How one GEMM is cut into tasks: K chunks x row blocks x column chunks.
+struct GemmPlan {
+  GemmArgs g;
+  GemmInfo info;
+  int64_t panels = 0, mpanels = 0, mblocks = 0, nchunks = 1, kchunks = 1;
+  std::vector<GemmArgs> chunk_args;
+  at::Tensor partial, partial_sums;
+  int64_t tasks() const { return kchunks * mblocks * nchunks; }
+  void run(const KernelTable& k, int64_t t) const {
+    const int64_t per_chunk = mblocks * nchunks;
+    const int64_t c = t / per_chunk, mb = (t % per_chunk) / nchunks, nc = t % nchunks;
+    const int64_t m0 = std::min(g.M, mpanels * mb / mblocks * info.mr);
+    const int64_t m1 = std::min(g.M, mpanels * (mb + 1) / mblocks * info.mr);
+    const int64_t p0 = panels * nc / nchunks, p1 = panels * (nc + 1) / nchunks;
+    k.gemm_run(chunk_args[c], m0, m1, p0, p1);
+  }
+};
+
+GemmPlan make_plan(GemmArgs g, const at::Tensor& packed, int64_t threads) {
+  GemmPlan pl;
+  const KernelTable& k = kernels();
+  g.bf16_dot = g.dtype == DType::bf16 && gemm_bf16_dot();
+  const GemmInfo info = k.gemm_info(g.dtype, g.bf16_dot);
+  g.packed_b = packed.data_ptr();
+  pl.info = info;
+  const int64_t Kp = (g.K + info.kp - 1) / info.kp * info.kp;
+  pl.panels = (g.N + info.nr - 1) / info.nr;
+  pl.mpanels = (g.M + info.mr - 1) / info.mr;
+
+  // Long reductions without an epilogue (the weight gradients, K = tokens): split K into chunks
+  // whose float32 partial products are summed after, in a fixed order. A chunk's packed A block
+  // is small, so each block of rows covers more of them and B is streamed from memory fewer
+  // times. (bf16 keeps one pass: its C is stored as bf16.)
+  const bool plain = !g.bias && !g.relu && !g.dropout.enabled && !g.c_gate && g.dtype != DType::bf16;
+  pl.kchunks = plain && g.K > 1536 && g.N > 0 ? (g.K + 767) / 768 : 1;
+  const int64_t kc = (Kp + pl.kchunks - 1) / pl.kchunks;
+  const size_t esize = g.dtype == DType::f64 ? 8 : g.dtype == DType::f32 ? 4 : 2;
+
+  // Rows per task: the packed A block (rows x K chunk) within ~1 MiB of L2, at most 32 micro-panels.
+  const int64_t row_bytes = std::max<int64_t>(1, std::min(Kp, kc + info.kp) * info.elem_bytes);
+  const int64_t mp_per_block = std::clamp<int64_t>((1 << 20) / (row_bytes * info.mr), 1, 32);
+  int64_t mblocks = (pl.mpanels + mp_per_block - 1) / mp_per_block;
+  if (mblocks > 1) mblocks = (mblocks + threads - 1) / threads * threads;  // equal work per thread
+  if (mblocks * pl.kchunks < 4 * threads && pl.mpanels >= 4 * threads) mblocks = 4 * threads;  // slack
+  pl.mblocks = std::max<int64_t>(1, std::min(mblocks, pl.mpanels));
+  // Few row blocks (small M, decoding): split the columns too.
+  if (pl.mblocks * pl.kchunks < 2 * threads)
+    pl.nchunks = std::max<int64_t>(1, std::min(pl.panels, (2 * threads + pl.mblocks - 1) / pl.mblocks));
+
+  pl.chunk_args.assign(pl.kchunks, g);
+  if (pl.kchunks > 1) {
+    const auto acc = g.dtype == DType::f64 ? at::kDouble : at::kFloat;
+    pl.partial = at::empty({pl.kchunks, g.M, g.N}, at::TensorOptions().dtype(acc));
+    if (g.a_row_sums) pl.partial_sums = at::empty({pl.kchunks, g.M}, at::TensorOptions().dtype(acc));
+    for (int64_t c = 0; c < pl.kchunks; ++c) {
+      const int64_t k0 = std::min(Kp, c * kc), k1 = std::min(g.K, (c + 1) * kc);
+      GemmArgs& gc = pl.chunk_args[c];
+      gc.K = std::max<int64_t>(0, k1 - k0);
+      gc.a = static_cast<const char*>(g.a) + k0 * g.a_cs * esize;
+      if (g.a_gate) gc.a_gate = static_cast<const char*>(g.a_gate) + k0 * g.a_cs * esize;
+      gc.packed_b = static_cast<const char*>(g.packed_b) + k0 * info.nr * info.elem_bytes;
+      gc.b_panel_stride = Kp * info.nr;
+      gc.c = pl.partial[c].data_ptr();
+      gc.c_rs = g.N;
+      gc.a_row_sums = g.a_row_sums ? pl.partial_sums[c].data_ptr() : nullptr;
+    }
+  }
+  pl.g = g;
+  return pl;
+}
+
+// Sums a plan's K-chunk partial products (and row sums) into C, in chunk order.
+void reduce_plan(const GemmPlan& pl) {
+  if (pl.kchunks == 1) return;
+  const GemmArgs& g = pl.g;
+  const int64_t kchunks = pl.kchunks;
+  auto reduce = [&](auto* src, int64_t rows, int64_t cols, int64_t plane, auto* dst, int64_t dst_rs) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < cols; ++j) {
+          auto s = src[r * cols + j];
+          for (int64_t c = 1; c < kchunks; ++c) s += src[c * plane + r * cols + j];
+          dst[r * dst_rs + j] = s;
+        }
+    });
+  };
+  if (g.dtype == DType::f64) {
+    reduce(pl.partial.data_ptr<double>(), g.M, g.N, g.M * g.N, static_cast<double*>(g.c), g.c_rs);
+    if (g.a_row_sums) reduce(pl.partial_sums.data_ptr<double>(), 1, g.M, g.M, static_cast<double*>(g.a_row_sums), 0);
+  } else {
+    reduce(pl.partial.data_ptr<float>(), g.M, g.N, g.M * g.N, static_cast<float*>(g.c), g.c_rs);
+    if (g.a_row_sums) reduce(pl.partial_sums.data_ptr<float>(), 1, g.M, g.M, static_cast<float*>(g.a_row_sums), 0);
+  }
+}
+
+}  // namespace
+
+void gemm_run_many(const std::vector<std::pair<GemmArgs, at::Tensor>>& jobs) {
+  const KernelTable& k = kernels();
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<GemmPlan> plans;
+  std::vector<int64_t> first;  // first global task of each plan
+  int64_t tasks = 0;
+  for (const auto& [g, packed] : jobs) {
+    if (g.M <= 0 || (g.N <= 0 && !g.a_row_sums)) continue;
+    plans.push_back(make_plan(g, packed, threads));
+    first.push_back(tasks);
+    tasks += plans.back().tasks();
+  }
+  auto run = [&](int64_t t) {
+    const size_t i = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+    plans[i].run(k, t - first[i]);
+  };
+  if (tasks <= 1 || threads == 1) {
+    for (int64_t t = 0; t < tasks; ++t) run(t);
+  } else {
+    // Tasks are handed out dynamically (an atomic counter): on a shared, noisy machine a
+    // statically split range waits for its slowest thread, and independent GEMMs share one
+    // parallel region (one barrier). Which task computes what is fixed, so results do not depend
+    // on the schedule.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+      for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) run(t);
+    });
+  }
+  for (const GemmPlan& pl : plans) reduce_plan(pl);
+}
+
+void gemm_run_all(GemmArgs g, const at::Tensor& packed) { gemm_run_many({{g, packed}}); }
+
+}  // namespace aiayn::cpu

@@ -1,0 +1,439 @@
+// The GEMM of linear and feed_forward (paper §3.3): packing, register-blocked micro-kernels and
+// the fused epilogue (bias, ReLU, Philox dropout, ReLU/dropout gate), written once over `Vec`.
+// Included inside the ISA namespace by isa/*.cpp, after simd/*.h and dropout_kernel.h.
+// isa/avx512.cpp defines AIAYN_GEMM_BF16_DOT first: bf16 then runs on vdpbf16ps (pairs of k per
+// 32-bit lane); elsewhere bf16 is widened to float32 while packing.
+//
+// Blocking (see kernels.h, GemmArgs): B is packed once into panels of NR columns x round_up(K, KP)
+// rows. A task (rows [m0, m1) x a range of panels, chosen by gemm/gemm.cpp so that the packed A
+// block, MC x K, stays in L2) packs its rows of A into micro-panels of MR rows, then for each B
+// panel (reused from L1/L2 by every micro-panel) runs the MR x NR micro-kernel over the *whole* K
+// with the tile in registers (MR * NV accumulators: 12 x 2 zmm on AVX-512, 6 x 2 ymm on AVX2) and
+// applies the epilogue to the registers before the one store of C. Keeping the whole reduction in
+// registers means no partial C sums in memory and an epilogue that sees finished values.
+
+// Register tile per ISA: MR rows x NV vectors.
+template <typename V>
+struct GemmTile {
+  static constexpr int MR = V::N == 16 ? 12 : V::N == 8 ? 6 : 4;
+  static constexpr int NV = V::N == 1 ? 4 : 2;
+  static constexpr int NR = NV * V::N;
+};
+
+inline int64_t gemm_round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Storage -> compute (float, double for f64) and compute -> packed (float, double, or raw bf16
+// bits for the dot path) conversions.
+inline float gemm_to_float(float v) { return v; }
+inline float gemm_to_float(uint16_t v) { return bf16_to_float(v); }
+inline double gemm_to_float(double v) { return v; }
+template <typename P, typename F>
+inline P gemm_from(F v) {
+  if constexpr (std::is_same_v<P, uint16_t>)
+    return float_to_bf16(static_cast<float>(v));
+  else
+    return static_cast<P>(v);
+}
+// Storage -> packed, exact when they are the same type.
+template <typename P, typename T>
+inline P gemm_cvt(T v) {
+  if constexpr (std::is_same_v<P, T>)
+    return v;
+  else
+    return gemm_from<P>(gemm_to_float(v));
+}
+
+// Packs B(k, n) for panels [p0, p1): element (k, j) of panel p at
+// p * Kp * NR + (k / KP) * NR * KP + j * KP + k % KP; zero outside K x N.
+template <typename T, typename P, int NR, int KP>
+void gemm_pack_b_impl(const GemmPackB& g, int64_t p0, int64_t p1, P* out) {
+  const int64_t K = g.K, N = g.N, Kp = gemm_round_up(K, KP);
+  const T* b = static_cast<const T*>(g.b);
+  for (int64_t p = p0; p < p1; ++p) {
+    P* dst = out + p * Kp * NR;
+    const int64_t n0 = p * NR;
+    const int nn = static_cast<int>(N - n0 < NR ? N - n0 : NR);
+    if (nn < NR || Kp != K)
+      for (int64_t i = 0; i < Kp * NR; ++i) dst[i] = P(0);
+    if (g.b_cs == 1) {
+      for (int64_t k = 0; k < K; ++k) {
+        const T* src = b + k * g.b_rs + n0;
+        P* d = dst + (k / KP) * NR * KP + k % KP;
+        for (int j = 0; j < nn; ++j) d[j * KP] = gemm_cvt<P>(src[j]);
+      }
+    } else {
+      // B = W^T (the forward's weights): k outer, so the panel is written contiguously while
+      // the nn source rows are each read sequentially.
+      const T* src[NR];
+      for (int j = 0; j < NR; ++j) src[j] = b + (n0 + (j < nn ? j : 0)) * g.b_cs;
+      for (int64_t k = 0; k < K; ++k) {
+        P* d = dst + (k / KP) * NR * KP + k % KP;
+        const int64_t off = k * g.b_rs;
+        if (nn == NR) {
+#pragma GCC unroll 8
+          for (int j = 0; j < NR; ++j) d[j * KP] = gemm_cvt<P>(src[j][off]);
+        } else {
+          for (int j = 0; j < nn; ++j) d[j * KP] = gemm_cvt<P>(src[j][off]);
+        }
+      }
+    }
+  }
+}
+
+// Packs rows [m0, m0 + rows) of A into micro-panels of MR rows (zero padded):
+// element (i, k) of micro-panel q at q * Kp * MR + (k / KP) * MR * KP + (i % MR) * KP + k % KP.
+// Optionally gates A (a_gate) and sums each row into a_row_sums (in the compute type, via a
+// double accumulator).
+template <typename T, typename P, typename Acc, int MR, int KP>
+void gemm_pack_a(const GemmArgs& g, int64_t m0, int64_t rows, P* out, bool want_sums) {
+  using F = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const int64_t K = g.K, Kp = gemm_round_up(K, KP);
+  const T* a = static_cast<const T*>(g.a);
+  const T* gate = static_cast<const T*>(g.a_gate);
+  const int64_t panels = (rows + MR - 1) / MR;
+  auto at = [&](int64_t i, int64_t k) -> P& {
+    return out[(i / MR) * Kp * MR + (k / KP) * MR * KP + (i % MR) * KP + k % KP];
+  };
+  for (int64_t i = rows; i < panels * MR; ++i)
+    for (int64_t k = 0; k < Kp; ++k) at(i, k) = P(0);
+  for (int64_t k = K; k < Kp; ++k)
+    for (int64_t i = 0; i < rows; ++i) at(i, k) = P(0);
+  const F gscale = static_cast<F>(g.a_gate_scale);
+  Acc* sums_out = static_cast<Acc*>(g.a_row_sums);
+  if (g.a_cs == 1 || g.a_rs != 1) {
+    // Rows contiguous in k (x, dY). Plain copies: a panel at a time, k outer, so that the packed
+    // panel is written contiguously from MR row streams.
+    if (!gate && !want_sums && g.a_cs == 1) {
+      for (int64_t q = 0; q < panels; ++q) {
+        const int64_t i0 = q * MR, n = rows - i0 < MR ? rows - i0 : MR;
+        const T* src[MR];
+        for (int i = 0; i < MR; ++i) src[i] = a + (m0 + i0 + (i < n ? i : 0)) * g.a_rs;
+        P* d = out + q * Kp * MR;
+        if (n == MR) {
+          for (int64_t k = 0; k < K; ++k)
+#pragma GCC unroll 16
+            for (int i = 0; i < MR; ++i) d[(k / KP) * MR * KP + i * KP + k % KP] = gemm_cvt<P>(src[i][k]);
+        } else {
+          for (int64_t k = 0; k < K; ++k)
+            for (int i = 0; i < n; ++i) d[(k / KP) * MR * KP + i * KP + k % KP] = gemm_cvt<P>(src[i][k]);
+        }
+      }
+      return;
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* src = a + (m0 + i) * g.a_rs;
+      P* d = out + (i / MR) * Kp * MR + (i % MR) * KP;
+      if (!gate && !want_sums) {
+        if (KP == 1)
+          for (int64_t k = 0; k < K; ++k) d[k * MR] = gemm_cvt<P>(src[k * g.a_cs]);
+        else
+          for (int64_t k = 0; k < K; ++k) d[(k / KP) * MR * KP + k % KP] = gemm_cvt<P>(src[k * g.a_cs]);
+        continue;
+      }
+      const T* gsrc = gate ? gate + (m0 + i) * g.a_rs : nullptr;
+      double s = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        F v = gemm_to_float(src[k * g.a_cs]);
+        if (gsrc) v = gemm_to_float(gsrc[k * g.a_cs]) > 0 ? v * gscale : F(0);
+        s += v;
+        d[(k / KP) * MR * KP + k % KP] = gemm_from<P>(v);
+      }
+      if (want_sums) sums_out[m0 + i] = static_cast<Acc>(s);
+    }
+  } else {
+    // A transposed (A(m, k) = y[k, m], the weight-gradient GEMMs): MR contiguous values per k.
+    Buffer<double> sums(want_sums ? rows : 1);
+    if (want_sums)
+      for (int64_t i = 0; i < rows; ++i) sums.p[i] = 0.0;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* src = a + k * g.a_cs + m0;
+      const T* gsrc = gate ? gate + k * g.a_cs + m0 : nullptr;
+      for (int64_t q = 0; q < panels; ++q) {
+        P* d = out + q * Kp * MR + (k / KP) * MR * KP + k % KP;
+        const int64_t i0 = q * MR, n = rows - i0 < MR ? rows - i0 : MR;
+        if (!gsrc && !want_sums) {
+          for (int64_t i = 0; i < n; ++i) d[i * KP] = gemm_cvt<P>(src[i0 + i]);
+          continue;
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          F v = gemm_to_float(src[i0 + i]);
+          if (gsrc) v = gemm_to_float(gsrc[i0 + i]) > 0 ? v * gscale : F(0);
+          if (want_sums) sums.p[i0 + i] += v;
+          d[i * KP] = gemm_from<P>(v);
+        }
+      }
+    }
+    if (want_sums)
+      for (int64_t i = 0; i < rows; ++i) sums_out[m0 + i] = static_cast<Acc>(sums.p[i]);
+  }
+}
+
+// K is reduced in blocks of kGemmKBlock steps: each block in fresh registers, the block sums
+// added into the tile's running total (in L1). Two-level summation keeps the rounding error of
+// long reductions (K = 4096) at the level of a blocked BLAS, for ~2% more instructions.
+constexpr int64_t kGemmKBlock = 64;
+// K slice kept in L1 per B panel (gemm_run_impl): 256 x 32 floats = 32 KiB on AVX-512.
+constexpr int64_t kGemmKSlice = 256;
+
+// Adds (or, for the first block, copies) the block sums into the running total.
+template <typename V, int NV, int ROWS>
+inline void gemm_fold(V (&tot)[ROWS][NV], const V (&blk)[ROWS][NV], bool first) {
+#pragma GCC unroll 16
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) tot[r][j] = first ? blk[r][j] : tot[r][j] + blk[r][j];
+}
+
+// Micro-kernel: acc[r][j] = sum_k A(r, k) * B(k, j*N .. j*N + N) over the whole (padded) K.
+template <typename V, int MR, int NV, int ROWS>
+inline void gemm_micro(const typename V::Scalar* __restrict a, const typename V::Scalar* __restrict b,
+                       int64_t K, V (&acc)[ROWS][NV]) {
+  constexpr int NR = NV * V::N;
+  if (K == 0) {
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] = V::zero();
+    return;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kGemmKBlock) {
+    const int64_t k1 = K - k0 < kGemmKBlock ? K : k0 + kGemmKBlock;
+    V blk[ROWS][NV];
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) blk[r][j] = V::zero();
+#pragma GCC unroll 2
+    for (int64_t k = k0; k < k1; ++k) {
+      __builtin_prefetch(a + (k + 12) * MR);  // the A micro-panel streams from L2
+      V bv[NV];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) bv[j] = V::load(b + k * NR + j * V::N);
+#pragma GCC unroll 16
+      for (int r = 0; r < ROWS; ++r) {
+        const V av = V::set1(a[k * MR + r]);
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) blk[r][j] = V::fma(av, bv[j], blk[r][j]);
+      }
+    }
+    gemm_fold<V, NV, ROWS>(acc, blk, k0 == 0);
+  }
+}
+
+#ifdef AIAYN_GEMM_BF16_DOT
+// bf16 micro-kernel on vdpbf16ps: each 32-bit lane holds the pair (k, k + 1), Kp / 2 steps.
+template <int MR, int ROWS>
+inline void gemm_micro_bf16(const uint16_t* __restrict a, const uint16_t* __restrict b, int64_t Kp,
+                            Vec (&acc)[ROWS][2]) {
+  const int64_t steps = Kp / 2;
+  if (steps == 0) {
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = Vec::zero();
+    return;
+  }
+  for (int64_t s0 = 0; s0 < steps; s0 += kGemmKBlock / 2) {
+    const int64_t s1 = steps - s0 < kGemmKBlock / 2 ? steps : s0 + kGemmKBlock / 2;
+    Vec blk[ROWS][2];
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r) blk[r][0] = blk[r][1] = Vec::zero();
+#pragma GCC unroll 2
+    for (int64_t s = s0; s < s1; ++s) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + s * 64);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + s * 64 + 32);
+      const uint16_t* ap = a + s * 2 * MR;
+#pragma GCC unroll 16
+      for (int r = 0; r < ROWS; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, ap + 2 * r, sizeof pair);
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+        blk[r][0].v = _mm512_dpbf16_ps(blk[r][0].v, av, b0);
+        blk[r][1].v = _mm512_dpbf16_ps(blk[r][1].v, av, b1);
+      }
+    }
+    gemm_fold<Vec, 2, ROWS>(acc, blk, s0 == 0);
+  }
+}
+#endif
+
+// The epilogue on a finished tile: rows m0 .. m0 + ROWS, columns n0 .. n0 + nn (nn <= NV * N).
+template <typename V, typename T, int NV, int ROWS>
+inline void gemm_epilogue(const GemmArgs& g, V (&acc)[ROWS][NV], int64_t m0, int64_t n0, int nn) {
+  using S = typename V::Scalar;
+  constexpr int N = V::N;
+  const S* bias = static_cast<const S*>(g.bias);
+  V bv[NV];
+  if (bias) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      const int valid = nn - j * N;
+      bv[j] = valid >= N ? V::load(bias + n0 + j * N) : valid > 0 ? V::load_partial(bias + n0 + j * N, valid) : V::zero();
+    }
+  }
+  const bool drop = g.dropout.enabled;
+  const V dscale = V::set1(static_cast<S>(g.dropout_scale));
+  const V gscale = V::set1(static_cast<S>(g.c_gate_scale));
+  const T* cgate = static_cast<const T*>(g.c_gate);
+  T* c = static_cast<T*>(g.c);
+#pragma GCC unroll 1
+  for (int r = 0; r < ROWS; ++r) {
+    const int64_t m = m0 + r;
+    uint64_t bits[4];
+    int64_t bit0 = 0;
+    if (drop) bit0 = fill_keep_bits(g.dropout, m * g.N + n0, m * g.N + n0 + nn, bits);
+    T* crow = c + m * g.c_rs + n0;
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      const int valid = nn - j * N;
+      if (valid <= 0) break;
+      V v = acc[r][j];
+      if (bias) v = v + bv[j];
+      if (g.relu) v = v.relu();
+      if (drop) v = V::keep(extract_bits(bits, bit0 + j * N, N), v) * dscale;
+      if (cgate) {
+        const T* gp = cgate + m * g.c_gate_rs + n0 + j * N;
+        const V gv = valid >= N ? V::load(gp) : V::load_partial(gp, valid);
+        v = V::where_positive(gv, v * gscale);
+      }
+      if (valid >= N)
+        v.store(crow + j * N);
+      else
+        v.store_partial(crow + j * N, valid);
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, rows>) for 1 <= rows <= R.
+template <int R, typename F>
+inline void gemm_dispatch_rows(int rows, F&& f) {
+  if constexpr (R >= 1) {
+    if (rows == R)
+      f(std::integral_constant<int, R>{});
+    else
+      gemm_dispatch_rows<R - 1>(rows, f);
+  }
+}
+
+// One task: rows [m0, m1) x panels [p0, p1). V: accumulator vector, T: storage, P: packed.
+template <typename V, typename T, typename P, int MR, int NV, int KP>
+void gemm_run_impl(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  using S = typename V::Scalar;
+  constexpr int NR = NV * V::N;
+  const int64_t K = g.K, Kp = gemm_round_up(K, KP);
+  const int64_t rows = m1 - m0;
+  const bool sums = g.a_row_sums != nullptr && p0 == 0;
+  if (rows <= 0 || (p1 <= p0 && !sums)) return;
+  const int64_t panels = (rows + MR - 1) / MR;
+  Buffer<P> ap(panels * Kp * MR);
+  gemm_pack_a<T, P, S, MR, KP>(g, m0, rows, ap.data(), sums);
+  const P* bpacked = static_cast<const P*>(g.packed_b);
+  // K in L1-sized slices: a slice of the B panel (kGemmKSlice x NR) stays in L1 while every
+  // micro-panel of the task's rows runs over it; the tile's partial sums of earlier slices wait in
+  // `partial` (MC x NR floats, L1/L2). The last slice adds them to the registers and runs the
+  // epilogue there. Short K (<= 1.5 slices) runs in one slice.
+  const int64_t slice = Kp <= kGemmKSlice + kGemmKSlice / 2 ? Kp : kGemmKSlice;
+  Buffer<S> partial(slice < Kp ? panels * MR * NR : 1);
+  for (int64_t p = p0; p < p1; ++p) {
+    const P* bp = bpacked + p * (g.b_panel_stride ? g.b_panel_stride : Kp * NR);
+    const int64_t n0 = p * NR;
+    const int nn = static_cast<int>(g.N - n0 < NR ? g.N - n0 : NR);
+    for (int64_t kb = 0; kb < Kp || kb == 0; kb += slice) {
+      const int64_t kn = Kp - kb < slice ? Kp - kb : slice;
+      const bool first = kb == 0, last = kb + kn >= Kp;
+      for (int64_t q = 0; q < panels; ++q) {
+        const int r = static_cast<int>(rows - q * MR < MR ? rows - q * MR : MR);
+        const P* aq = ap.data() + q * Kp * MR + kb * MR;
+        S* part = partial.data() + q * MR * NR;
+        gemm_dispatch_rows<MR>(r, [&](auto rows_c) {
+          constexpr int R = decltype(rows_c)::value;
+          V acc[R][NV];
+#ifdef AIAYN_GEMM_BF16_DOT
+          if constexpr (KP == 2)
+            gemm_micro_bf16<MR, R>(aq, bp + kb * NR, kn, acc);
+          else
+#endif
+            gemm_micro<V, MR, NV, R>(aq, bp + kb * NR, kn, acc);
+          if (!last) {
+#pragma GCC unroll 16
+            for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+              for (int j = 0; j < NV; ++j) {
+                S* c = part + i * NR + j * V::N;
+                (first ? acc[i][j] : acc[i][j] + V::load(c)).store(c);
+              }
+            return;
+          }
+          if (!first) {
+#pragma GCC unroll 16
+            for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+              for (int j = 0; j < NV; ++j) acc[i][j] = acc[i][j] + V::load(part + i * NR + j * V::N);
+          }
+          gemm_epilogue<V, T, NV, R>(g, acc, m0 + q * MR, n0, nn);
+        });
+      }
+      if (kn == 0) break;
+    }
+  }
+}
+
+// The packed layout of each dtype on this ISA.
+template <typename V, int KP, typename P>
+constexpr GemmInfo gemm_info_of() {
+  return GemmInfo{GemmTile<V>::MR, GemmTile<V>::NR, KP, static_cast<int>(sizeof(P))};
+}
+
+using GemmF64 = ScalarVec<double>;
+
+inline GemmInfo gemm_info(DType dtype, bool bf16_dot) {
+  switch (dtype) {
+    case DType::f32: return gemm_info_of<Vec, 1, float>();
+    case DType::bf16:
+#ifdef AIAYN_GEMM_BF16_DOT
+      if (bf16_dot) return gemm_info_of<Vec, 2, uint16_t>();
+#endif
+      (void)bf16_dot;
+      return gemm_info_of<Vec, 1, float>();
+    case DType::f64: return gemm_info_of<GemmF64, 1, double>();
+  }
+  return GemmInfo{};
+}
+
+inline void gemm_pack_b(const GemmPackB& b, int64_t p0, int64_t p1, void* packed) {
+  switch (b.dtype) {
+    case DType::f32:
+      gemm_pack_b_impl<float, float, GemmTile<Vec>::NR, 1>(b, p0, p1, static_cast<float*>(packed));
+      break;
+    case DType::bf16:
+#ifdef AIAYN_GEMM_BF16_DOT
+      if (b.bf16_dot) {
+        gemm_pack_b_impl<uint16_t, uint16_t, GemmTile<Vec>::NR, 2>(b, p0, p1, static_cast<uint16_t*>(packed));
+        break;
+      }
+#endif
+      gemm_pack_b_impl<uint16_t, float, GemmTile<Vec>::NR, 1>(b, p0, p1, static_cast<float*>(packed));
+      break;
+    case DType::f64:
+      gemm_pack_b_impl<double, double, GemmTile<GemmF64>::NR, 1>(b, p0, p1, static_cast<double*>(packed));
+      break;
+  }
+}
+
+inline void gemm_run(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  switch (g.dtype) {
+    case DType::f32:
+      gemm_run_impl<Vec, float, float, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 1>(g, m0, m1, p0, p1);
+      break;
+    case DType::bf16:
+#ifdef AIAYN_GEMM_BF16_DOT
+      if (g.bf16_dot) {
+        gemm_run_impl<Vec, uint16_t, uint16_t, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 2>(g, m0, m1, p0, p1);
+        break;
+      }
+#endif
+      gemm_run_impl<Vec, uint16_t, float, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 1>(g, m0, m1, p0, p1);
+      break;
+    case DType::f64:
+      gemm_run_impl<GemmF64, double, double, GemmTile<GemmF64>::MR, GemmTile<GemmF64>::NV, 1>(g, m0, m1, p0, p1);
+      break;
+  }
+}

@@ -1,0 +1,102 @@
+// CPU entry points of linear: out = act(x W^T + b), act = identity or ReLU, on the GEMM of
+// gemm/gemm.h (bias and ReLU in the epilogue). The backward gates grad_out with [out > 0] while
+// packing it, and sums it into grad_b in the same pass.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "../common/checks.h"
+#include "../common/feed_forward_args.h"
+#include "gemm/gemm.h"
+#include "kernels.h"
+
+namespace aiayn::cpu {
+
+at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, bool relu) {
+  check_linear_args(x, w, b, {at::kFloat, at::kBFloat16, at::kDouble});
+  const int64_t K = x.size(-1), N = w.size(0);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = N;
+  at::Tensor out = at::empty(shape, x.options());
+  const int64_t M = out.numel() / std::max<int64_t>(1, N);
+  int64_t tokens = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) tokens *= x.size(i);
+  if (tokens == 0 || N == 0) return out;
+  const at::Tensor bias = gemm_bias(b, x.scalar_type());
+  (void)M;
+  const at::Tensor x2 = gemm_rows(x, K);
+  GemmArgs g{};
+  g.dtype = gemm_dtype(x);
+  g.M = tokens;
+  g.N = N;
+  g.K = K;
+  g.a = x2.data_ptr();
+  g.a_rs = gemm_row_stride(x2);
+  g.a_cs = 1;
+  g.a_gate_scale = 1.0f;
+  g.c_gate_scale = 1.0f;
+  g.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  g.relu = relu;
+  g.c = out.data_ptr();
+  g.c_rs = N;
+  gemm_run_all(g, gemm_pack_weight(gemm_weight(w), /*transpose=*/true));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                              const at::Tensor& w,
+                                                              const std::optional<at::Tensor>& out, bool relu) {
+  check_linear_args(x, w, std::nullopt, {at::kFloat, at::kBFloat16, at::kDouble});
+  const int64_t K = x.size(-1), N = w.size(0);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = N;
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(shape), kLinear, ": argument 'grad_out' must have shape ",
+                    at::IntArrayRef(shape), ", got ", grad_out.sizes());
+  check_same_dtype(kLinear, "grad_out", grad_out, "x", x);
+  TORCH_CHECK_VALUE(!relu || (out.has_value() && out->defined() && out->sizes() == grad_out.sizes()), kLinear,
+                    ": argument 'out' (the forward output) is needed with shape ", grad_out.sizes(), " when relu");
+  int64_t tokens = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) tokens *= x.size(i);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dx = at::zeros(x.sizes(), x.options());
+  at::Tensor dw = at::zeros({N, K}, x.options());
+  at::Tensor db = at::zeros({N}, x.options().dtype(acc));
+  if (tokens == 0 || N == 0) return {dx, dw, db.to(x.scalar_type())};
+  const at::Tensor g2 = grad_out.reshape({tokens, N}).contiguous();
+  const at::Tensor o2 = relu ? out->reshape({tokens, N}).contiguous() : at::Tensor();
+  const at::Tensor x2 = gemm_rows(x, K);
+  GemmArgs g{};
+  g.dtype = gemm_dtype(x);
+  g.a_gate = relu ? o2.data_ptr() : nullptr;
+  g.a_gate_scale = 1.0f;
+  g.c_gate_scale = 1.0f;
+  // dx = (grad_out * [out > 0]) W.
+  g.M = tokens;
+  g.N = K;
+  g.K = N;
+  g.a = g2.data_ptr();
+  g.a_rs = N;
+  g.a_cs = 1;
+  g.c = dx.data_ptr();
+  g.c_rs = K;
+  const GemmArgs g_dx = g;
+  at::Tensor pack_w = gemm_pack_weight(gemm_weight(w), /*transpose=*/false);
+  // dW = (grad_out * [out > 0])^T x, db = its row sums.
+  g.M = N;
+  g.N = K;
+  g.K = tokens;
+  g.a_rs = 1;
+  g.a_cs = N;
+  g.a_row_sums = db.data_ptr();
+  g.c = dw.data_ptr();
+  g.c_rs = K;
+  gemm_run_many({{g_dx, pack_w}, {g, gemm_pack_b(gemm_dtype(x), tokens, K, x2.data_ptr(), gemm_row_stride(x2), 1)}});
+  return {dx, dw, db.to(x.scalar_type())};
+}
+
+TORCH_LIBRARY_IMPL(aiayn, CPU, m) {
+  m.impl("linear_fwd", &linear_fwd_cpu);
+  m.impl("linear_bwd", &linear_bwd_cpu);
+}
+
+}  // namespace aiayn::cpu

@@ -1,0 +1,302 @@
+"""feed_forward on the CPU: FFN(x) = dropout(relu(x W1^T + b1)) W2^T + b2 (paper §3.3) on aiayn's own
+GEMM. Checked against the float64 reference with the 2x rule: small and odd sizes on every ISA
+variant and dtype, the big sizes in float32 on the default ISA only (keeps the suite fast).
+Gradients, gradcheck, opcheck, exact dropout with the returned mask, strides, the packed-weight
+cache, and the errors of bad calls."""
+
+import pytest
+import torch
+
+import aiayn
+from aiayn import functional as AF
+from aiayn import reference
+from conftest import assert_2x_rule
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def make_params(d_model, d_ff, dtype, bias=True):
+    w1 = (torch.randn(d_ff, d_model) / max(d_model, 1) ** 0.5).to(dtype)
+    w2 = (torch.randn(d_model, d_ff) / max(d_ff, 1) ** 0.5).to(dtype)
+    b1 = (0.5 * torch.randn(d_ff)).to(dtype) if bias else None
+    b2 = (0.5 * torch.randn(d_model)).to(dtype) if bias else None
+    return w1, b1, w2, b2
+
+
+def dbl(t):
+    return None if t is None else t.double()
+
+
+def check_forward(x, params, p, what, seed):
+    w1, b1, w2, b2 = params
+    out, mask = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=p, return_dropout_mask=True)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert mask.shape == (*x.shape[:-1], w1.shape[0])
+    ref = reference.feed_forward(x.double(), *map(dbl, params), p, mask)
+    theirs = reference.feed_forward(x, w1, b1, w2, b2, p, mask)
+    # bf16: the hidden activation is rounded to bf16 once (torch: after the first GEMM and again
+    # after the dropout scaling); with few terms the max error of either is a rounding or two, so
+    # allow half a bf16 ulp of the largest output on top of the 2x rule.
+    slack = 2**-9 * ref.abs().max().item() if x.dtype == torch.bfloat16 and ref.numel() else 1e-6
+    assert_2x_rule(out, theirs, ref, what, seed=seed, slack=slack)
+
+
+# Small and odd sizes on every ISA variant: tokens x d_model x d_ff from the issue's grid.
+SMALL = [(1, 8, 32), (3, 64, 32), (17, 8, 2048), (3, 1000, 32), (17, 64, 4100), (1, 1000, 2048)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,d_model,d_ff", SMALL)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_forward_small_every_isa(isa_bf16, rng_seed, dtype, tokens, d_model, d_ff, p):
+    isa = isa_bf16
+    if isa.endswith("widened") and dtype != torch.bfloat16:
+        pytest.skip("the bf16 mode only changes bf16")
+    x = torch.randn(tokens, d_model).to(dtype)
+    check_forward(x, make_params(d_model, d_ff, dtype), p, f"fwd {isa} {dtype} {tokens}x{d_model}x{d_ff} p={p}",
+                  rng_seed)
+
+
+# The big sizes: float32 (and one bf16 case) on the default ISA only.
+@pytest.mark.parametrize("dtype,tokens,d_model,d_ff", [
+    (torch.float32, 512, 512, 2048), (torch.float32, 3072, 512, 2048), (torch.float32, 512, 1000, 4100),
+    (torch.float32, 3072, 64, 32), (torch.float32, 17, 512, 4100), (torch.bfloat16, 512, 512, 2048)])
+def test_forward_big_default_isa(rng_seed, dtype, tokens, d_model, d_ff):
+    x = torch.randn(tokens, d_model).to(dtype)
+    check_forward(x, make_params(d_model, d_ff, dtype), 0.1, f"fwd {dtype} {tokens}x{d_model}x{d_ff}", rng_seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("tokens,d_model,d_ff", [(1, 8, 32), (17, 64, 100), (40, 33, 2048)])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_backward_matches_reference(isa_bf16, rng_seed, dtype, tokens, d_model, d_ff, p):
+    isa = isa_bf16
+    if isa.endswith("widened") and dtype != torch.bfloat16:
+        pytest.skip("the bf16 mode only changes bf16")
+    x = torch.randn(tokens, d_model).to(dtype)
+    params = make_params(d_model, d_ff, dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, *params)]
+    out, mask = AF.feed_forward(*leaves, dropout_p=p, return_dropout_mask=True)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, *params)]
+    reference.feed_forward(*ref_leaves, p, mask).backward(grad.double())
+    torch_leaves = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    reference.feed_forward(*torch_leaves, p, mask).backward(grad)
+    for name, ours, r, t in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref_leaves, torch_leaves):
+        assert ours.grad.dtype == ours.dtype and ours.grad.shape == ours.shape
+        # bf16: the hidden gradient dh is rounded to bf16 once before the weight-gradient GEMMs (the
+        # vdpbf16ps inputs), torch rounds it twice at other points; with few tokens the max error
+        # of either is one such rounding, so allow one bf16 ulp of the largest gradient on top.
+        slack = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype) or 2**-8 * r.grad.abs().max().item()
+        assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} {isa} {dtype} {tokens}x{d_model}x{d_ff} p={p}",
+                       seed=rng_seed, slack=slack)
+
+
+def test_backward_big_default_isa(rng_seed):
+    tokens, d_model, d_ff, p = 512, 512, 2048, 0.1
+    x = torch.randn(tokens, d_model)
+    params = make_params(d_model, d_ff, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, *params)]
+    out, mask = AF.feed_forward(*leaves, dropout_p=p, return_dropout_mask=True)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, *params)]
+    reference.feed_forward(*ref_leaves, p, mask).backward(grad.double())
+    torch_leaves = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    reference.feed_forward(*torch_leaves, p, mask).backward(grad)
+    for name, ours, r, t in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref_leaves, torch_leaves):
+        assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} big", seed=rng_seed, slack=1e-5)
+
+
+def test_gradcheck_float64(isa):
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    w1, b1, w2, b2 = (t.requires_grad_() for t in make_params(6, 9, torch.float64))
+    seed = torch.tensor([42], dtype=torch.int64)
+    for p in (0.0, 0.4):
+        fn = lambda x, w1, b1, w2, b2: AF.feed_forward(x, w1, b1, w2, b2, dropout_p=p, seed=seed)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, w1, b1, w2, b2))
+    assert torch.autograd.gradcheck(lambda x, w1, w2: AF.feed_forward(x, w1, None, w2, None), (x, w1, w2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_opcheck(dtype, p):
+    x = torch.randn(5, 19).to(dtype).requires_grad_()
+    w1, b1, w2, b2 = (t.requires_grad_() for t in make_params(19, 40, dtype))
+    seed = torch.tensor([3], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.aiayn.feed_forward_fwd.default, (x, w1, b1, w2, b2, p, seed))
+    torch.library.opcheck(torch.ops.aiayn.feed_forward_fwd.default, (x, w1, None, w2, None, p, seed))
+    _, hidden = torch.ops.aiayn.feed_forward_fwd(x.detach(), w1.detach(), b1.detach(), w2.detach(), b2.detach(), p, seed)
+    torch.library.opcheck(torch.ops.aiayn.feed_forward_bwd.default,
+                          (torch.randn(5, 19).to(dtype), x.detach(), w1.detach(), w2.detach(), hidden, p))
+
+
+def test_dropout_is_exact_and_reproducible(isa):
+    x = torch.randn(37, 24)
+    w1, b1, w2, b2 = make_params(24, 129, torch.float32)
+    torch.manual_seed(0)
+    out1, mask1 = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.5, return_dropout_mask=True)
+    torch.manual_seed(0)
+    out2, mask2 = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.5, return_dropout_mask=True)
+    assert torch.equal(out1, out2) and torch.equal(mask1, mask2)
+    _, mask3 = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.5, return_dropout_mask=True)
+    assert not torch.equal(mask1, mask3)
+    assert 0.4 < mask1.float().mean().item() < 0.6
+    # The mask is the shared Philox numbering: hidden element (t, j) is number t * d_ff + j.
+    seed = torch.tensor([987654321], dtype=torch.int64)
+    _, mask = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.3, seed=seed, return_dropout_mask=True)
+    assert torch.equal(mask, reference.dropout_mask((37, 129), 0.3, seed))
+    # The hidden activation is exactly relu(x W1^T + b1) * mask / (1 - p) (same float32 products).
+    _, hidden = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, 0.3, seed)
+    h_ref = torch.relu(x.double() @ w1.double().t() + b1.double()) * mask / 0.7
+    assert (hidden.double() - h_ref).abs().max().item() < 1e-5
+    assert torch.equal(hidden == 0, (h_ref == 0))
+    # Every ISA variant draws the same mask.
+    outs = []
+    for name in ("avx512", "avx2", "generic"):
+        if aiayn._C.cpu_isa_supported(name):
+            with aiayn.cpu_isa(name):
+                outs.append(AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.3, seed=seed))
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_no_dropout_when_not_training_or_p_zero_and_p_one():
+    x = torch.randn(4, 16)
+    w1, b1, w2, b2 = make_params(16, 32, torch.float32)
+    state = torch.get_rng_state()
+    a = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.7, training=False)
+    c = AF.feed_forward(x, w1, b1, w2, b2)
+    assert torch.equal(state, torch.get_rng_state()), "p == 0 must not draw random numbers"
+    torch.testing.assert_close(a, reference.feed_forward(x, w1, b1, w2, b2))
+    torch.testing.assert_close(c, a)
+    full = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=1.0)
+    torch.testing.assert_close(full, b2.expand(4, 16))
+
+
+def test_same_as_nn_sequential_eval(rng_seed):
+    seq = torch.nn.Sequential(torch.nn.Linear(48, 80), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(80, 48))
+    seq.eval()
+    x = torch.randn(2, 7, 48)
+    out = AF.feed_forward(x, seq[0].weight, seq[0].bias, seq[3].weight, seq[3].bias, dropout_p=0.1, training=False)
+    torch.testing.assert_close(out, seq(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_and_batched_inputs(isa, rng_seed, dtype):
+    w1, b1, w2, b2 = params = make_params(24, 50, dtype)
+    x3 = torch.randn(3, 5, 24).to(dtype)
+    check_forward(x3, params, 0.2, "3-d", rng_seed)
+    wide = torch.randn(11, 30).to(dtype)[:, 3:27]  # row stride 30
+    assert not wide.is_contiguous()
+    check_forward(wide, params, 0.2, "column slice", rng_seed)
+    xt = torch.randn(4, 6, 24).to(dtype).transpose(0, 1)  # leading dims do not collapse
+    check_forward(xt, params, 0.0, "transposed leading dims", rng_seed)
+    xs = torch.randn(24, 9).to(dtype).t()  # last dim strided: copied
+    check_forward(xs, params, 0.0, "last dim strided", rng_seed)
+    # Strided weights (a transposed view) are accepted too.
+    w1t = w1.t().contiguous().t()
+    out = AF.feed_forward(x3, w1t, b1, w2, b2)
+    torch.testing.assert_close(out, AF.feed_forward(x3, w1, b1, w2, b2))
+    # Gradients through a strided x land in x's shape.
+    xg = wide.clone().requires_grad_()
+    AF.feed_forward(xg, w1, b1, w2, b2, dropout_p=0.1).sum().backward()
+    assert xg.grad.shape == xg.shape
+
+
+@aiayn.packed_weight_cache()
+def test_packed_weight_cache_sees_in_place_updates():
+    assert aiayn._C.set_pack_cache(True), "the decorator turned the cache on"
+    x = torch.randn(9, 16)
+    w1, b1, w2, b2 = make_params(16, 40, torch.float32)
+    first = AF.feed_forward(x, w1, b1, w2, b2)
+    with torch.no_grad():
+        w1.mul_(2.0)  # bumps w1._version: the packed copy must be refreshed
+        w2.add_(0.5)
+    second = AF.feed_forward(x, w1, b1, w2, b2)
+    torch.testing.assert_close(second, reference.feed_forward(x, w1, b1, w2, b2), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, second)
+    # A new tensor (maybe at the same address) is never confused with a freed one.
+    for _ in range(3):
+        w = torch.randn(40, 16)
+        torch.testing.assert_close(AF.feed_forward(x, w, b1, w2, b2), reference.feed_forward(x, w, b1, w2, b2),
+                                   rtol=1e-5, atol=1e-5)
+    aiayn._C.clear_pack_cache()
+
+
+def test_empty_and_degenerate_sizes():
+    w1, b1, w2, b2 = make_params(8, 16, torch.float32)
+    out = AF.feed_forward(torch.empty(0, 8), w1, b1, w2, b2, dropout_p=0.1)
+    assert out.shape == (0, 8)
+    x = torch.empty(0, 8, requires_grad=True)
+    w1.requires_grad_()
+    AF.feed_forward(x, w1, b1, w2, b2).sum().backward()
+    assert x.grad.shape == (0, 8) and torch.equal(w1.grad, torch.zeros_like(w1))
+    # d_ff == 0: out = b2; d_model == 0: empty out.
+    x = torch.randn(3, 8)
+    out = AF.feed_forward(x, torch.empty(0, 8), torch.empty(0), torch.empty(8, 0), b2)
+    torch.testing.assert_close(out, b2.expand(3, 8))
+    out = AF.feed_forward(torch.empty(3, 0), torch.empty(5, 0), torch.randn(5), torch.empty(0, 5), torch.empty(0))
+    assert out.shape == (3, 0)
+
+
+def test_nan_propagates():
+    x = torch.randn(3, 8)
+    x[1, 2] = float("nan")
+    w1, b1, w2, b2 = make_params(8, 16, torch.float32)
+    out = AF.feed_forward(x, w1, b1, w2, b2)
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any() and not torch.isnan(out[2]).any()
+
+
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(4, 16)
+    w1, b1, w2, b2 = make_params(16, 32, torch.float32)
+    op = AF.feed_forward
+    with pytest.raises(ValueError, match="'w1'.*shape"):
+        op(x, w1[:, :8], b1, w2, b2)
+    with pytest.raises(ValueError, match="'w2'.*shape"):
+        op(x, w1, b1, w2[:8], b2)
+    with pytest.raises(ValueError, match="'w2'.*shape"):
+        op(x, w1, b1, w2[:, :16], b2)
+    with pytest.raises(ValueError, match="'b1'.*shape"):
+        op(x, w1, b1[:5], w2, b2)
+    with pytest.raises(ValueError, match="'b2'.*shape"):
+        op(x, w1, b1, w2, b2.reshape(4, 4))
+    with pytest.raises(ValueError, match="'w1'.*shape"):
+        op(x, w1.reshape(-1), b1, w2, b2)
+    with pytest.raises(TypeError, match="'w1'.*dtype"):
+        op(x, w1.double(), b1, w2, b2)
+    with pytest.raises(TypeError, match="'b2'.*dtype"):
+        op(x, w1, b1, w2, b2.bfloat16())
+    with pytest.raises(TypeError, match="'x'.*dtype"):
+        op(x.half(), w1.half(), b1.half(), w2.half(), b2.half())
+    with pytest.raises(TypeError, match="'x'.*dtype"):
+        op(x.int(), w1.int(), b1.int(), w2.int(), b2.int())
+    with pytest.raises(ValueError, match="'w2'.*device"):
+        op(x, w1, b1, w2.to("meta"), b2)
+    with pytest.raises(ValueError, match="'dropout_p'"):
+        op(x, w1, b1, w2, b2, dropout_p=1.5)
+    with pytest.raises(ValueError, match="'p'"):
+        torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, -0.5, torch.tensor([0]))
+    with pytest.raises(TypeError, match="'seed'"):
+        op(x, w1, b1, w2, b2, dropout_p=0.5, seed=torch.tensor([1.5]))
+    with pytest.raises(ValueError, match="'x'.*dimension"):
+        op(torch.tensor(1.0), w1, b1, w2, b2)
+    _, hidden = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, 0.0, torch.tensor([0]))
+    with pytest.raises(ValueError, match="'grad_out'"):
+        torch.ops.aiayn.feed_forward_bwd(x[:2], x, w1, w2, hidden, 0.0)
+    with pytest.raises(ValueError, match="'hidden'"):
+        torch.ops.aiayn.feed_forward_bwd(x, x, w1, w2, hidden[:, :3], 0.0)
+
+
+def test_torch_compile_fullgraph(rng_seed):
+    x = torch.randn(8, 16)
+    w1, b1, w2, b2 = make_params(16, 32, torch.float32)
+    seed = torch.tensor([11], dtype=torch.int64)
+
+    def f(x, w1, b1, w2, b2):
+        return AF.feed_forward(x * 2, w1, b1, w2, b2, dropout_p=0.25, seed=seed).relu()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, w1, b1, w2, b2), f(x, w1, b1, w2, b2))

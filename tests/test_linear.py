@@ -1,0 +1,119 @@
+"""linear on the CPU: act(x W^T + b), act = identity or ReLU, on aiayn's own GEMM (the building
+block of feed_forward). 2x rule against the float64 reference on every ISA, gradients, gradcheck,
+opcheck, strides and errors."""
+
+import pytest
+import torch
+
+from aiayn import functional as AF
+from aiayn import reference
+from conftest import assert_2x_rule
+
+
+def make(tokens, k, n, dtype, bias=True):
+    x = torch.randn(tokens, k).to(dtype)
+    w = (torch.randn(n, k) / max(k, 1) ** 0.5).to(dtype)
+    b = (0.5 * torch.randn(n)).to(dtype) if bias else None
+    return x, w, b
+
+
+def slack_for(ref, dtype):
+    return 2**-9 * ref.abs().max().item() if dtype == torch.bfloat16 and ref.numel() else 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,k,n", [(1, 8, 32), (3, 1000, 17), (17, 64, 4100), (13, 3, 5), (40, 512, 64)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_forward_matches_reference(isa_bf16, rng_seed, dtype, tokens, k, n, activation):
+    isa = isa_bf16
+    if isa.endswith("widened") and dtype != torch.bfloat16:
+        pytest.skip("the bf16 mode only changes bf16")
+    x, w, b = make(tokens, k, n, dtype)
+    out = AF.linear(x, w, b, activation)
+    assert out.shape == (tokens, n) and out.dtype == dtype
+    ref = reference.linear(x.double(), w.double(), b.double(), activation)
+    theirs = reference.linear(x, w, b, activation)
+    assert_2x_rule(out, theirs, ref, f"linear {isa} {dtype} {tokens}x{k}x{n} {activation}", seed=rng_seed,
+                   slack=slack_for(ref, dtype))
+
+
+def test_forward_big_default_isa(rng_seed):
+    x, w, b = make(3072, 512, 2048, torch.float32)
+    ref = reference.linear(x.double(), w.double(), b.double(), "relu")
+    assert_2x_rule(AF.linear(x, w, b, "relu"), reference.linear(x, w, b, "relu"), ref, "big", seed=rng_seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_backward_matches_reference(isa, rng_seed, dtype, activation, bias):
+    x, w, b = make(2 * 9, 37, 50, dtype, bias)
+    x = x.reshape(2, 9, 37)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    out = AF.linear(*leaves, activation)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)]
+    reference.linear(*ref_leaves, activation).backward(grad.double())
+    torch_leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    reference.linear(*torch_leaves, activation).backward(grad)
+    for name, ours, r, t in zip(("x", "w", "b"), leaves, ref_leaves, torch_leaves):
+        if ours is None:
+            continue
+        slack = 1e-10 if dtype == torch.float64 else 2**-8 * r.grad.abs().max().item() if dtype == torch.bfloat16 else 1e-5
+        assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} {isa} {dtype} {activation}", seed=rng_seed, slack=slack)
+
+
+def test_gradcheck_float64(isa):
+    x, w, b = (t.requires_grad_() for t in make(5, 7, 6, torch.float64))
+    for act in (None, "relu"):
+        assert torch.autograd.gradcheck(lambda x, w, b: AF.linear(x, w, b, act), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: AF.linear(x, w), (x, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_opcheck(dtype):
+    x, w, b = (t.requires_grad_() for t in make(6, 11, 13, dtype))
+    for relu in (False, True):
+        torch.library.opcheck(torch.ops.aiayn.linear_fwd.default, (x, w, b, relu))
+        torch.library.opcheck(torch.ops.aiayn.linear_fwd.default, (x, w, None, relu))
+    out = torch.ops.aiayn.linear_fwd(x.detach(), w.detach(), b.detach(), True)
+    torch.library.opcheck(torch.ops.aiayn.linear_bwd.default, (torch.randn_like(out), x.detach(), w.detach(), out, True))
+
+
+def test_strided_inputs_and_nn_linear(isa, rng_seed):
+    lin = torch.nn.Linear(24, 40)
+    x = torch.randn(10, 31)[:, 5:29]
+    torch.testing.assert_close(AF.linear(x, lin.weight, lin.bias), lin(x), rtol=1e-5, atol=1e-5)
+    xt = torch.randn(3, 4, 24).transpose(0, 1)
+    torch.testing.assert_close(AF.linear(xt, lin.weight, lin.bias, "relu"), torch.relu(lin(xt)), rtol=1e-5, atol=1e-5)
+    xs = torch.randn(24, 6).t()
+    torch.testing.assert_close(AF.linear(xs, lin.weight.t().contiguous().t(), lin.bias), lin(xs), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_and_degenerate():
+    w, b = torch.randn(5, 4), torch.randn(5)
+    assert AF.linear(torch.empty(0, 4), w, b).shape == (0, 5)
+    torch.testing.assert_close(AF.linear(torch.empty(3, 0), torch.empty(5, 0), b, "relu"), torch.relu(b).expand(3, 5))
+    x = torch.randn(3, 0, requires_grad=True)
+    bb = b.clone().requires_grad_()
+    AF.linear(x, torch.empty(5, 0), bb).sum().backward()
+    torch.testing.assert_close(bb.grad, torch.full((5,), 3.0))
+
+
+def test_bad_inputs_name_the_argument():
+    x, w, b = make(4, 8, 6, torch.float32)
+    with pytest.raises(ValueError, match="'w'.*shape"):
+        AF.linear(x, w[:, :4], b)
+    with pytest.raises(ValueError, match="'b'.*shape"):
+        AF.linear(x, w, b[:2])
+    with pytest.raises(TypeError, match="'w'.*dtype"):
+        AF.linear(x, w.double(), b)
+    with pytest.raises(TypeError, match="'b'.*dtype"):
+        AF.linear(x, w, b.double())
+    with pytest.raises(TypeError, match="'x'.*dtype"):
+        AF.linear(x.long(), w.long(), b.long())
+    with pytest.raises(ValueError, match="'activation'"):
+        AF.linear(x, w, b, "gelu")
+    with pytest.raises(ValueError, match="'w'.*device"):
+        AF.linear(x, w.to("meta"), b)
