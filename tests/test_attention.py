@@ -141,7 +141,10 @@ def test_large_logits_do_not_overflow(isa, rng_seed):
     out = AF.scaled_dot_product_attention(q, k, v)
     ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert not torch.isnan(out).any()
-    assert_2x_rule(out, F.scaled_dot_product_attention(q, k, v), ref, "large logits", seed=rng_seed, slack=1e-4)
+    # Logits near 1e4 carry absolute rounding errors near 1e-3 in float32 (ours and torch's alike),
+    # which move the probabilities by about as much: the slack says so; the point is no overflow.
+    assert torch.isfinite(out).all()
+    assert_2x_rule(out, F.scaled_dot_product_attention(q, k, v), ref, "large logits", seed=rng_seed, slack=5e-3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
