@@ -247,6 +247,45 @@ def test_attention_huge_is_refused_before_allocating():
         SDPA(q, k, k)
 
 
+# --- the backward ops' own arguments, and mixed devices ------------------------------------------
+
+def test_backward_ops_bad_arguments():
+    x, r, w = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
+    seed = torch.tensor([1])
+    out, mean, rstd = torch.ops.aiayn.add_dropout_layer_norm_fwd(x, r, w, None, 0.0, 1e-5, seed)
+    bwd = torch.ops.aiayn.add_dropout_layer_norm_bwd
+    with pytest.raises(ValueError, match="'grad_out' has shape"):
+        bwd(torch.randn(3, 9), x, r, w, mean, rstd, 0.0, seed)
+    with pytest.raises(TypeError, match="'grad_out' has dtype"):
+        bwd(torch.randn(3, 8).double(), x, r, w, mean, rstd, 0.0, seed)
+    with pytest.raises(ValueError, match="'mean' and 'rstd'"):
+        bwd(out, x, r, w, mean[:2], rstd, 0.0, seed)
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8)
+    o, lse = torch.ops.aiayn.attention_fwd(q, k, k, None, None, 0.0, False, 0.3, seed)
+    abwd = torch.ops.aiayn.attention_bwd
+    with pytest.raises(ValueError, match="'grad_out' has shape"):
+        abwd(o[:, :, :4], q, k, k, o, lse, None, None, 0.0, False, 0.3, seed)
+    with pytest.raises(TypeError, match="'grad_out' has dtype"):
+        abwd(o.double(), q, k, k, o, lse, None, None, 0.0, False, 0.3, seed)
+    with pytest.raises(ValueError, match="'out' has shape"):
+        abwd(o, q, k, k, o[..., :4], lse, None, None, 0.0, False, 0.3, seed)
+    with pytest.raises(ValueError, match="'lse'"):
+        abwd(o, q, k, k, o, lse[..., :4], None, None, 0.0, False, 0.3, seed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for a second device")
+def test_mixed_devices_name_the_argument():
+    x = torch.randn(3, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="'residual' is on"):
+        ADLN(x, torch.randn(3, 8))
+    with pytest.raises(RuntimeError, match="'weight' is on"):
+        ADLN(x, x, torch.randn(8))
+    q = torch.randn(1, 1, 4, 8)
+    # (no CUDA attention kernel yet, issue 7: the dispatcher may refuse the CUDA backend instead)
+    with pytest.raises((RuntimeError, NotImplementedError), match="'k' is on|'q' is on|CUDA"):
+        SDPA(q, q.cuda(), q)
+
+
 # --- several threads at once ----------------------------------------------------------------
 
 def test_ops_from_several_threads_match_serial():
