@@ -2,18 +2,22 @@
 # The CPU op tests under AddressSanitizer + UndefinedBehaviorSanitizer:
 #   scripts/sanitize_check.sh [WORKDIR]
 # Copies the sources into WORKDIR (default build/sanitize, kept so a re-run rebuilds incrementally),
-# builds aiayn._C there with AIAYN_SANITIZE=address,undefined (AIAYN_CUDA=0), and runs the op tests
+# builds aiayn._C there with AIAYN_SANITIZE=$SANITIZERS (AIAYN_CUDA=0), and runs the op tests
 # against that copy inside a normal python with the sanitizer runtimes preloaded. Fails on any
 # report (ASan and UBSan both stop the process at the first one; the log is grepped as well).
 # Touches nothing outside WORKDIR: the checkout's own build and environment stay as they are.
 #
-# Env: PYTHON (default python), AIAYN_FUZZ_EXAMPLES (default 200 here: a fast subset of test_fuzz),
-# SANITIZE_PYTEST_ARGS (extra pytest arguments).
+# Env: PYTHON (default python), SANITIZERS (AIAYN_SANITIZE of the build, default
+# address,undefined,float-cast-overflow), AIAYN_FUZZ_EXAMPLES (default 200 here: a fast subset of
+# test_fuzz), SANITIZE_PYTEST_ARGS (extra pytest arguments).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${1:-$ROOT/build/sanitize}
 PY=${PYTHON:-python}
+# ASan + UBSan; float-cast-overflow (not part of GCC's "undefined") catches float -> int conversions
+# out of range, e.g. of a NaN.
+SANITIZERS=${SANITIZERS:-address,undefined,float-cast-overflow}
 CC_BIN=${CC:-gcc}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
@@ -32,7 +36,7 @@ find "$SRC/aiayn" -name '*.so' -delete
 find "$SRC" -name __pycache__ -prune -exec rm -rf {} +
 
 echo "sanitize_check: building a sanitized aiayn._C in $SRC"
-(cd "$SRC" && AIAYN_CUDA=0 AIAYN_SANITIZE=address,undefined MAX_JOBS="${MAX_JOBS:-2}" \
+(cd "$SRC" && AIAYN_CUDA=0 AIAYN_SANITIZE="$SANITIZERS" MAX_JOBS="${MAX_JOBS:-2}" \
   "$PY" setup.py build_ext --inplace >"$WORK/build.log" 2>&1) || {
   tail -n 60 "$WORK/build.log"
   echo "sanitize_check: FAILED: the sanitized build failed (log: $WORK/build.log)" >&2
