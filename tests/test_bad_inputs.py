@@ -76,8 +76,8 @@ def test_add_dropout_layer_norm_strided_last_dim_is_accepted():
     w, b = torch.randn(8), torch.randn(8)
     assert x.stride(-1) != 1 and r.stride(-1) != 1
     torch.testing.assert_close(ADLN(x, r, w, b), ADLN(x.contiguous(), r.contiguous(), w, b))
-    torch.testing.assert_close(ADLN(x, r, torch.randn(16)[::2], b), ADLN(x, r, torch.randn(16)[::2].contiguous(), b),
-                               atol=10, rtol=10)  # strided weight accepted (values differ: fresh randn)
+    ws = torch.randn(16)  # a strided weight is accepted too
+    torch.testing.assert_close(ADLN(x, r, ws[::2], b), ADLN(x, r, ws[::2].contiguous(), b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -103,7 +103,8 @@ def test_add_dropout_layer_norm_empty(shape):
     out = ADLN(x, r, w, b, p=0.3)
     assert out.shape == shape  # documented: an empty result of x's shape
     out.sum().backward()
-    assert x.grad.shape == shape and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    assert x.grad.shape == shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
 
 
 def test_add_dropout_layer_norm_huge_is_refused_before_allocating():
