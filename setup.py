@@ -103,7 +103,11 @@ def main():
     library_dirs, libraries, link = [], [], ["-fopenmp"]
     sanitize = os.environ.get("AIAYN_SANITIZE", "").strip()
     if sanitize:
-        flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+        # AIAYN_SANITIZE=address,undefined: the CPU kernels under ASan + UBSan (see
+        # scripts/sanitize_check.sh for running them inside a normal Python). Every UBSan report is
+        # fatal (-fno-sanitize-recover=all). The link flags pull in the shared runtimes, which a
+        # normal python must LD_PRELOAD (ASan has to come first in the library list).
+        flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g", "-fno-sanitize-recover=all"]
         cxx = [f for f in cxx if f != "-O3"] + ["-O1"] + flags
         link += flags
     if with_cuda:

@@ -107,6 +107,8 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, key_padding_mask=None,
     if key_padding_mask is not None:
         visible = visible & ~key_padding_mask[:, None, None, :]
     s = s.masked_fill(~visible, float("-inf"))
+    if Lk == 0:  # no keys: every row is fully masked (zeros), and amax has nothing to reduce
+        return s @ v
     row_max = s.amax(-1, keepdim=True)
     dead = torch.isneginf(row_max)
     p = torch.exp(s - torch.where(dead, torch.zeros_like(row_max), row_max))

@@ -23,6 +23,7 @@ inline void check_add_dropout_layer_norm_args(const at::Tensor& x, const at::Ten
   check_same_dtype(kAddDropoutLayerNorm, "residual", residual, "x", x);
   check_same_shape(kAddDropoutLayerNorm, "residual", residual, "x", x);
   check_same_device(kAddDropoutLayerNorm, "residual", residual, "x", x);
+  check_addressable(kAddDropoutLayerNorm, "x", x, static_cast<int64_t>(x.element_size()));
   const int64_t cols = x.size(-1);
   for (auto [name, t] : {std::pair{"weight", &weight}, std::pair{"bias", &bias}}) {
     if (!t->has_value() || !(*t)->defined()) continue;

@@ -1,6 +1,7 @@
 // Argument checks of scaled-dot-product attention, shared by the CPU and CUDA entry points.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/safe_numerics.h>
 
 #include <initializer_list>
 #include <optional>
@@ -43,7 +44,18 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK_VALUE(q.size(3) >= 1 && q.size(3) <= kAttentionMaxHeadDim, op,
                     ": head_dim (last dim of 'q') must be in [1, ", kAttentionMaxHeadDim, "], got ",
                     q.size(3));
+  check_addressable(op, "q", q, static_cast<int64_t>(q.element_size()));
+  check_addressable(op, "k", k, static_cast<int64_t>(k.element_size()));
+  check_addressable(op, "v", v, static_cast<int64_t>(v.element_size()));
   const int64_t want[4] = {q.size(0), q.size(1), q.size(2), k.size(2)};
+  // Dropout numbers the (batch, head, query, key) scores with one int64 index, and the returned
+  // mask has that many elements: the product must not overflow (checked before any allocation).
+  int64_t scores = 1;
+  bool overflow = false;
+  for (int64_t n : want) overflow = overflow || c10::mul_overflows(scores, n, &scores);
+  TORCH_CHECK_VALUE(!overflow, op, ": arguments 'q' and 'k' give batch * heads * Lq * Lk = ", want[0],
+                    " * ", want[1], " * ", want[2], " * ", want[3],
+                    " attention scores, more than an int64 index can number");
   if (attn_mask.has_value() && attn_mask->defined()) {
     const at::Tensor& m = *attn_mask;
     check_same_device(op, "attn_mask", m, "q", q);

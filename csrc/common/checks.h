@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <string>
 
@@ -49,6 +50,15 @@ inline void check_same_shape(const char* op, const char* name, const at::Tensor&
 inline void check_probability(const char* op, const char* name, double p) {
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, op, ": argument '", name,
                     "' must be a probability in [0, 1], got ", p);
+}
+
+// A result shaped like `t` (views such as expand() can be far larger than their memory) must be
+// allocatable: x86-64 gives a process 2^47 bytes, so anything larger fails here, with the
+// argument's name, before the op allocates (and before any byte count could overflow).
+inline void check_addressable(const char* op, const char* name, const at::Tensor& t, int64_t element_size) {
+  constexpr int64_t kMaxBytes = int64_t{1} << 47;
+  TORCH_CHECK_VALUE(t.numel() <= kMaxBytes / std::max<int64_t>(element_size, 1), op, ": argument '", name,
+                    "' of shape ", t.sizes(), " (", t.numel(), " elements) is too large: a result of its size needs more than 2^47 bytes");
 }
 
 // The Philox seed every dropout-capable op takes: a CPU int64 tensor holding one value.

@@ -213,6 +213,8 @@ struct Attention {
           for (int64_t j = W; j < np; j += W) mx = V::max(mx, V::load(srow + j));
           const S m_new = imax_s(f.m[r], mx.reduce_max());
           if (m_new == neg_inf) {  // nothing visible yet in this row
+            // unless a score is NaN (a NaN or Inf input; the max skips NaN): the row is NaN, as torch's
+            if (any_nan(srow, np)) f.l[r] = nan_s();
             for (int64_t j = 0; j < np; ++j) srow[j] = S(0);
             continue;
           }
@@ -321,7 +323,10 @@ struct Attention {
       f.l[i] = S(0);
       S* orow = f.obuf + i * D;
       for (int64_t d = 0; d < D; ++d) orow[d] = S(0);
-      if (m == neg_inf) continue;
+      if (m == neg_inf) {  // fully masked, unless a score is NaN (the max skips NaN): then NaN
+        if (any_nan(srow, nkb * BK)) f.l[i] = nan_s();
+        continue;
+      }
       const V mv = V::set1(m);
       V sum = V::zero();
       for (int64_t j = 0; j < nkb * BK; j += W) {
@@ -354,6 +359,12 @@ struct Attention {
   }
 
   static S imax_s(S x, S y) { return x > y ? x : y; }
+  static S nan_s() { return static_cast<S>(__builtin_nan("")); }
+  static bool any_nan(const S* x, int64_t n) {
+    for (int64_t j = 0; j < n; ++j)
+      if (x[j] != x[j]) return true;
+    return false;
+  }
   static S exp2_scalar(S x) { return V::exp2(V::set1(x)).reduce_max(); }
 
   // P(i, j) *= keep(i, j) / (1 - p) for keys [j0, j0 + n).

@@ -15,6 +15,7 @@ at::Tensor dropout_mask_cpu(const at::Tensor& like, double p, const at::Tensor& 
   constexpr const char* op = "dropout_mask";
   check_defined(op, "like", like);
   check_probability(op, "p", p);
+  check_addressable(op, "like", like, 1);
   at::Tensor mask = at::empty(like.sizes(), like.options().dtype(at::kBool));
   const DropoutParams d = make_dropout_params(p, p > 0.0 ? read_seed(op, seed) : 0, 0);
   const int64_t n = mask.numel();

@@ -40,6 +40,7 @@ at::Tensor dropout_mask_cuda(const at::Tensor& like, double p, const at::Tensor&
   constexpr const char* op = "dropout_mask";
   check_defined(op, "like", like);
   check_probability(op, "p", p);
+  check_addressable(op, "like", like, 1);
   TORCH_CHECK(like.is_cuda(), op, ": argument 'like' must be a CUDA tensor, got ", like.device());
   const c10::cuda::CUDAGuard guard(like.device());
   at::Tensor mask = at::empty(like.sizes(), like.options().dtype(at::kBool));

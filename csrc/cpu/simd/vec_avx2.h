@@ -64,9 +64,9 @@ struct Vec {
     return _mm_cvtss_f32(s);
   }
   // 2^x as in vec_avx512.h; 2^n is built in the exponent bits, so results below 2^-126 (and
-  // -inf) become exactly 0.
+  // -inf) become exactly 0. NaN stays NaN (x is max_ps's second operand, which it returns for NaN).
   static Vec exp2(Vec x) {
-    const __m256 t = _mm256_max_ps(x.v, _mm256_set1_ps(-127.0f));
+    const __m256 t = _mm256_max_ps(_mm256_set1_ps(-127.0f), x.v);
     const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256 f = _mm256_sub_ps(t, n);
     __m256 p = _mm256_set1_ps(kExp2C[7]);

@@ -52,9 +52,10 @@ struct Vec {
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
   // 2^x to ~1 ulp: x = n + f, |f| <= 1/2, 2^f by its degree-7 Taylor polynomial, then scalef
-  // (which also underflows to exactly 0, so masked scores at -inf give 0).
+  // (which also underflows to exactly 0, so masked scores at -inf give 0). The clamp has x second:
+  // max_ps returns its second operand when one is NaN, so NaN stays NaN (a NaN or Inf input).
   static Vec exp2(Vec x) {
-    const __m512 t = _mm512_max_ps(x.v, _mm512_set1_ps(-200.0f));
+    const __m512 t = _mm512_max_ps(_mm512_set1_ps(-200.0f), x.v);
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
     __m512 p = _mm512_set1_ps(kExp2C[7]);
