@@ -14,6 +14,8 @@ from conftest import isa  # noqa: F401 -- the ISA-variant fixture
 
 ADLN = AF.add_dropout_layer_norm
 SDPA = AF.scaled_dot_product_attention
+LIN = AF.linear
+FFN = AF.feed_forward
 
 
 def huge(shape, dtype=torch.float32):
@@ -248,6 +250,215 @@ def test_attention_huge_is_refused_before_allocating():
         SDPA(q, k, k)
 
 
+# --- linear ---------------------------------------------------------------------------------
+
+def linear_args(tokens=5, K=8, N=6):
+    return dict(x=torch.randn(3, tokens, K), w=torch.randn(N, K), b=torch.randn(N))
+
+
+@pytest.mark.parametrize("arg,value,exc,match", [
+    ("x", torch.randn(()), ValueError, "'x' must have at least one dimension"),
+    ("x", torch.randn(3, 5, 9), ValueError, "'w' must have shape"),  # in_features mismatch
+    ("w", torch.randn(8), ValueError, "'w' must have shape"),
+    ("w", torch.randn(1, 6, 8), ValueError, "'w' must have shape"),
+    ("w", torch.randn(6, 7), ValueError, "'w' must have shape"),
+    ("b", torch.randn(1, 6), ValueError, "'b' must have shape"),
+    ("b", torch.randn(7), ValueError, "'b' must have shape"),
+    ("b", torch.randn(()), ValueError, "'b' must have shape"),
+    ("x", torch.randn(3, 5, 8).half(), TypeError, "'x' has dtype"),
+    ("x", torch.ones(3, 5, 8, dtype=torch.int32), TypeError, "'x' has dtype"),
+    ("w", torch.randn(6, 8).double(), TypeError, "'w' has dtype"),
+    ("w", torch.randn(6, 8).bfloat16(), TypeError, "'w' has dtype"),
+    ("b", torch.randn(6).double(), TypeError, "'b' has dtype"),
+    ("x", None, (ValueError, RuntimeError, TypeError, AttributeError), "x|device"),
+    ("w", None, (ValueError, RuntimeError, TypeError), "w"),
+])
+def test_linear_bad_arguments(arg, value, exc, match):
+    kw = linear_args()
+    kw[arg] = value
+    with pytest.raises(exc, match=match):
+        LIN(kw["x"], kw["w"], kw["b"])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "RELU", "", "none", 1])
+def test_linear_bad_activation(activation):
+    a = linear_args()
+    with pytest.raises(ValueError, match="'activation'"):
+        LIN(a["x"], a["w"], a["b"], activation=activation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("where", ["x_nan", "x_inf", "w_nan", "w_inf", "b_nan", "b_inf"])
+def test_linear_nan_inf_propagate(isa, dtype, activation, where):
+    """A NaN or Inf gives NaN and Inf exactly where the float64 reference does (the ReLU included:
+    relu(NaN) is NaN, relu(-inf) is 0)."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(37, 19), torch.randn(21, 19), torch.randn(21)
+    t, val = {"x": (x, (5, 3)), "w": (w, (4, 7)), "b": (b, (9,))}[where[0]], where[2:]
+    t[0][t[1]] = float("nan") if val == "nan" else float("inf")
+    if where[0] == "x":
+        x[11, 2] = float("-inf")
+    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    out = LIN(x, w, b, activation)
+    ref = reference.linear(x.double(), w.double(), b.double(), activation)
+    assert torch.isnan(ref).any() or torch.isinf(ref).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), "NaN where the reference has NaN"
+    assert torch.equal(torch.isinf(out), torch.isinf(ref)), "Inf where the reference has Inf"
+    assert torch.equal(torch.signbit(out[torch.isinf(ref)]), torch.signbit(ref[torch.isinf(ref)]))
+
+
+@pytest.mark.parametrize("x_shape,N", [((0, 8), 6), ((3, 0, 8), 6), ((0,), 6), ((4, 8), 0), ((4, 0), 6)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_linear_empty(x_shape, N, activation):
+    x = torch.randn(x_shape).requires_grad_()
+    w = torch.randn(N, x_shape[-1]).requires_grad_()
+    b = torch.randn(N).requires_grad_()
+    out = LIN(x, w, b, activation)
+    assert out.shape == x_shape[:-1] + (N,)
+    torch.testing.assert_close(out, reference.linear(x.detach(), w.detach(), b.detach(), activation))
+    out.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    if x.numel() == 0 and x.shape[-1] != 0 or N == 0:
+        assert torch.equal(w.grad, torch.zeros_like(w))
+    want_db = out.new_ones(out.shape).gt(0) if activation is None else (out > 0)
+    torch.testing.assert_close(b.grad, want_db.float().reshape(-1, N).sum(0) if N else torch.zeros(0))
+
+
+def test_linear_huge_is_refused_before_allocating():
+    with pytest.raises(ValueError, match="'x' .*too large"):
+        LIN(huge((2**40, 2**20)), torch.randn(4, 2**20))
+    # x itself small enough (2^43 elements), but its 2^40 x 1024 result is not.
+    with pytest.raises(ValueError, match="'x' and 'w'.*too large"):
+        LIN(huge((2**40, 8)), torch.randn(1024, 8))
+    with pytest.raises(ValueError, match="'x' and 'w'.*too large"):
+        LIN(huge((2**22, 2**22, 1)), huge((2**20, 1)))  # tokens * N = 2^64 would overflow int64
+
+
+# --- feed_forward ---------------------------------------------------------------------------
+
+def ffn_args(d_model=8, d_ff=12):
+    return dict(x=torch.randn(3, 5, d_model), w1=torch.randn(d_ff, d_model), b1=torch.randn(d_ff),
+                w2=torch.randn(d_model, d_ff), b2=torch.randn(d_model))
+
+
+def call_ffn(kw, **opts):
+    return FFN(kw["x"], kw["w1"], kw["b1"], kw["w2"], kw["b2"], **opts)
+
+
+@pytest.mark.parametrize("arg,value,exc,match", [
+    ("x", torch.randn(()), ValueError, "'x' must have at least one dimension"),
+    ("x", torch.randn(3, 5, 9), ValueError, "'w1' must have shape"),  # d_model mismatch
+    ("w1", torch.randn(12), ValueError, "'w1' must have shape"),
+    ("w1", torch.randn(1, 12, 8), ValueError, "'w1' must have shape"),
+    ("w1", torch.randn(12, 9), ValueError, "'w1' must have shape"),
+    ("w1", torch.randn(13, 8), ValueError, "'w2' must have shape"),  # d_ff mismatch with w2
+    ("b1", torch.randn(1, 12), ValueError, "'b1' must have shape"),
+    ("b1", torch.randn(11), ValueError, "'b1' must have shape"),
+    ("w2", torch.randn(8), ValueError, "'w2' must have shape"),
+    ("w2", torch.randn(1, 8, 12), ValueError, "'w2' must have shape"),
+    ("w2", torch.randn(9, 12), ValueError, "'w2' must have shape"),
+    ("w2", torch.randn(8, 11), ValueError, "'w2' must have shape"),
+    ("w2", torch.randn(12, 8), ValueError, "'w2' must have shape"),  # w1's layout
+    ("b2", torch.randn(8, 1), ValueError, "'b2' must have shape"),
+    ("b2", torch.randn(12), ValueError, "'b2' must have shape"),
+    ("x", torch.randn(3, 5, 8).half(), TypeError, "'x' has dtype"),
+    ("x", torch.ones(3, 5, 8, dtype=torch.int64), TypeError, "'x' has dtype"),
+    ("w1", torch.randn(12, 8).double(), TypeError, "'w1' has dtype"),
+    ("b1", torch.randn(12).bfloat16(), TypeError, "'b1' has dtype"),
+    ("w2", torch.randn(8, 12).bfloat16(), TypeError, "'w2' has dtype"),
+    ("b2", torch.randn(8).double(), TypeError, "'b2' has dtype"),
+    ("x", None, (ValueError, RuntimeError, TypeError, AttributeError), "x|device"),
+    ("w1", None, (ValueError, RuntimeError, TypeError), "w1"),
+    ("w2", None, (ValueError, RuntimeError, TypeError), "w2"),
+])
+def test_feed_forward_bad_arguments(arg, value, exc, match):
+    kw = ffn_args()
+    kw[arg] = value
+    with pytest.raises(exc, match=match):
+        call_ffn(kw)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan"), float("inf")])
+def test_feed_forward_bad_dropout_p(p):
+    with pytest.raises(ValueError, match="'dropout_p'"):
+        call_ffn(ffn_args(), dropout_p=p)
+    with pytest.raises(ValueError, match="'p'"):  # the op itself checks too
+        a = ffn_args()
+        torch.ops.aiayn.feed_forward_fwd(a["x"], a["w1"], a["b1"], a["w2"], a["b2"], p, torch.tensor([0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("where", ["x_nan", "x_inf", "w1_nan", "b1_nan", "b1_inf", "w2_nan", "w2_inf", "b2_nan"])
+def test_feed_forward_nan_inf_propagate(isa, dtype, where):
+    """NaN and Inf where the float64 reference has them: through both GEMMs and the ReLU between
+    (relu(NaN) is NaN; a -inf hidden pre-activation is cut to 0 by the ReLU)."""
+    torch.manual_seed(0)
+    a = ffn_args(d_model=19, d_ff=23)
+    a["x"] = torch.randn(3, 13, 19)
+    name, val = where.rsplit("_", 1)
+    t = a[name]
+    t.view(-1)[t.numel() // 3] = float("nan") if val == "nan" else float("inf")
+    if name == "x":
+        a["x"][2, 4, 5] = float("-inf")
+    a = {k: v.to(dtype) for k, v in a.items()}
+    out = call_ffn(a)
+    ref = reference.feed_forward(*(a[k].double() for k in ("x", "w1", "b1", "w2", "b2")))
+    assert torch.isnan(ref).any() or torch.isinf(ref).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), "NaN where the reference has NaN"
+    assert torch.equal(torch.isinf(out), torch.isinf(ref)), "Inf where the reference has Inf"
+
+
+@pytest.mark.parametrize("x_shape,d_ff", [((0, 8), 12), ((3, 0, 8), 12), ((0,), 12), ((4, 8), 0), ((4, 0), 12)])
+def test_feed_forward_empty(x_shape, d_ff):
+    D = x_shape[-1]
+    x = torch.randn(x_shape).requires_grad_()
+    w1, b1, w2, b2 = (torch.randn(s).requires_grad_() for s in ((d_ff, D), (d_ff,), (D, d_ff), (D,)))
+    out, mask = FFN(x, w1, b1, w2, b2, dropout_p=0.3, seed=torch.tensor([5]), return_dropout_mask=True)
+    assert out.shape == x_shape and mask.shape == x_shape[:-1] + (d_ff,)
+    torch.testing.assert_close(out, reference.feed_forward(x.detach(), w1.detach(), b1.detach(), w2.detach(),
+                                                           b2.detach(), 0.3, mask))
+    out.sum().backward()
+    for t in (x, w1, b1, w2, b2):
+        assert t.grad.shape == t.shape and torch.isfinite(t.grad).all()
+    if x.numel() == 0:
+        for t in (w1, b1, w2):
+            assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_feed_forward_huge_is_refused_before_allocating():
+    w1, w2 = torch.randn(4, 2**20), torch.randn(2**20, 4)
+    with pytest.raises(ValueError, match="'x' .*too large"):
+        FFN(huge((2**40, 2**20)), w1, None, w2, None)
+    # x itself small enough (2^43 elements), but the (2^40, 1024) hidden activation is not.
+    with pytest.raises(ValueError, match="'x' and 'w1'.*too large"):
+        FFN(huge((2**40, 8)), torch.randn(1024, 8), None, torch.randn(8, 1024), None)
+    with pytest.raises(ValueError, match="'x' and 'w1'.*too large"):
+        FFN(huge((2**22, 2**22, 1)), huge((2**20, 1)), None, huge((1, 2**20)), None, dropout_p=0.5)
+
+
+def test_linear_and_feed_forward_backward_ops_bad_arguments():
+    x, w = torch.randn(3, 8), torch.randn(6, 8)
+    out = torch.ops.aiayn.linear_fwd(x, w, None, True)
+    with pytest.raises(ValueError, match="'grad_out' must have shape"):
+        torch.ops.aiayn.linear_bwd(out[:, :5], x, w, out, True)
+    with pytest.raises(TypeError, match="'grad_out' has dtype"):
+        torch.ops.aiayn.linear_bwd(out.double(), x, w, out, True)
+    with pytest.raises(ValueError, match="'out'"):
+        torch.ops.aiayn.linear_bwd(out, x, w, None, True)
+    a = ffn_args()
+    y, hidden = torch.ops.aiayn.feed_forward_fwd(a["x"], a["w1"], a["b1"], a["w2"], a["b2"], 0.0, torch.tensor([0]))
+    bwd = torch.ops.aiayn.feed_forward_bwd
+    with pytest.raises(ValueError, match="'grad_out' has shape"):
+        bwd(y[:2], a["x"], a["w1"], a["w2"], hidden, 0.0)
+    with pytest.raises(TypeError, match="'grad_out' has dtype"):
+        bwd(y.double(), a["x"], a["w1"], a["w2"], hidden, 0.0)
+    with pytest.raises(ValueError, match="'hidden' must have shape"):
+        bwd(y, a["x"], a["w1"], a["w2"], hidden[..., :5], 0.0)
+    with pytest.raises(TypeError, match="'hidden' has dtype"):
+        bwd(y, a["x"], a["w1"], a["w2"], hidden.double(), 0.0)
+
+
 # --- the backward ops' own arguments, and mixed devices ------------------------------------------
 
 def test_backward_ops_bad_arguments():
@@ -281,6 +492,10 @@ def test_mixed_devices_name_the_argument():
         ADLN(x, torch.randn(3, 8))
     with pytest.raises(RuntimeError, match="'weight' is on"):
         ADLN(x, x, torch.randn(8))
+    with pytest.raises((ValueError, RuntimeError), match="'w' is on"):
+        LIN(x, torch.randn(4, 8))
+    with pytest.raises((ValueError, RuntimeError), match="'b2' is on"):
+        FFN(x, torch.randn(4, 8, device="cuda"), None, torch.randn(8, 4, device="cuda"), torch.randn(8))
     q = torch.randn(1, 1, 4, 8)
     # (no CUDA attention kernel yet, issue 7: the dispatcher may refuse the CUDA backend instead)
     with pytest.raises((RuntimeError, NotImplementedError), match="'k' is on|'q' is on|CUDA"):
@@ -297,17 +512,26 @@ def test_ops_from_several_threads_match_serial():
         q, k, v = torch.randn(2, 2, 40 + i, 24), torch.randn(2, 2, 50, 24), torch.randn(2, 2, 50, 24)
         pad = torch.rand(2, 50) < 0.2
         seed = torch.tensor([1000 + i])
-        jobs.append((x, r, w, b, q, k, v, pad, seed))
+        lw, lb = torch.randn(45 + i, 70), torch.randn(45 + i)
+        w1, b1, w2, b2 = torch.randn(130 + i, 70) / 8, torch.randn(130 + i), torch.randn(70, 130 + i) / 11, None
+        jobs.append((x, r, w, b, q, k, v, pad, seed, lw, lb, w1, b1, w2, b2))
 
     def run(job):
-        x, r, w, b, q, k, v, pad, seed = job
+        x, r, w, b, q, k, v, pad, seed, lw, lb, w1, b1, w2, b2 = job
         xs = x.clone().requires_grad_()
         y = ADLN(xs, r, w, b, p=0.2, seed=seed)
         y.pow(2).sum().backward()
         qs = q.clone().requires_grad_()
         o = SDPA(qs, k, v, key_padding_mask=pad, dropout_p=0.1, is_causal=True, seed=seed)
         o.pow(2).sum().backward()
-        return [y.detach(), xs.grad, o.detach(), qs.grad, AF.dropout_mask(x, 0.3, seed)]
+        xl, lws = x.clone().requires_grad_(), lw.clone().requires_grad_()
+        lo = LIN(xl, lws, lb, "relu")
+        lo.pow(2).sum().backward()
+        xf, w1s = x.clone().requires_grad_(), w1.clone().requires_grad_()
+        f = FFN(xf, w1s, b1, w2, b2, dropout_p=0.2, seed=seed)
+        f.pow(2).sum().backward()
+        return [y.detach(), xs.grad, o.detach(), qs.grad, AF.dropout_mask(x, 0.3, seed),
+                lo.detach(), xl.grad, lws.grad, f.detach(), xf.grad, w1s.grad]
 
     serial = [run(j) for j in jobs]
     results = [None] * len(jobs)

@@ -307,3 +307,156 @@ def test_scaled_dot_product_attention(c):
         for name, ours, r, t, mag in zip("qkv", (q, k, v), ref_leaves, their_leaves, bounds):
             assert ours.grad is not None and ours.grad.dtype == dtype, f"grad {name}: {what}"
             check(ours.grad, t.grad, r.grad, f"grad {name}: {what}", c["seed"], cond, mag)
+
+
+# --- linear and feed_forward ---------------------------------------------------------------------
+# Fewer examples than the ops above (each is a few GEMMs): AIAYN_FUZZ_EXAMPLES scales them too.
+GEMM_FUZZ = settings(FUZZ, max_examples=max(1, (EXAMPLES * 3) // 10))
+gemm_sizes = st.one_of(st.integers(1, 40), st.sampled_from([1, 3, 5, 7, 9, 15, 17, 31, 33, 47, 63, 65, 97, 129]))
+
+
+def kink_free(shape_x, shape_w, n_bias, dtype, gen):
+    """x, w, b whose pre-activations x wᵀ + b are exact in every dtype (dyadic grids: x = a/4,
+    w = c/32 with |a|, |c| <= 8, b = (k + 1/2)/128), so float32/bfloat16 and the float64 reference
+    take the same side of the ReLU (see tests/test_feed_forward.py's kink_free): a pre-activation
+    within rounding of 0 would move gradients by O(1)."""
+    x = (torch.randint(-8, 9, shape_x, generator=gen) / 4).to(dtype)
+    w = (torch.randint(-8, 9, shape_w, generator=gen) / 32).to(dtype)
+    b = ((torch.randint(-64, 65, (n_bias,), generator=gen) + 0.5) / 128).to(dtype)
+    return x, w, b
+
+
+@st.composite
+def linear_cases(draw):
+    lead = draw(st.lists(st.integers(1, 5), min_size=0, max_size=2))
+    tokens, K, N = draw(gemm_sizes), draw(gemm_sizes), draw(gemm_sizes)
+    while math.prod(lead) * tokens * K * N > 150000:
+        lead, tokens = [1] * len(lead), max(1, tokens // 2)
+    return dict(lead=lead, tokens=tokens, K=K, N=N, dtype=draw(dtypes), isa=draw(isas),
+                bf16_dot=draw(st.booleans()), bias=draw(st.booleans()),
+                activation=draw(st.sampled_from([None, "relu"])), x_layout=draw(layouts),
+                w_layout=draw(st.sampled_from(["contiguous", "column_slice", "transposed"])),
+                seed=draw(seeds), backward=draw(st.booleans()))
+
+
+def grads_of(fn, leaves, grad):
+    """fn(*leaves) and the leaves' gradients for `grad` (float64 leaves are fresh copies)."""
+    out = fn(*leaves)
+    if grad is not None:
+        out.backward(grad.to(out.dtype))
+    return out
+
+
+def gemm_compare(c, ins, our_out, call, grad, what):
+    """Compares our output and input gradients with torch in ins' dtype and the float64 reference by
+    the 2x rule; each entry's slack scales with the same problem on |inputs| (and |grad|), which
+    bounds the terms a rounding error is relative to (cancellation in a sum)."""
+    bw = grad is not None
+
+    def leaves(dt, absolute=False):
+        return [None if t is None else (t.detach().abs() if absolute else t.detach()).to(dt).contiguous()
+                .requires_grad_(bw) for t in ins]
+
+    ref_leaves, their_leaves, abs_leaves = leaves(torch.float64), leaves(c["dtype"]), leaves(torch.float64, True)
+    ref = grads_of(call, ref_leaves, grad)
+    theirs = grads_of(call, their_leaves, grad)
+    bound = grads_of(lambda *a: call(*a, absolute=True), abs_leaves, None if grad is None else grad.abs())
+    check(our_out, theirs, ref, what, c["seed"], mag=bound.abs().max().item() if bound.numel() else 0.0)
+    if bw:
+        for i, (ours, r, t, a) in enumerate(zip(ins, ref_leaves, their_leaves, abs_leaves)):
+            if ours is None:
+                continue
+            assert ours.grad is not None and ours.grad.dtype == ours.dtype, f"grad {i}: {what}"
+            mag = a.grad.abs().max().item() if a.grad is not None and a.grad.numel() else 0.0
+            check(ours.grad, t.grad, r.grad, f"grad {i}: {what}", c["seed"], mag=mag)
+
+
+@GEMM_FUZZ
+@given(c=linear_cases())
+def test_linear(c):
+    gen = torch.Generator().manual_seed(c["seed"])
+    dtype, K, N, bw, act = c["dtype"], c["K"], c["N"], c["backward"], c["activation"]
+    shape = tuple(c["lead"]) + (c["tokens"], K)
+    if act == "relu":
+        x0, w0, b0 = kink_free(shape, (N, K), N, dtype, gen)
+    else:
+        x0 = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+        w0 = (torch.randn(N, K, generator=gen, dtype=torch.float64) / math.sqrt(K)).to(dtype)
+        b0 = (0.5 * torch.randn(N, generator=gen, dtype=torch.float64)).to(dtype)
+    x_leaf, w_leaf = x0.requires_grad_(bw), w0.requires_grad_(bw)
+    b = b0.requires_grad_(bw) if c["bias"] else None
+    x, w = layout(x_leaf, c["x_layout"]), layout(w_leaf, c["w_layout"])
+    if bw:
+        x.retain_grad()
+        w.retain_grad()
+    grad = torch.randn(shape[:-1] + (N,), generator=gen, dtype=torch.float64).to(dtype) if bw else None
+    previous = aiayn._C.set_gemm_bf16_dot(1 if c["bf16_dot"] else 0)
+    try:
+        with aiayn.cpu_isa(c["isa"]):
+            out = AF.linear(x, w, b, activation=act)
+            assert out.dtype == dtype and out.shape == shape[:-1] + (N,)
+            if bw:
+                out.backward(grad)
+    finally:
+        aiayn._C.set_gemm_bf16_dot(previous)
+
+    def call(x, w, b, absolute=False):
+        return reference.linear(x, w, b, None if absolute else act)
+
+    gemm_compare(c, [x, w, b], out, call, grad, f"linear {c}")
+
+
+@st.composite
+def feed_forward_cases(draw):
+    lead = draw(st.lists(st.integers(1, 4), min_size=0, max_size=2))
+    tokens, d_model, d_ff = draw(gemm_sizes), draw(gemm_sizes), draw(gemm_sizes)
+    while math.prod(lead) * tokens * d_model * d_ff > 100000:
+        lead, tokens = [1] * len(lead), max(1, tokens // 2)
+    return dict(lead=lead, tokens=tokens, d_model=d_model, d_ff=d_ff, dtype=draw(dtypes), isa=draw(isas),
+                bf16_dot=draw(st.booleans()), b1=draw(st.booleans()), b2=draw(st.booleans()),
+                x_layout=draw(layouts), p=draw(st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0])),
+                training=draw(st.sampled_from([True, True, False])),
+                seed=draw(seeds), dropout_seed=draw(dropout_seeds), backward=draw(st.booleans()))
+
+
+@GEMM_FUZZ
+@given(c=feed_forward_cases())
+def test_feed_forward(c):
+    gen = torch.Generator().manual_seed(c["seed"])
+    dtype, D, F, bw = c["dtype"], c["d_model"], c["d_ff"], c["backward"]
+    shape = tuple(c["lead"]) + (c["tokens"], D)
+    hidden_shape = shape[:-1] + (F,)
+    x_leaf, w1, b1 = kink_free(shape, (F, D), F, dtype, gen)  # the ReLU's side is the same in every dtype
+    w2 = (torch.randn(D, F, generator=gen, dtype=torch.float64) / math.sqrt(F)).to(dtype)
+    b2 = (0.5 * torch.randn(D, generator=gen, dtype=torch.float64)).to(dtype)
+    for t in (x_leaf, w1, w2):
+        t.requires_grad_(bw)
+    b1 = b1.requires_grad_(bw) if c["b1"] else None
+    b2 = b2.requires_grad_(bw) if c["b2"] else None
+    x = layout(x_leaf, c["x_layout"])
+    if bw:
+        x.retain_grad()
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) if bw else None
+    seed = torch.tensor([c["dropout_seed"]], dtype=torch.int64)
+    p = c["p"] if c["training"] else 0.0
+    previous = aiayn._C.set_gemm_bf16_dot(1 if c["bf16_dot"] else 0)
+    try:
+        with aiayn.cpu_isa(c["isa"]):
+            out, mask = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=c["p"], training=c["training"], seed=seed,
+                                        return_dropout_mask=True)
+            assert out.dtype == dtype and out.shape == shape
+            assert torch.equal(mask, reference.dropout_mask(hidden_shape, p, seed)), "returned mask = reference mask"
+            if bw:
+                out.backward(grad)
+    finally:
+        aiayn._C.set_gemm_bf16_dot(previous)
+
+    def call(x, w1, b1, w2, b2, absolute=False):
+        if absolute:  # every unit active: bounds the terms of the real problem
+            h = reference.linear(x, w1, b1).abs()
+            if p > 0.0:
+                h = h * mask.to(h.dtype) * (0.0 if p >= 1.0 else 1.0 / (1.0 - p))
+            return reference.linear(h, w2, b2)
+        return reference.feed_forward(x, w1, b1, w2, b2, p, mask)
+
+    gemm_compare(c, [x, w1, b1, w2, b2], out, call, grad, f"feed_forward {c}")

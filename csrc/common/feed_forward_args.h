@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <optional>
 
@@ -36,6 +37,25 @@ inline void check_input(const char* op, const at::Tensor& x, std::initializer_li
   check_defined(op, "x", x);
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": argument 'x' must have at least one dimension");
   check_dtype_in(op, "x", x, dtypes);
+  check_addressable(op, "x", x, static_cast<int64_t>(x.element_size()));
+}
+
+// A (tokens, cols) result, tokens = x's leading elements, must be allocatable (x may be an expanded
+// view far larger than its memory): refused, naming the arguments, before allocating (and before
+// tokens * cols could overflow).
+inline void check_result_addressable(const char* op, const char* names, const at::Tensor& x, int64_t cols,
+                                     const char* cols_name) {
+  constexpr int64_t kMaxBytes = int64_t{1} << 47;
+  if (cols == 0) return;
+  const int64_t max_tokens = kMaxBytes / std::max<int64_t>(x.element_size(), 1) / cols;
+  int64_t tokens = 1;  // saturates at max_tokens + 1 (no overflow); 0 if any leading dim is 0
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) {
+    if (x.size(i) == 0) return;
+    tokens = tokens > max_tokens / x.size(i) ? max_tokens + 1 : tokens * x.size(i);
+  }
+  TORCH_CHECK_VALUE(tokens <= max_tokens, op,
+                    ": arguments ", names, ": x of shape ", x.sizes(), " with ", cols_name, "=", cols,
+                    " is too large: a result of its size needs more than 2^47 bytes");
 }
 
 // x: (..., in_features), w: (out_features, in_features), b: (out_features,).
@@ -44,6 +64,7 @@ inline void check_linear_args(const at::Tensor& x, const at::Tensor& w, const st
   check_input(kLinear, x, dtypes);
   check_weight(kLinear, "w", w, x, -1, "out_features", x.size(-1), "in_features");
   check_bias(kLinear, "b", b, x, w.size(0), "out_features");
+  check_result_addressable(kLinear, "'x' and 'w'", x, w.size(0), "out_features");
 }
 
 // x: (..., d_model), w1: (d_ff, d_model), b1: (d_ff,), w2: (d_model, d_ff), b2: (d_model,).
@@ -58,6 +79,7 @@ inline void check_feed_forward_args(const at::Tensor& x, const at::Tensor& w1, c
   check_bias(kFeedForward, "b1", b1, x, d_ff, "d_ff");
   check_bias(kFeedForward, "b2", b2, x, d_model, "d_model");
   check_probability(kFeedForward, "p", p);
+  check_result_addressable(kFeedForward, "'x' and 'w1'", x, d_ff, "d_ff");
 }
 
 }  // namespace aiayn
