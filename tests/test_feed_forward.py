@@ -41,6 +41,22 @@ def dbl(t):
     return None if t is None else t.double()
 
 
+def check_backward(x, params, p, what, seed, slack_for):
+    """Gradients of every input against the float64 reference (2x rule; slack_for(reference grad)
+    gives the slack), with the dropout mask the call returned."""
+    leaves = [t.clone().requires_grad_() for t in (x, *params)]
+    out, mask = AF.feed_forward(*leaves, dropout_p=p, return_dropout_mask=True)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, *params)]
+    reference.feed_forward(*ref_leaves, p, mask).backward(grad.double())
+    torch_leaves = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    reference.feed_forward(*torch_leaves, p, mask).backward(grad)
+    for name, ours, r, t in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref_leaves, torch_leaves):
+        assert ours.grad.dtype == ours.dtype and ours.grad.shape == ours.shape
+        assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} {what}", seed=seed, slack=slack_for(r.grad))
+
+
 def check_forward(x, params, p, what, seed):
     w1, b1, w2, b2 = params
     out, mask = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=p, return_dropout_mask=True)
@@ -88,37 +104,18 @@ def test_backward_matches_reference(isa_bf16, rng_seed, dtype, tokens, d_model, 
     if isa.endswith("widened") and dtype != torch.bfloat16:
         pytest.skip("the bf16 mode only changes bf16")
     x, params = kink_free(tokens, d_model, d_ff, dtype)
-    leaves = [t.clone().requires_grad_() for t in (x, *params)]
-    out, mask = AF.feed_forward(*leaves, dropout_p=p, return_dropout_mask=True)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    ref_leaves = [t.detach().double().requires_grad_() for t in (x, *params)]
-    reference.feed_forward(*ref_leaves, p, mask).backward(grad.double())
-    torch_leaves = [t.detach().clone().requires_grad_() for t in (x, *params)]
-    reference.feed_forward(*torch_leaves, p, mask).backward(grad)
-    for name, ours, r, t in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref_leaves, torch_leaves):
-        assert ours.grad.dtype == ours.dtype and ours.grad.shape == ours.shape
-        # bf16: the hidden gradient dh is rounded to bf16 once before the weight-gradient GEMMs (the
-        # vdpbf16ps inputs), torch rounds it twice at other points; with few tokens the max error
-        # of either is one such rounding, so allow one bf16 ulp of the largest gradient on top.
-        slack = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype) or 2**-8 * r.grad.abs().max().item()
-        assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} {isa} {dtype} {tokens}x{d_model}x{d_ff} p={p}",
-                       seed=rng_seed, slack=slack)
+    # bf16: the hidden gradient dh is rounded to bf16 once before the weight-gradient GEMMs (the
+    # vdpbf16ps inputs), torch rounds it twice at other points; with few tokens the max error
+    # of either is one such rounding, so allow one bf16 ulp of the largest gradient on top.
+    check_backward(x, params, p, f"{isa} {dtype} {tokens}x{d_model}x{d_ff} p={p}", rng_seed,
+                   lambda ref_grad: {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype)
+                   or 2**-8 * ref_grad.abs().max().item())
 
 
 def test_backward_big_default_isa(rng_seed):
     tokens, d_model, d_ff, p = 512, 512, 2048, 0.1
     x, params = kink_free(tokens, d_model, d_ff, torch.float32)
-    leaves = [t.clone().requires_grad_() for t in (x, *params)]
-    out, mask = AF.feed_forward(*leaves, dropout_p=p, return_dropout_mask=True)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    ref_leaves = [t.detach().double().requires_grad_() for t in (x, *params)]
-    reference.feed_forward(*ref_leaves, p, mask).backward(grad.double())
-    torch_leaves = [t.detach().clone().requires_grad_() for t in (x, *params)]
-    reference.feed_forward(*torch_leaves, p, mask).backward(grad)
-    for name, ours, r, t in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref_leaves, torch_leaves):
-        assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} big", seed=rng_seed, slack=1e-5)
+    check_backward(x, params, p, "big", rng_seed, lambda ref_grad: 1e-5)
 
 
 def test_gradcheck_float64(isa):

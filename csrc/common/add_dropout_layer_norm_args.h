@@ -1,12 +1,15 @@
 // Argument checks of add_dropout_layer_norm, shared by the CPU and CUDA entry points.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <initializer_list>
 #include <optional>
+#include <tuple>
 #include <utility>
 
 #include "checks.h"
+#include "tensor_layout.h"
 
 namespace aiayn {
 
@@ -37,6 +40,14 @@ inline void check_add_dropout_layer_norm_args(const at::Tensor& x, const at::Ten
   }
   check_probability(kAddDropoutLayerNorm, "p", p);
   TORCH_CHECK_VALUE(eps >= 0.0, kAddDropoutLayerNorm, ": argument 'eps' must be >= 0, got ", eps);
+}
+
+// The forward's outputs, shaped and typed alike on every device: out (x's shape and dtype,
+// contiguous), mean and rstd (one per row, in the accumulation type).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> add_dropout_layer_norm_outputs(const at::Tensor& x,
+                                                                                    int64_t rows) {
+  const auto stats = x.options().dtype(acc_type(x));
+  return {at::empty(x.sizes(), x.options()), at::empty({rows}, stats), at::empty({rows}, stats)};
 }
 
 // The backward's extra arguments; returns the number of rows.

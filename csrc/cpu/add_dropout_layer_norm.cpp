@@ -37,9 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_dropout_layer_norm_fwd_cpu(
                                     {at::kFloat, at::kBFloat16, at::kDouble});
   const int64_t cols = x.size(-1);
   const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor mean = at::empty({rows}, x.options().dtype(acc_type(x)));
-  at::Tensor rstd = at::empty({rows}, x.options().dtype(acc_type(x)));
+  at::Tensor out, mean, rstd;  // plain variables: lambdas below capture them (C++17)
+  std::tie(out, mean, rstd) = add_dropout_layer_norm_outputs(x, rows);
   if (rows == 0 || cols == 0) return {out, mean, rstd};
 
   const at::Tensor x2 = as_rows(x, cols), r2 = as_rows(residual, cols);
