@@ -94,10 +94,11 @@ Prepared prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tenso
   return p;
 }
 
-// Scratch memory for the kernel: one block per thread, allocated once per call.
-class Workspace {
+// Scratch memory for the kernel: one block per thread, allocated once per call (the kernel carves
+// its arrays out of its block with the ISA-side Workspace, simd/buffer.h).
+class ThreadScratch {
  public:
-  explicit Workspace(size_t bytes_per_thread)
+  explicit ThreadScratch(size_t bytes_per_thread)
       : stride_((bytes_per_thread + 63) / 64 * 64),
         buf_(at::empty({static_cast<int64_t>(stride_) * at::get_num_threads() + 64}, at::kByte)) {}
   void* for_thread() const {
@@ -129,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   a.lse = lse.data_ptr();
   a.query_chunks = chunks_per_head(heads_total, blocks(a.len_q, kAttentionBlockQ));
   const KernelTable& kt = kernels();
-  Workspace ws(kt.attention_workspace(a, false));
+  ThreadScratch ws(kt.attention_workspace(a, false));
   at::parallel_for(0, heads_total * a.query_chunks, 1,
                    [&](int64_t b, int64_t e) { kt.attention_fwd(a, b, e, ws.for_thread()); });
   return {out, lse};
@@ -172,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   a.grad_k = gk.data_ptr();
   a.grad_v = gv.data_ptr();
   const KernelTable& kt = kernels();
-  Workspace ws(kt.attention_workspace(a, true));
+  ThreadScratch ws(kt.attention_workspace(a, true));
   at::parallel_for(0, heads_total * a.key_chunks, 1,
                    [&](int64_t b, int64_t e) { kt.attention_bwd(a, b, e, ws.for_thread()); });
   at::Tensor gq = a.key_chunks == 1 ? gq_partial.reshape({a.batch, a.heads, a.len_q, a.dim})
