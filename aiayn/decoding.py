@@ -8,7 +8,11 @@ encoder output are projected once. ``use_cache=False`` instead re-runs the decod
 prefix at every step (what users of ``nn.Transformer`` do); both give the same tokens.
 """
 
+import contextlib
+
 import torch
+
+from ._ops import packed_weight_cache
 
 __all__ = ["generate", "greedy_search", "beam_search", "gnmt_length_penalty"]
 
@@ -70,14 +74,27 @@ class _Decoder:
         logp[:, self.banned] = float("-inf")  # never emit padding or a second BOS
         return logp
 
-    def select(self, rows):
-        self.memory = self.memory.index_select(0, rows)
-        self.mask = None if self.mask is None else self.mask.index_select(0, rows)
+    def select(self, rows, same_sources=False):
+        """Keep ``rows`` (in this order). ``same_sources``: every new row decodes the same source
+        sentence as the old row at its position (beam search reordering hypotheses within each
+        sentence), so the encoder output and the cross-attention keys/values stay as they are."""
         self.tokens = self.tokens.index_select(0, rows)
+        if not same_sources:
+            self.memory = self.memory.index_select(0, rows)
+            self.mask = None if self.mask is None else self.mask.index_select(0, rows)
         if self.cache is not None:
             for layer in self.cache:
                 layer["self"].reorder(rows)
-                layer["cross"].reorder(rows)
+                if not same_sources:
+                    layer["cross"].reorder(rows)
+
+
+@contextlib.contextmanager
+def _frozen_weights():
+    """No autograd, and each weight packed into the GEMM's panel layout once per search instead of
+    once per step (the weights do not change while decoding)."""
+    with torch.no_grad(), packed_weight_cache():
+        yield
 
 
 def _strip(tokens, eos_id):
@@ -89,7 +106,7 @@ def greedy_search(model, src, src_key_padding_mask=None, max_len_offset=50, use_
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with _frozen_weights():
             run = _Decoder(model, src, src_key_padding_mask, max_len_offset, use_cache)
             eos = model.config.eos_id
             results = [None] * src.shape[0]
@@ -129,7 +146,7 @@ def beam_search(model, src, src_key_padding_mask=None, beam_size=4, length_penal
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with _frozen_weights():
             return _beam_search(model, src, src_key_padding_mask, beam_size, length_penalty, max_len_offset,
                                 use_cache)
     finally:
@@ -180,10 +197,11 @@ def _beam_search(model, src, src_key_padding_mask, k, alpha, max_len_offset, use
                 rows.append(row)
                 next_tokens.append(token)
                 next_scores.append(score)
+        same_sources = len(keep) == len(alive)
         alive = keep
         if not alive:
             break
-        run.select(torch.tensor(rows, device=device))
+        run.select(torch.tensor(rows, device=device), same_sources)
         run.tokens = torch.cat([run.tokens, torch.tensor(next_tokens, device=device)[:, None]], 1)
         scores = torch.tensor(next_scores, device=device).view(len(alive), k)
     return [_strip(max(f, key=lambda h: h[0])[1], eos) if f else [] for f in finished]
