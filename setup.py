@@ -59,6 +59,19 @@ def pip_nvidia_dirs():
     return incs, libs
 
 
+def cublaslt_library(lib_dirs):
+    """The linker name of the cuBLASLt that torch loads (linear / feed_forward run on it): the pip
+    packages often hold only the versioned file (libcublasLt.so.13), linked as -l:libcublasLt.so.13;
+    its soname matches the one torch already loaded, so importing aiayn loads nothing new."""
+    for d in lib_dirs:
+        if os.path.exists(os.path.join(d, "libcublasLt.so")):
+            return "cublasLt"
+        versioned = sorted(glob.glob(os.path.join(d, "libcublasLt.so.*")), key=len)
+        if versioned:
+            return ":" + os.path.basename(versioned[0])
+    return "cublasLt"  # the toolkit's, from CUDAExtension's library dirs
+
+
 def cuda_decision(torch):
     want = os.environ.get("AIAYN_CUDA", "").strip().lower()
     if want in ("0", "false", "off", "no"):
@@ -116,6 +129,7 @@ def main():
         incs, libs = pip_nvidia_dirs()
         include_dirs += incs
         library_dirs += libs
+        libraries.append(cublaslt_library(libs))
         summary_cuda = f"CUDA {torch.version.cuda} from {cuda_home}, archs {archs}, {len(cuda_sources)} sources"
         ext = cpp_extension.CUDAExtension(
             "aiayn._C",

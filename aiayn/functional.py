@@ -93,8 +93,8 @@ def linear(x, w, b=None, activation=None):
     (followed by a ReLU) on aiayn's own GEMM, bias and ReLU fused into its epilogue.
 
     Args:
-        x: ``(..., in_features)``, float32, bfloat16 or float64 (CPU); any leading shape, any strides
-            (a last dim that is not contiguous is copied).
+        x: ``(..., in_features)``, float32, bfloat16 or float64 (float16 too on CUDA); any leading
+            shape, any strides (a last dim that is not contiguous is copied).
         w: ``(out_features, in_features)`` like ``nn.Linear.weight``, x's dtype and device.
         b: ``(out_features,)`` or None.
         activation: None or ``"relu"``.
@@ -103,7 +103,8 @@ def linear(x, w, b=None, activation=None):
     ``F.linear``; the same holds for ``feed_forward`` and ``scaled_dot_product_attention``).
     bfloat16 is multiplied with float32 accumulation (``vdpbf16ps`` on AVX-512 BF16) and rounded once
     at the end. Packed weights can be cached across calls (``aiayn.packed_weight_cache``, see
-    ``feed_forward``).
+    ``feed_forward``). On CUDA: cuBLASLt with the bias in its epilogue (TF32 for float32 only where
+    ``torch.backends.cuda.matmul.allow_tf32`` allows it), ReLU in a pass of ours.
     """
     if activation not in (None, "relu"):
         raise ValueError(f"linear: argument 'activation' must be None or 'relu', got {activation!r}")
@@ -121,7 +122,8 @@ def feed_forward(x, w1, b1, w2, b2, dropout_p=0.0, training=True, seed=None, ret
     with that module's parameters passed as ``w1, b1, w2, b2``.
 
     Args:
-        x: ``(..., d_model)``, float32, bfloat16 or float64 (CPU); any leading shape, any strides.
+        x: ``(..., d_model)``, float32, bfloat16 or float64 (float16 too on CUDA); any leading shape,
+            any strides.
         w1: ``(d_ff, d_model)``, b1: ``(d_ff,)`` or None, w2: ``(d_model, d_ff)``, b2: ``(d_model,)`` or
             None, all in x's dtype and on its device (``nn.Linear`` layout).
         dropout_p: dropout probability on the hidden activation (inverted: kept values scaled by
@@ -135,7 +137,10 @@ def feed_forward(x, w1, b1, w2, b2, dropout_p=0.0, training=True, seed=None, ret
     Kernels: two GEMMs of aiayn's own (packed panels, register-blocked micro-kernels); bias, ReLU
     and dropout are applied in the first one's epilogue while the tile is in registers. The backward
     needs no stored mask: the saved hidden activation is > 0 exactly where the unit was active and
-    kept. Bias gradients are summed while the weight-gradient GEMMs pack their operand.
+    kept. Bias gradients are summed while the weight-gradient GEMMs pack their operand. On CUDA the
+    GEMMs run on cuBLASLt with bias / bias-gradient epilogues and one pass of ours applies ReLU and
+    dropout (same Philox mask as the CPU for the same seed); torch's matmul takes over any GEMM
+    cuBLASLt declines (and all of them with ``AIAYN_CUBLASLT=0``).
 
     Packed weights: each call packs ``w1`` and ``w2`` into the GEMM's panel layout (O(d_model *
     d_ff), small next to the GEMMs for many tokens). Inside ``aiayn.packed_weight_cache()`` (or with

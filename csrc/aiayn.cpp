@@ -57,6 +57,12 @@ TORCH_LIBRARY(aiayn, m) {
 #define AIAYN_CUDA_ARCHS ""
 #endif
 
+#ifdef AIAYN_WITH_CUDA
+namespace aiayn::cuda {
+int64_t gemm_fallback_count();  // cuda/cublaslt_gemm.cu
+}
+#endif
+
 namespace aiayn::cpu {
 void gemm_clear_pack_cache();  // cpu/gemm/gemm.cpp
 bool gemm_set_pack_cache(bool enabled);
@@ -133,6 +139,10 @@ PYBIND11_MODULE(_C, m) {
         "The raw Philox4x32-10 bijection of csrc/common/philox.h (for tests against Random123's answers).");
   m.def("peak_fp32_fma", [](int64_t iters) { return run_peak(cpu::kernels().peak_fp32_fma, iters); },
         "(seconds, flops) of an fp32 FMA loop on every thread, current ISA.");
+#ifdef AIAYN_WITH_CUDA
+  m.def("cuda_gemm_fallbacks", [] { return aiayn::cuda::gemm_fallback_count(); },
+        "How many linear / feed_forward GEMMs on CUDA took torch's matmul instead of cuBLASLt (for tests).");
+#endif
   m.def("peak_bf16_dot", [](int64_t iters) { return run_peak(cpu::kernels().peak_bf16_dot, iters); },
         "(seconds, flops) of a bf16 dot-product loop on every thread (AVX-512 BF16 only).");
 }

@@ -145,13 +145,13 @@ def _feed_forward_bench(device, dtype, T, d_model, d_ff, p, backward):
     return Bench(aiayn=fwd_bwd(ours), torch=fwd_bwd(theirs), shape=(T, d_model, d_ff), flops=3 * flops)
 
 
-@register("feed_forward.fwd", dtypes=(torch.float32, torch.bfloat16), devices=("cpu",))
+@register("feed_forward.fwd", dtypes=(torch.float32, torch.bfloat16))
 def _feed_forward_fwd(device, dtype, quick):
     # The base model's FFN, 3072 tokens, dropout 0.1 on the hidden activation (training mode).
     return _feed_forward_bench(device, dtype, 1024 if quick else 3072, 512, 2048, 0.1, backward=False)
 
 
-@register("feed_forward.fwd_bwd", dtypes=(torch.float32, torch.bfloat16), devices=("cpu",))
+@register("feed_forward.fwd_bwd", dtypes=(torch.float32, torch.bfloat16))
 def _feed_forward_fwd_bwd(device, dtype, quick):
     return _feed_forward_bench(device, dtype, 1024 if quick else 3072, 512, 2048, 0.1, backward=True)
 
@@ -180,6 +180,25 @@ def _feed_forward_fwd_small_prepacked(device, dtype, quick):
 def _feed_forward_fwd_big(device, dtype, quick):
     # The big model's FFN, 1024 -> 4096 -> 1024, 2048 tokens.
     return _feed_forward_bench(device, dtype, 512 if quick else 2048, 1024, 4096, 0.1, backward=False)
+
+
+# On CUDA (issue 8's targets, H100, bf16): 16k tokens of the base and the big model's FFN, against
+# torch's Linear-ReLU-Dropout-Linear; and linear + ReLU on its own.
+for _name, _d_model, _d_ff in (("t16k", 512, 2048), ("big_t16k", 1024, 4096)):
+    for _backward in (False, True):
+        register(f"feed_forward.{'fwd_bwd' if _backward else 'fwd'}_{_name}", dtypes=(torch.bfloat16,),
+                 devices=("cuda",))(
+            lambda device, dtype, quick, d_model=_d_model, d_ff=_d_ff, backward=_backward: _feed_forward_bench(
+                device, dtype, 4096 if quick else 16384, d_model, d_ff, 0.1, backward=backward))
+
+
+@register("linear.relu_fwd", dtypes=(torch.float32, torch.bfloat16), devices=("cuda",))
+def _linear_relu_fwd(device, dtype, quick):
+    T, K, N = 4096 if quick else 16384, 1024, 4096
+    lin = torch.nn.Linear(K, N, device=device, dtype=dtype)
+    x = torch.randn(T, K, device=device, dtype=dtype)
+    return Bench(aiayn=torch.no_grad()(lambda: aiayn.functional.linear(x, lin.weight, lin.bias, "relu")),
+                 torch=torch.no_grad()(lambda: torch.relu(lin(x))), shape=(T, K, N), flops=2 * T * K * N)
 
 
 # --- scaled_dot_product_attention: softmax(Q Kᵀ / √d_k) V (§3.2.1) ---------------------------

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <initializer_list>
 #include <optional>
+#include <vector>
 
 #include "checks.h"
 
@@ -80,6 +81,54 @@ inline void check_feed_forward_args(const at::Tensor& x, const at::Tensor& w1, c
   check_bias(kFeedForward, "b2", b2, x, d_model, "d_model");
   check_probability(kFeedForward, "p", p);
   check_result_addressable(kFeedForward, "'x' and 'w1'", x, d_ff, "d_ff");
+}
+
+// The leading elements of x: the GEMMs' token count (1 for a 1-d x).
+inline int64_t leading_elements(const at::Tensor& x) {
+  int64_t tokens = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) tokens *= x.size(i);
+  return tokens;
+}
+
+// x's shape with the last dim replaced.
+inline std::vector<int64_t> with_last(const at::Tensor& x, int64_t last) {
+  std::vector<int64_t> s = x.sizes().vec();
+  s.back() = last;
+  return s;
+}
+
+// linear_bwd: grad_out like the forward's output, and that output when relu (its sign is the mask).
+inline void check_linear_bwd_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
+                                  const std::optional<at::Tensor>& out, bool relu,
+                                  std::initializer_list<at::ScalarType> dtypes) {
+  check_linear_args(x, w, std::nullopt, dtypes);
+  const std::vector<int64_t> shape = with_last(x, w.size(0));
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(shape), kLinear, ": argument 'grad_out' must have shape ",
+                    at::IntArrayRef(shape), ", got ", grad_out.sizes());
+  check_same_dtype(kLinear, "grad_out", grad_out, "x", x);
+  check_same_device(kLinear, "grad_out", grad_out, "x", x);
+  TORCH_CHECK_VALUE(!relu || (out.has_value() && out->defined() && out->sizes() == grad_out.sizes()), kLinear,
+                    ": argument 'out' (the forward output) is needed with shape ", grad_out.sizes(), " when relu");
+  if (relu) {
+    check_same_dtype(kLinear, "out", *out, "x", x);
+    check_same_device(kLinear, "out", *out, "x", x);
+  }
+}
+
+// feed_forward_bwd: grad_out like x, hidden (the forward's hidden activation) (..., d_ff).
+inline void check_feed_forward_bwd_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1,
+                                        const at::Tensor& w2, const at::Tensor& hidden, double p,
+                                        std::initializer_list<at::ScalarType> dtypes) {
+  check_feed_forward_args(x, w1, std::nullopt, w2, std::nullopt, p, dtypes);
+  check_same_shape(kFeedForward, "grad_out", grad_out, "x", x);
+  check_same_dtype(kFeedForward, "grad_out", grad_out, "x", x);
+  check_same_device(kFeedForward, "grad_out", grad_out, "x", x);
+  check_defined(kFeedForward, "hidden", hidden);
+  check_same_dtype(kFeedForward, "hidden", hidden, "x", x);
+  check_same_device(kFeedForward, "hidden", hidden, "x", x);
+  const std::vector<int64_t> shape = with_last(x, w1.size(0));
+  TORCH_CHECK_VALUE(hidden.sizes() == at::IntArrayRef(shape), kFeedForward, ": argument 'hidden' must have shape ",
+                    at::IntArrayRef(shape), ", got ", hidden.sizes());
 }
 
 }  // namespace aiayn

@@ -16,12 +16,6 @@
 namespace aiayn::cpu {
 namespace {
 
-std::vector<int64_t> with_last(const at::Tensor& x, int64_t last) {
-  std::vector<int64_t> s = x.sizes().vec();
-  s.back() = last;
-  return s;
-}
-
 GemmArgs gemm_args(const at::Tensor& like, int64_t M, int64_t N, int64_t K) {
   GemmArgs g{};
   g.dtype = gemm_dtype(like);
@@ -43,8 +37,7 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd_cpu(const at::Tensor& x, con
   const int64_t d_model = x.size(-1), d_ff = w1.size(0);
   at::Tensor hidden = at::empty(with_last(x, d_ff), x.options());
   at::Tensor out = at::empty(x.sizes(), x.options());
-  int64_t tokens = 1;
-  for (int64_t i = 0; i + 1 < x.dim(); ++i) tokens *= x.size(i);
+  const int64_t tokens = leading_elements(x);
   if (tokens == 0) return {out, hidden};
   const at::Tensor x2 = gemm_rows(x, d_model);
   const at::Tensor w1c = gemm_weight(w1), w2c = gemm_weight(w2);
@@ -76,17 +69,9 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd_cpu(const at::Tensor& x, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forward_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& hidden, double p) {
-  check_feed_forward_args(x, w1, std::nullopt, w2, std::nullopt, p, {at::kFloat, at::kBFloat16, at::kDouble});
-  check_same_shape(kFeedForward, "grad_out", grad_out, "x", x);
-  check_same_dtype(kFeedForward, "grad_out", grad_out, "x", x);
-  check_same_device(kFeedForward, "grad_out", grad_out, "x", x);
+  check_feed_forward_bwd_args(grad_out, x, w1, w2, hidden, p, {at::kFloat, at::kBFloat16, at::kDouble});
   const int64_t d_model = x.size(-1), d_ff = w1.size(0);
-  check_same_dtype(kFeedForward, "hidden", hidden, "x", x);
-  TORCH_CHECK_VALUE(hidden.sizes() == at::IntArrayRef(with_last(x, d_ff)), kFeedForward,
-                    ": argument 'hidden' must have shape ", at::IntArrayRef(with_last(x, d_ff)), ", got ",
-                    hidden.sizes());
-  int64_t tokens = 1;
-  for (int64_t i = 0; i + 1 < x.dim(); ++i) tokens *= x.size(i);
+  const int64_t tokens = leading_elements(x);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dx = at::empty(x.sizes(), x.options());
   at::Tensor dw1 = at::empty({d_ff, d_model}, x.options());

@@ -15,15 +15,10 @@ namespace aiayn::cpu {
 at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, bool relu) {
   check_linear_args(x, w, b, {at::kFloat, at::kBFloat16, at::kDouble});
   const int64_t K = x.size(-1), N = w.size(0);
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = N;
-  at::Tensor out = at::empty(shape, x.options());
-  const int64_t M = out.numel() / std::max<int64_t>(1, N);
-  int64_t tokens = 1;
-  for (int64_t i = 0; i + 1 < x.dim(); ++i) tokens *= x.size(i);
+  at::Tensor out = at::empty(with_last(x, N), x.options());
+  const int64_t tokens = leading_elements(x);
   if (tokens == 0 || N == 0) return out;
   const at::Tensor bias = gemm_bias(b, x.scalar_type());
-  (void)M;
   const at::Tensor x2 = gemm_rows(x, K);
   GemmArgs g{};
   g.dtype = gemm_dtype(x);
@@ -46,17 +41,9 @@ at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::o
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                               const at::Tensor& w,
                                                               const std::optional<at::Tensor>& out, bool relu) {
-  check_linear_args(x, w, std::nullopt, {at::kFloat, at::kBFloat16, at::kDouble});
+  check_linear_bwd_args(grad_out, x, w, out, relu, {at::kFloat, at::kBFloat16, at::kDouble});
   const int64_t K = x.size(-1), N = w.size(0);
-  std::vector<int64_t> shape = x.sizes().vec();
-  shape.back() = N;
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(shape), kLinear, ": argument 'grad_out' must have shape ",
-                    at::IntArrayRef(shape), ", got ", grad_out.sizes());
-  check_same_dtype(kLinear, "grad_out", grad_out, "x", x);
-  TORCH_CHECK_VALUE(!relu || (out.has_value() && out->defined() && out->sizes() == grad_out.sizes()), kLinear,
-                    ": argument 'out' (the forward output) is needed with shape ", grad_out.sizes(), " when relu");
-  int64_t tokens = 1;
-  for (int64_t i = 0; i + 1 < x.dim(); ++i) tokens *= x.size(i);
+  const int64_t tokens = leading_elements(x);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor db = at::zeros({N}, x.options().dtype(acc));
   if (tokens == 0 || N == 0) return {at::zeros(x.sizes(), x.options()), at::zeros({N, K}, x.options()), db.to(x.scalar_type())};

@@ -35,18 +35,6 @@ const A* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? static_cast<const A*>(t.data_ptr()) : nullptr;
 }
 
-// Calls f(T{}, A{}) with the device storage type T of x and its accumulation type A.
-template <typename F>
-void dispatch_storage(at::ScalarType s, F&& f) {
-  switch (s) {
-    case at::kFloat: return f(float{}, float{});
-    case at::kDouble: return f(double{}, double{});
-    case at::kHalf: return f(__half{}, float{});
-    case at::kBFloat16: return f(__nv_bfloat16{}, float{});
-    default: TORCH_CHECK(false, kAddDropoutLayerNorm, ": unreachable dtype ", s);
-  }
-}
-
 template <typename T, typename A, int VEC>
 void launch_fwd(const AdlnFwdArgs<T, A>& a, cudaStream_t stream) {
   const int threads = block_threads(a.cols / VEC, kAdlnMaxThreads);
@@ -115,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_dropout_layer_norm_fwd_cuda(
   const at::Tensor w = affine_param(weight, x), b = affine_param(bias, x);
   const DropoutParams dropout = make_dropout_params(p, p > 0.0 ? read_seed(kAddDropoutLayerNorm, seed) : 0, 0);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_storage(x.scalar_type(), [&](auto t, auto acc) {
+  dispatch_storage(x.scalar_type(), kAddDropoutLayerNorm, [&](auto t, auto acc) {
     using T = decltype(t);
     using A = decltype(acc);
     constexpr int kVec = 16 / sizeof(T);
@@ -171,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layer_nor
   const at::Tensor m = mean.to(acc).contiguous(), s = rstd.to(acc).contiguous();
   const DropoutParams dropout = make_dropout_params(p, p > 0.0 ? read_seed(kAddDropoutLayerNorm, seed) : 0, 0);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_storage(x.scalar_type(), [&](auto t, auto acc_v) {
+  dispatch_storage(x.scalar_type(), kAddDropoutLayerNorm, [&](auto t, auto acc_v) {
     using T = decltype(t);
     using A = decltype(acc_v);
     constexpr int kVec = 16 / sizeof(T);

@@ -1,0 +1,126 @@
+// CUDA entry points of feed_forward: FFN(x) = dropout(max(0, x W1^T + b1)) W2^T + b2, the paper's
+// position-wise feed-forward network (§3.3) with dropout on the hidden activation. Same checks,
+// Philox mask and results as cpu/feed_forward.cpp, plus float16.
+//
+// Forward: GEMM1 on cuBLASLt with the bias in its epilogue, then one pass of ours over the hidden
+// activation for ReLU + dropout (cuda/relu_dropout.h; ReLU there rather than in cuBLASLt's
+// epilogue so that NaN propagates as on the CPU, and the pass is needed for dropout anyway), then
+// GEMM2 with the bias epilogue. The saved hidden activation is the mask: hidden > 0 exactly where
+// a unit was active and kept, so no ReLU bit-mask is stored (the op returns none to keep).
+// Backward: dh = (scale * dY W2) * [hidden > 0] (alpha = 1 / (1 - p) in the GEMM, the gate in
+// place), dX = dh W1, and dW1 = dh^T X, dW2 = dY^T hidden whose BGRADB epilogues give db1 and db2.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../common/checks.h"
+#include "../common/dropout.h"
+#include "../common/feed_forward_args.h"
+#include "cublaslt_gemm.h"
+#include "linear_rows.h"
+#include "relu_dropout.h"
+
+namespace aiayn::cuda {
+
+std::tuple<at::Tensor, at::Tensor> feed_forward_fwd_cuda(const at::Tensor& x, const at::Tensor& w1,
+                                                         const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                                         const std::optional<at::Tensor>& b2, double p,
+                                                         const at::Tensor& seed) {
+  check_feed_forward_args(x, w1, b1, w2, b2, p, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  TORCH_CHECK(x.is_cuda(), kFeedForward, ": argument 'x' must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t d_model = x.size(-1), d_ff = w1.size(0), tokens = leading_elements(x);
+  at::Tensor hidden = at::empty(with_last(x, d_ff), x.options());
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (tokens == 0) return {out, hidden};
+  const DropoutParams dropout = make_dropout_params(p, p > 0.0 ? read_seed(kFeedForward, seed) : 0, 0);
+  const at::Tensor h2 = hidden.view({tokens, d_ff});
+
+  GemmCall g1;
+  g1.a = token_rows(x, tokens, d_model);
+  g1.b = w1;
+  g1.b_trans = true;
+  g1.c = h2;
+  set_bias(g1, b1);
+  gemm(g1);
+  relu_dropout_(h2, /*relu=*/true, dropout);
+
+  GemmCall g2;
+  g2.a = h2;
+  g2.b = w2;
+  g2.b_trans = true;
+  g2.c = out.view({tokens, d_model});
+  set_bias(g2, b2);
+  gemm(g2);
+  return {out, hidden};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forward_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+    const at::Tensor& hidden, double p) {
+  check_feed_forward_bwd_args(grad_out, x, w1, w2, hidden, p, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  TORCH_CHECK(x.is_cuda(), kFeedForward, ": argument 'x' must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t d_model = x.size(-1), d_ff = w1.size(0), tokens = leading_elements(x);
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dw1 = at::empty({d_ff, d_model}, x.options());
+  at::Tensor db1 = at::empty({d_ff}, x.options());
+  at::Tensor dw2 = at::empty({d_model, d_ff}, x.options());
+  at::Tensor db2 = at::empty({d_model}, x.options());
+  if (tokens == 0) {
+    for (at::Tensor* t : {&dw1, &db1, &dw2, &db2}) t->zero_();
+    return {dx, dw1, db1, dw2, db2};
+  }
+  const at::Tensor dy = token_rows(grad_out, tokens, d_model), x2 = token_rows(x, tokens, d_model);
+  const at::Tensor h = hidden.reshape({tokens, d_ff}).contiguous();
+  const double scale = p >= 1.0 ? 0.0 : 1.0 / (1.0 - p);
+
+  // dh = (scale * dY W2) * [hidden > 0]: the dropout scale as the GEMM's alpha, the mask in place.
+  const at::Tensor dh = at::empty({tokens, d_ff}, x.options());
+  GemmCall g;
+  g.a = dy;
+  g.b = w2;
+  g.c = dh;
+  g.alpha = scale;
+  gemm(g);
+  relu_gate(dh, dh, h, 1.0);
+
+  // dX = dh W1.
+  g = GemmCall{};
+  g.a = dh;
+  g.b = w1;
+  g.c = dx.view({tokens, d_model});
+  gemm(g);
+
+  // dW1 = dh^T X, db1 = column sums of dh.
+  g = GemmCall{};
+  g.a = dh;
+  g.a_trans = true;
+  g.b = x2;
+  g.c = dw1;
+  g.epilogue = GemmEpilogue::kBiasGradA;
+  g.bias_grad = db1;
+  gemm(g);
+
+  // dW2 = dY^T hidden, db2 = column sums of dY.
+  g = GemmCall{};
+  g.a = dy;
+  g.a_trans = true;
+  g.b = h;
+  g.c = dw2;
+  g.epilogue = GemmEpilogue::kBiasGradA;
+  g.bias_grad = db2;
+  gemm(g);
+  return {dx, dw1, db1, dw2, db2};
+}
+
+TORCH_LIBRARY_IMPL(aiayn, CUDA, m) {
+  m.impl("feed_forward_fwd", &feed_forward_fwd_cuda);
+  m.impl("feed_forward_bwd", &feed_forward_bwd_cuda);
+}
+
+}  // namespace aiayn::cuda

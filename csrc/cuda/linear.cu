@@ -1,0 +1,86 @@
+// CUDA entry points of linear: out = act(x W^T + b), act = identity or ReLU (the building block of
+// the paper's feed-forward network, §3.3). Same checks and results as cpu/linear.cpp, plus
+// float16. The GEMMs run on cuBLASLt with the bias add (forward) and the bias gradient (backward)
+// fused into their epilogues (cuda/cublaslt_gemm.h); ReLU and its gate are cuda/relu_dropout.h.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../common/checks.h"
+#include "../common/feed_forward_args.h"
+#include "cublaslt_gemm.h"
+#include "linear_rows.h"
+#include "relu_dropout.h"
+
+namespace aiayn::cuda {
+
+at::Tensor linear_fwd_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, bool relu) {
+  check_linear_args(x, w, b, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  TORCH_CHECK(x.is_cuda(), kLinear, ": argument 'x' must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t K = x.size(-1), N = w.size(0), tokens = leading_elements(x);
+  at::Tensor out = at::empty(with_last(x, N), x.options());
+  if (tokens == 0 || N == 0) return out;
+  const at::Tensor out2 = out.view({tokens, N});
+  GemmCall g;
+  g.a = token_rows(x, tokens, K);
+  g.b = w;
+  g.b_trans = true;
+  g.c = out2;
+  set_bias(g, b);
+  gemm(g);
+  if (relu) relu_dropout_(out2, /*relu=*/true, DropoutParams{});
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                               const at::Tensor& w,
+                                                               const std::optional<at::Tensor>& out, bool relu) {
+  check_linear_bwd_args(grad_out, x, w, out, relu, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  TORCH_CHECK(x.is_cuda(), kLinear, ": argument 'x' must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t K = x.size(-1), N = w.size(0), tokens = leading_elements(x);
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dw = at::empty({N, K}, x.options());
+  at::Tensor db = at::empty({N}, x.options());
+  if (tokens == 0 || N == 0) {
+    dx.zero_();
+    dw.zero_();
+    db.zero_();
+    return {dx, dw, db};
+  }
+  at::Tensor g2 = grad_out.reshape({tokens, N}).contiguous();
+  if (relu) {
+    // grad_out * [out > 0] into a new buffer (grad_out belongs to the caller).
+    at::Tensor gated = at::empty({tokens, N}, x.options());
+    relu_gate(gated, g2, out->reshape({tokens, N}).contiguous(), 1.0);
+    g2 = gated;
+  }
+  // dx = G W.
+  GemmCall g;
+  g.a = g2;
+  g.b = w;
+  g.c = dx.view({tokens, K});
+  gemm(g);
+  // dW = G^T x, db = column sums of G (the epilogue's bias gradient).
+  g = GemmCall{};
+  g.a = g2;
+  g.a_trans = true;
+  g.b = token_rows(x, tokens, K);
+  g.c = dw;
+  g.epilogue = GemmEpilogue::kBiasGradA;
+  g.bias_grad = db;
+  gemm(g);
+  return {dx, dw, db};
+}
+
+TORCH_LIBRARY_IMPL(aiayn, CUDA, m) {
+  m.impl("linear_fwd", &linear_fwd_cuda);
+  m.impl("linear_bwd", &linear_bwd_cuda);
+}
+
+}  // namespace aiayn::cuda

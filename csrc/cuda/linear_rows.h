@@ -1,0 +1,26 @@
+// Operands of the linear / feed_forward GEMMs on CUDA (host only).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "cublaslt_gemm.h"
+
+namespace aiayn::cuda {
+
+// x (..., cols) as a (tokens, cols) matrix of rows: a view when the leading dims collapse to one
+// stride and the last is contiguous (slices, row-strided views), else a copy. (Explicit sizes:
+// reshape({-1, 0}) is ambiguous for cols == 0.)
+inline at::Tensor token_rows(const at::Tensor& x, int64_t tokens, int64_t cols) {
+  at::Tensor r = x.reshape({tokens, cols});
+  return cols > 1 && r.stride(1) != 1 ? r.contiguous() : r;
+}
+
+// The BIAS epilogue for b (contiguous), or none for None.
+inline void set_bias(GemmCall& g, const std::optional<at::Tensor>& b) {
+  if (!b.has_value() || !b->defined()) return;
+  g.epilogue = GemmEpilogue::kBias;
+  g.bias = b->contiguous();
+}
+
+}  // namespace aiayn::cuda

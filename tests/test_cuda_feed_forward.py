@@ -1,0 +1,393 @@
+"""CUDA linear and feed_forward (the paper's position-wise FFN, §3.3) on cuBLASLt with fused bias /
+bias-gradient epilogues and our ReLU + Philox dropout pass: the CPU test matrices with the 2x rule,
+the same dropout mask and results as the CPU op for one seed, gradients, gradcheck, opcheck,
+torch.compile, and the fallback to torch's matmul (forced with AIAYN_CUBLASLT=0, and misaligned
+operands). Needs a CUDA GPU; skipped elsewhere (the kernels still compile there).
+
+Accuracy rule ("2x rule"): our max error against the float64 reference is at most twice torch's
+own in the same dtype (reference.* run by torch's kernels), plus a slack: half an ulp of the largest
+reference value for 16-bit dtypes (the rounding of the hidden activation and of the result, which
+nobody avoids), 1e-5 relative for float32."""
+
+import pytest
+import torch
+
+import aiayn
+from aiayn import functional as AF
+from aiayn import reference as R
+from conftest import assert_2x_rule
+from test_feed_forward import kink_free, make_params
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: CUDA kernels compiled but not run here"),
+]
+
+DEV = "cuda"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """TF32 off (torch's default) so float32 is compared with float32 on both sides; restored after."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def seed_of(v):
+    return torch.tensor([v], dtype=torch.int64)
+
+
+def cuda(ts):
+    return [None if t is None else t.to(DEV) for t in ts]
+
+
+def dbl(t):
+    return None if t is None else t.double()
+
+
+def slack(dtype, ref, ulps=0.5):
+    amax = ref.abs().max().item() if ref.numel() else 0.0
+    if dtype in (torch.float16, torch.bfloat16):
+        return ulps * torch.finfo(dtype).eps * amax + 1e-6
+    return 1e-5 * max(1.0, amax)
+
+
+def check_ffn_forward(x, params, p, what, seed):
+    w1, b1, w2, b2 = params
+    out, mask = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=p, return_dropout_mask=True)
+    assert out.dtype == x.dtype and out.shape == x.shape and out.device == x.device
+    ref = R.feed_forward(x.double(), *map(dbl, params), p, mask)
+    theirs = R.feed_forward(x, w1, b1, w2, b2, p, mask)
+    assert_2x_rule(out, theirs, ref, what, seed=seed, slack=slack(x.dtype, ref))
+    return out
+
+
+def check_ffn_backward(x, params, p, what, seed):
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (x, *params)]
+    out, mask = AF.feed_forward(*leaves, dropout_p=p, return_dropout_mask=True)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_leaves = [None if t is None else t.detach().double().requires_grad_() for t in (x, *params)]
+    R.feed_forward(*ref_leaves, p, mask).backward(grad.double())
+    torch_leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, *params)]
+    R.feed_forward(*torch_leaves, p, mask).backward(grad)
+    for name, ours, r, t in zip(("x", "w1", "b1", "w2", "b2"), leaves, ref_leaves, torch_leaves):
+        if ours is None:
+            continue
+        assert ours.grad.dtype == ours.dtype and ours.grad.shape == ours.shape
+        # Gradients of 16-bit weights are sums over tokens rounded once: one ulp of the largest.
+        assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} {what}", seed=seed,
+                       slack=slack(x.dtype, r.grad, ulps=1.0))
+
+
+# --- feed_forward: the CPU matrix on CUDA ---------------------------------------------------------
+
+SMALL = [(1, 8, 32), (3, 64, 32), (17, 8, 2048), (3, 1000, 32), (17, 64, 4100), (1, 1000, 2048)]
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("tokens,d_model,d_ff", SMALL)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_ffn_forward_small(rng_seed, dtype_name, tokens, d_model, d_ff, p):
+    dtype = DTYPES[dtype_name]
+    x = torch.randn(tokens, d_model).to(DEV, dtype)
+    check_ffn_forward(x, cuda(make_params(d_model, d_ff, dtype)), p,
+                      f"fwd {dtype_name} {tokens}x{d_model}x{d_ff} p={p}", rng_seed)
+
+
+@pytest.mark.parametrize("dtype_name,tokens,d_model,d_ff", [
+    ("fp32", 512, 512, 2048), ("fp32", 3072, 512, 2048), ("fp32", 512, 1000, 4100), ("fp32", 3072, 64, 32),
+    ("fp32", 17, 512, 4100), ("bf16", 512, 512, 2048), ("fp16", 3072, 512, 2048), ("bf16", 4096, 1024, 4096)])
+def test_ffn_forward_big(rng_seed, dtype_name, tokens, d_model, d_ff):
+    dtype = DTYPES[dtype_name]
+    x = torch.randn(tokens, d_model).to(DEV, dtype)
+    check_ffn_forward(x, cuda(make_params(d_model, d_ff, dtype)), 0.1, f"fwd {dtype_name} {tokens}x{d_model}x{d_ff}",
+                      rng_seed)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES) + ["fp64"])
+@pytest.mark.parametrize("tokens,d_model,d_ff", [(1, 8, 32), (17, 64, 100), (40, 33, 2048), (512, 512, 2048)])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_ffn_backward(rng_seed, dtype_name, tokens, d_model, d_ff, p, bias):
+    dtype = DTYPES.get(dtype_name, torch.float64)
+    x, (w1, b1, w2, b2) = kink_free(tokens, d_model, d_ff, dtype)
+    params = (w1, b1, w2, b2) if bias else (w1, None, w2, None)
+    check_ffn_backward(x.to(DEV), cuda(params), p, f"{dtype_name} {tokens}x{d_model}x{d_ff} p={p} bias={bias}",
+                       rng_seed)
+
+
+def test_ffn_strided_and_batched_inputs(rng_seed):
+    for dtype in DTYPES.values():
+        w1, b1, w2, b2 = params = cuda(make_params(24, 50, dtype))
+        check_ffn_forward(torch.randn(3, 5, 24).to(DEV, dtype), params, 0.2, f"3-d {dtype}", rng_seed)
+        wide = torch.randn(11, 30).to(DEV, dtype)[:, 3:27]  # row stride 30, offset 3: misaligned rows
+        check_ffn_forward(wide, params, 0.2, f"column slice {dtype}", rng_seed)
+        xt = torch.randn(4, 6, 24).to(DEV, dtype).transpose(0, 1)  # leading dims do not collapse
+        check_ffn_forward(xt, params, 0.0, f"transposed leading dims {dtype}", rng_seed)
+        xs = torch.randn(24, 9).to(DEV, dtype).t()  # last dim strided: copied
+        check_ffn_forward(xs, params, 0.0, f"last dim strided {dtype}", rng_seed)
+        w1t = w1.t().contiguous().t()
+        torch.testing.assert_close(AF.feed_forward(xs, w1t, b1, w2, b2), AF.feed_forward(xs, w1, b1, w2, b2))
+        xg = wide.clone().requires_grad_()
+        AF.feed_forward(xg, w1, b1, w2, b2, dropout_p=0.1).float().sum().backward()
+        assert xg.grad.shape == xg.shape and torch.isfinite(xg.grad).all()
+
+
+# --- dropout: the CPU op's mask, bit for bit ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens,d_model,d_ff", [(37, 24, 129), (5, 16, 4100), (64, 512, 2048)])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_ffn_same_mask_and_results_as_cpu(tokens, d_model, d_ff, p):
+    # Exact pre-activations (kink_free), so both devices take the same side of every ReLU: the zero
+    # pattern of the hidden activation is then exactly ReLU x the Philox mask, on both devices.
+    x, params = kink_free(tokens, d_model, d_ff, torch.float32)
+    seed = seed_of(987654321 + d_ff)
+    out_cpu, h_cpu = torch.ops.aiayn.feed_forward_fwd(x, *params, p, seed)
+    out_cuda, h_cuda = torch.ops.aiayn.feed_forward_fwd(x.to(DEV), *cuda(params), p, seed)
+    mask = R.dropout_mask((tokens, d_ff), p, seed)
+    pre = x.double() @ params[0].double().t() + params[1].double()
+    h_ref = torch.relu(pre) * mask / (1 - p)
+    assert torch.equal(h_cuda.cpu() == 0, h_ref == 0), "CUDA hidden zeros are not ReLU x the Philox mask"
+    assert torch.equal(h_cuda.cpu() == 0, h_cpu == 0)
+    torch.testing.assert_close(h_cuda.cpu(), h_cpu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_cuda.cpu(), out_cpu, rtol=1e-5, atol=1e-5)
+    # The backward on both devices.
+    dy = torch.randn(tokens, d_model)
+    g_cpu = torch.ops.aiayn.feed_forward_bwd(dy, x, params[0], params[2], h_cpu, p)
+    g_cuda = torch.ops.aiayn.feed_forward_bwd(dy.to(DEV), x.to(DEV), params[0].to(DEV), params[2].to(DEV), h_cuda, p)
+    for name, a, b in zip(("dx", "dw1", "db1", "dw2", "db2"), g_cpu, g_cuda):
+        tol = 1e-5 * max(1.0, a.abs().max().item())
+        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_ffn_dropout_reproducible_and_p_one(rng_seed):
+    x = torch.randn(9, 16, device=DEV)
+    w1, b1, w2, b2 = cuda(make_params(16, 40, torch.float32))
+    torch.manual_seed(0)
+    a = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.5)
+    torch.manual_seed(0)
+    b = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.5)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(AF.feed_forward(x, w1, b1, w2, b2, dropout_p=1.0), b2.expand(9, 16))
+    torch.testing.assert_close(AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.7, training=False),
+                               R.feed_forward(x, w1, b1, w2, b2), rtol=1e-5, atol=1e-5)
+
+
+# --- linear ----------------------------------------------------------------------------------------
+
+
+def make_linear(tokens, k, n, dtype, bias=True):
+    x = torch.randn(tokens, k).to(DEV, dtype)
+    w = (torch.randn(n, k) / max(k, 1) ** 0.5).to(DEV, dtype)
+    b = (0.5 * torch.randn(n)).to(DEV, dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("tokens,k,n", [(1, 8, 32), (3, 1000, 17), (17, 64, 4100), (13, 3, 5), (40, 512, 64),
+                                        (3072, 512, 2048)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_linear_forward(rng_seed, dtype_name, tokens, k, n, activation):
+    dtype = DTYPES[dtype_name]
+    x, w, b = make_linear(tokens, k, n, dtype)
+    out = AF.linear(x, w, b, activation)
+    assert out.shape == (tokens, n) and out.dtype == dtype
+    ref = R.linear(x.double(), w.double(), b.double(), activation)
+    assert_2x_rule(out, R.linear(x, w, b, activation), ref, f"linear {dtype_name} {tokens}x{k}x{n} {activation}",
+                   seed=rng_seed, slack=slack(dtype, ref))
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES) + ["fp64"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("tokens,k,n", [(18, 37, 50), (256, 512, 1024)])
+def test_linear_backward(rng_seed, dtype_name, activation, bias, tokens, k, n):
+    dtype = DTYPES.get(dtype_name, torch.float64)
+    x, (w, b, _, _) = kink_free(tokens, k, n, dtype)  # exact pre-activations: no ReLU kink flips
+    x, w, b = x.to(DEV).reshape(2, tokens // 2, k), w.to(DEV), b.to(DEV) if bias else None
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (x, w, b)]
+    out = AF.linear(*leaves, activation)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_leaves = [None if t is None else t.detach().double().requires_grad_() for t in (x, w, b)]
+    R.linear(*ref_leaves, activation).backward(grad.double())
+    torch_leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b)]
+    R.linear(*torch_leaves, activation).backward(grad)
+    for name, ours, r, t in zip(("x", "w", "b"), leaves, ref_leaves, torch_leaves):
+        if ours is not None:
+            assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} {dtype_name} {activation}", seed=rng_seed,
+                           slack=slack(dtype, r.grad, ulps=1.0))
+
+
+def test_linear_strided_and_nn_linear():
+    lin = torch.nn.Linear(24, 40).to(DEV)
+    x = torch.randn(10, 31, device=DEV)[:, 5:29]
+    torch.testing.assert_close(AF.linear(x, lin.weight, lin.bias), lin(x), rtol=1e-5, atol=1e-5)
+    xt = torch.randn(3, 4, 24, device=DEV).transpose(0, 1)
+    torch.testing.assert_close(AF.linear(xt, lin.weight, lin.bias, "relu"), torch.relu(lin(xt)), rtol=1e-5, atol=1e-5)
+    xs = torch.randn(24, 6, device=DEV).t()
+    torch.testing.assert_close(AF.linear(xs, lin.weight.t().contiguous().t(), lin.bias), lin(xs), rtol=1e-5, atol=1e-5)
+    xe = torch.randn(1, 24, device=DEV).expand(5, 24)  # stride-0 rows: copied for cuBLASLt
+    torch.testing.assert_close(AF.linear(xe, lin.weight, lin.bias), lin(xe), rtol=1e-5, atol=1e-5)
+
+
+# --- cuBLASLt and its fallback ---------------------------------------------------------------------
+
+
+def ffn_fwd_bwd(x, params, p, seed):
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (x, *params)]
+    out = AF.feed_forward(*leaves, dropout_p=p, seed=seed)
+    out.backward(torch.ones_like(out))
+    return [out.detach()] + [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_fused_path_is_taken_and_fallback_agrees(monkeypatch, dtype_name):
+    """Aligned 16-bit shapes run on cuBLASLt (no fallback counted); AIAYN_CUBLASLT=0 sends every
+    GEMM to torch's matmul (2 forward + 4 backward counted) with the same results up to rounding."""
+    dtype = DTYPES[dtype_name]
+    x, params = kink_free(64, 512, 2048, dtype)
+    x, params, seed = x.to(DEV), cuda(params), seed_of(5)
+    before = aiayn._C.cuda_gemm_fallbacks()
+    fused = ffn_fwd_bwd(x, params, 0.1, seed)
+    if dtype != torch.float32:  # float32 (no TF32) bias-gradient epilogues may be missing: not asserted
+        assert aiayn._C.cuda_gemm_fallbacks() == before, "cuBLASLt turned down an aligned 16-bit FFN GEMM"
+    monkeypatch.setenv("AIAYN_CUBLASLT", "0")
+    before = aiayn._C.cuda_gemm_fallbacks()
+    plain = ffn_fwd_bwd(x, params, 0.1, seed)
+    assert aiayn._C.cuda_gemm_fallbacks() == before + 6
+    for name, a, b in zip(("out", "x", "w1", "b1", "w2", "b2"), fused, plain):
+        # The fallback rounds dh twice (mm, then * 1 / (1 - p)): a few ulps apart at most.
+        tol = 4 * torch.finfo(dtype).eps * max(1.0, b.abs().max().item()) if dtype != torch.float32 else 1e-4
+        torch.testing.assert_close(a, b, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_fallback_matches_reference(monkeypatch, rng_seed, forced):
+    if forced:
+        monkeypatch.setenv("AIAYN_CUBLASLT", "0")
+    for dtype in DTYPES.values():
+        x, params = kink_free(33, 40, 72, dtype)
+        check_ffn_backward(x.to(DEV), cuda(params), 0.3, f"fallback={forced} {dtype}", rng_seed)
+        # Odd element offsets and row strides (2-byte aligned rows in 16-bit types): cuBLASLt gets
+        # the true alignment and either copes or declines; the result is right either way.
+        xo = torch.randn(33, 45).to(DEV, dtype)[:, 1:41]
+        check_ffn_forward(xo, cuda(params), 0.3, f"misaligned fallback={forced} {dtype}", rng_seed)
+        xl, w, b = make_linear(9, 13, 7, dtype)
+        ref = R.linear(xl.double(), w.double(), b.double(), "relu")
+        assert_2x_rule(AF.linear(xl, w, b, "relu"), R.linear(xl, w, b, "relu"), ref, f"odd linear {dtype}",
+                       seed=rng_seed, slack=slack(dtype, ref))
+
+
+def test_tf32_follows_torch_flag():
+    x, w, b = make_linear(256, 1024, 256, torch.float32)
+    ref = R.linear(x.double(), w.double(), b.double())
+    exact = (AF.linear(x, w, b).double() - ref).abs().max().item()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    tf32 = (AF.linear(x, w, b).double() - ref).abs().max().item()
+    assert exact < 1e-4, "float32 without TF32 must be float32-accurate"
+    assert tf32 < 5e-2  # TF32 (10-bit mantissa) is allowed to be coarser, never wrong
+    assert tf32 > 10 * exact, "allow_tf32=True should run TF32 tensor cores (coarser than float32)"
+
+
+# --- edge cases, errors, PyTorch citizenship --------------------------------------------------------
+
+
+def test_empty_degenerate_and_nan():
+    w1, b1, w2, b2 = cuda(make_params(8, 16, torch.float32))
+    assert AF.feed_forward(torch.empty(0, 8, device=DEV), w1, b1, w2, b2, dropout_p=0.1).shape == (0, 8)
+    x = torch.empty(0, 8, device=DEV, requires_grad=True)
+    w1g = w1.clone().requires_grad_()
+    AF.feed_forward(x, w1g, b1, w2, b2).sum().backward()
+    assert x.grad.shape == (0, 8) and torch.equal(w1g.grad, torch.zeros_like(w1))
+    x = torch.randn(3, 8, device=DEV)
+    e = lambda *s: torch.empty(*s, device=DEV)  # noqa: E731
+    torch.testing.assert_close(AF.feed_forward(x, e(0, 8), e(0), e(8, 0), b2), b2.expand(3, 8))
+    assert AF.feed_forward(e(3, 0), e(5, 0), torch.randn(5, device=DEV), e(0, 5), e(0)).shape == (3, 0)
+    torch.testing.assert_close(AF.linear(e(3, 0), e(5, 0), b2[:5], "relu"), torch.relu(b2[:5]).expand(3, 5))
+    assert AF.linear(e(0, 4), torch.randn(5, 4, device=DEV)).shape == (0, 5)
+    x[1, 2] = float("nan")
+    out = AF.feed_forward(x, w1, b1, w2, b2)
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any() and not torch.isnan(out[2]).any()
+
+
+def test_errors_name_the_argument():
+    x = torch.randn(4, 16, device=DEV)
+    w1, b1, w2, b2 = cuda(make_params(16, 32, torch.float32))
+    with pytest.raises(ValueError, match="'w2'"):
+        AF.feed_forward(x, w1, b1, w2.cpu(), b2)
+    with pytest.raises(ValueError, match="'b'"):
+        AF.linear(x, w1, b1.cpu())
+    with pytest.raises(TypeError, match="'w1'.*dtype"):
+        AF.feed_forward(x, w1.half(), b1, w2, b2)
+    with pytest.raises(TypeError, match="'x'.*dtype"):
+        AF.linear(x.int(), w1.int())
+    with pytest.raises(ValueError, match="'w1'.*shape"):
+        AF.feed_forward(x, w1[:, :8], b1, w2, b2)
+    with pytest.raises(RuntimeError, match="'seed'"):
+        AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.1, seed=seed_of(1).to(DEV))
+    _, hidden = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, 0.0, seed_of(0))
+    with pytest.raises(ValueError, match="'hidden'"):
+        torch.ops.aiayn.feed_forward_bwd(x, x, w1, w2, hidden[:, :3], 0.0)
+    with pytest.raises(ValueError, match="'out'"):
+        torch.ops.aiayn.linear_bwd(hidden, x, w1, None, True)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_opcheck(dtype_name, p):
+    dtype = DTYPES[dtype_name]
+    x = torch.randn(5, 24).to(DEV, dtype).requires_grad_()
+    w1, b1, w2, b2 = (t.requires_grad_() for t in cuda(make_params(24, 40, dtype)))
+    seed = seed_of(3)
+    torch.library.opcheck(torch.ops.aiayn.feed_forward_fwd.default, (x, w1, b1, w2, b2, p, seed))
+    torch.library.opcheck(torch.ops.aiayn.feed_forward_fwd.default, (x, w1, None, w2, None, p, seed))
+    d = [t.detach() for t in (x, w1, b1, w2, b2)]
+    _, hidden = torch.ops.aiayn.feed_forward_fwd(*d, p, seed)
+    torch.library.opcheck(torch.ops.aiayn.feed_forward_bwd.default,
+                          (torch.randn_like(d[0]), d[0], d[1], d[3], hidden, p))
+    for relu in (False, True):
+        torch.library.opcheck(torch.ops.aiayn.linear_fwd.default, (x, w1, b1, relu))
+    out = torch.ops.aiayn.linear_fwd(d[0], d[1], d[2], True)
+    torch.library.opcheck(torch.ops.aiayn.linear_bwd.default, (torch.randn_like(out), d[0], d[1], out, True))
+
+
+def test_gradcheck_float64():
+    x = torch.randn(2, 3, 6, dtype=torch.float64, device=DEV, requires_grad=True)
+    w1, b1, w2, b2 = (t.requires_grad_() for t in cuda(make_params(6, 9, torch.float64)))
+    seed = seed_of(42)
+    for p in (0.0, 0.4):
+        fn = lambda x, w1, b1, w2, b2: AF.feed_forward(x, w1, b1, w2, b2, dropout_p=p, seed=seed)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, w1, b1, w2, b2))
+    for act in (None, "relu"):
+        assert torch.autograd.gradcheck(lambda x, w, b: AF.linear(x, w, b, act), (x, w1, b1))
+
+
+def test_torch_compile_fullgraph():
+    x = torch.randn(8, 16, device=DEV)
+    w1, b1, w2, b2 = cuda(make_params(16, 32, torch.float32))
+    seed = seed_of(11)
+
+    def f(x, w1, b1, w2, b2):
+        return AF.feed_forward(x * 2, w1, b1, w2, b2, dropout_p=0.25, seed=seed).relu()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, w1, b1, w2, b2), f(x, w1, b1, w2, b2))
+
+
+def test_sanitizer_smoke():
+    """A few small calls over every path (fused and fallback GEMMs, vectorised and scalar element
+    passes, dropout on and off, float16 to float64): what scripts/cuda_check.sh runs under
+    compute-sanitizer."""
+    for dtype, tokens, d_model, d_ff, p in [(torch.float32, 7, 16, 40, 0.1), (torch.float16, 5, 24, 33, 0.5),
+                                            (torch.bfloat16, 3, 64, 128, 0.0), (torch.float64, 4, 6, 10, 0.2)]:
+        x, params = kink_free(tokens, d_model, d_ff, dtype)
+        check_ffn_backward(x.to(DEV), cuda(params), p, f"smoke {dtype}", None)
+        xl, w, b = make_linear(tokens, d_model, d_ff, dtype)
+        AF.linear(xl.requires_grad_(), w, b, "relu").sum().backward()
+    torch.cuda.synchronize()
