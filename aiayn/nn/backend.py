@@ -29,28 +29,34 @@ def reference_ops(enabled=True):
         _reference_forced = before
 
 
-def uses_compiled_ops(device):
-    """Whether the modules run aiayn's kernels for tensors on ``device``: every op has a kernel
-    registered for its dispatch key (CPU always; CUDA when the CUDA sources were built)."""
+def uses_compiled_ops(device, op=None):
+    """Whether the modules run aiayn's kernel of ``op`` (every op when None) for tensors on
+    ``device``: a kernel is registered for the device's dispatch key (CPU always; CUDA for the ops
+    whose CUDA sources were built). Ops without one run on PyTorch's own."""
     if _reference_forced:
         return False
     device = torch.device(device)
-    if device.type not in _has_kernel:
+    if op is None:
+        return all(uses_compiled_ops(device, name) for name in _OPS)
+    if (device.type, op) not in _has_kernel:
         key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-        ops = ("linear_fwd", "feed_forward_fwd", "attention_fwd", "add_dropout_layer_norm_fwd")
-        _has_kernel[device.type] = key is not None and all(
-            torch._C._dispatch_has_kernel_for_dispatch_key(f"aiayn::{op}", key) for op in ops)
-    return _has_kernel[device.type]
+        _has_kernel[device.type, op] = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"aiayn::{_OPS[op]}", key)
+    return _has_kernel[device.type, op]
+
+
+_OPS = {"linear": "linear_fwd", "feed_forward": "feed_forward_fwd", "attention": "attention_fwd",
+        "add_dropout_layer_norm": "add_dropout_layer_norm_fwd"}
 
 
 def linear(x, w, b=None, activation=None):
-    if uses_compiled_ops(x.device):
+    if uses_compiled_ops(x.device, "linear"):
         return AF.linear(x, w, b, activation)
     return reference.linear(x, w, b, activation)
 
 
 def feed_forward(x, w1, b1, w2, b2, dropout_p, training):
-    if uses_compiled_ops(x.device):
+    if uses_compiled_ops(x.device, "feed_forward"):
         return AF.feed_forward(x, w1, b1, w2, b2, dropout_p, training)
     h = F.dropout(torch.relu(F.linear(x, w1, b1)), dropout_p, training)
     return F.linear(h, w2, b2)
@@ -58,7 +64,7 @@ def feed_forward(x, w1, b1, w2, b2, dropout_p, training):
 
 def add_dropout_layer_norm(x, residual, weight, bias, p, eps, training):
     """``LayerNorm(residual + dropout(x))``: the post-LN sub-layer connection (§3.1, §5.4)."""
-    if uses_compiled_ops(x.device):
+    if uses_compiled_ops(x.device, "add_dropout_layer_norm"):
         return AF.add_dropout_layer_norm(x, residual, weight, bias, p, eps, training)
     return F.layer_norm(residual + F.dropout(x, p, training), (x.shape[-1],), weight, bias, eps)
 
@@ -66,7 +72,7 @@ def add_dropout_layer_norm(x, residual, weight, bias, p, eps, training):
 def attention(q, k, v, attn_mask=None, key_padding_mask=None, dropout_p=0.0, is_causal=False, training=True):
     """Scaled dot-product attention (§3.2.1) over ``(B, H, L, d_k)`` views; masks with
     :func:`aiayn.functional.scaled_dot_product_attention`'s conventions."""
-    if uses_compiled_ops(q.device):
+    if uses_compiled_ops(q.device, "attention"):
         return AF.scaled_dot_product_attention(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal,
                                                training=training)
     if training and dropout_p > 0.0:
