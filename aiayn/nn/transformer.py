@@ -62,18 +62,26 @@ class DecoderLayer(nn.Module):
         return self.sublayer[2](x, self.feed_forward)
 
 
-class Encoder(nn.Module):
-    """A stack of N :class:`EncoderLayer` (§3.1). ``final_norm`` adds a LayerNorm after the stack:
-    needed with pre-LN (``norm_first``), absent from the paper's post-LN model."""
+class _Stack(nn.Module):
+    """N identical layers (§3.1) and, with ``final_norm``, a LayerNorm after them: needed with
+    pre-LN (``norm_first``, the default then), absent from the paper's post-LN model."""
+
+    layer_type = None
 
     def __init__(self, num_layers, d_model, num_heads, d_ff, dropout=0.1, attention_dropout=0.0, ffn_dropout=0.0,
                  norm_first=False, eps=1e-5, final_norm=None, device=None, dtype=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
-        self.layers = nn.ModuleList(EncoderLayer(d_model, num_heads, d_ff, dropout, attention_dropout, ffn_dropout,
-                                                 norm_first, eps, **factory) for _ in range(num_layers))
+        self.layers = nn.ModuleList(self.layer_type(d_model, num_heads, d_ff, dropout, attention_dropout, ffn_dropout,
+                                                    norm_first, eps, **factory) for _ in range(num_layers))
         final_norm = norm_first if final_norm is None else final_norm
         self.norm = nn.LayerNorm(d_model, eps=eps, **factory) if final_norm else None
+
+
+class Encoder(_Stack):
+    """A stack of N :class:`EncoderLayer` (§3.1)."""
+
+    layer_type = EncoderLayer
 
     def forward(self, x, key_padding_mask=None, attn_mask=None):
         for layer in self.layers:
@@ -81,17 +89,10 @@ class Encoder(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-class Decoder(nn.Module):
-    """A stack of N :class:`DecoderLayer` (§3.1), ``final_norm`` as in :class:`Encoder`."""
+class Decoder(_Stack):
+    """A stack of N :class:`DecoderLayer` (§3.1)."""
 
-    def __init__(self, num_layers, d_model, num_heads, d_ff, dropout=0.1, attention_dropout=0.0, ffn_dropout=0.0,
-                 norm_first=False, eps=1e-5, final_norm=None, device=None, dtype=None):
-        super().__init__()
-        factory = dict(device=device, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(d_model, num_heads, d_ff, dropout, attention_dropout, ffn_dropout,
-                                                 norm_first, eps, **factory) for _ in range(num_layers))
-        final_norm = norm_first if final_norm is None else final_norm
-        self.norm = nn.LayerNorm(d_model, eps=eps, **factory) if final_norm else None
+    layer_type = DecoderLayer
 
     def forward(self, x, memory, tgt_key_padding_mask=None, memory_key_padding_mask=None, tgt_mask=None,
                 memory_mask=None, is_causal=True, cache=None):
