@@ -43,13 +43,18 @@ def sources(vocab=23, lengths=(6, 3, 9, 1)):
     return src
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: decoding on CUDA was not run on a GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("eos_offset", [None, 1.0, 2.0])
 @pytest.mark.parametrize("beam_size", [1, 4])
-def test_cached_and_uncached_decoding_give_the_same_tokens(rng_seed, beam_size, eos_offset):
-    m = model64(rng_seed)
+def test_cached_and_uncached_decoding_give_the_same_tokens(rng_seed, beam_size, eos_offset, device):
+    m = model64(rng_seed).to(device)
     if eos_offset is not None:
         favour_eos(m, eos_offset)
-    src = sources()
+    src = sources().to(device)
     cached = m.generate(src, beam_size=beam_size, max_len_offset=6, use_cache=True)
     uncached = m.generate(src, beam_size=beam_size, max_len_offset=6, use_cache=False)
     assert cached == uncached

@@ -34,11 +34,24 @@ def _masks(kind, B, H, S, T):
     return None, None, None
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the import on CUDA was not run on a GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("mask_kind", ["none", "float", "bool", "3d"])
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("norm_first", [False, True])
-def test_transformer_import_matches_torch(rng_seed, norm_first, batch_first, mask_kind, mode):
+def test_transformer_import_matches_torch(rng_seed, norm_first, batch_first, mask_kind, mode, device):
+    torch.set_default_device(device)
+    try:
+        _transformer_import_matches_torch(rng_seed, norm_first, batch_first, mask_kind, mode)
+    finally:
+        torch.set_default_device(None)
+
+
+def _transformer_import_matches_torch(rng_seed, norm_first, batch_first, mask_kind, mode):
     model = torch_transformer(batch_first, norm_first).train(mode == "train")
     ours = interop.from_torch_transformer(model)
     assert ours.training == model.training

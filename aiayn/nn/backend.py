@@ -14,7 +14,6 @@ __all__ = ["reference_ops", "uses_compiled_ops", "linear", "feed_forward", "atte
            "add_dropout_layer_norm"]
 
 _reference_forced = False
-_has_kernel = {}
 
 
 @contextlib.contextmanager
@@ -29,24 +28,24 @@ def reference_ops(enabled=True):
         _reference_forced = before
 
 
+_OPS = {"linear": "linear_fwd", "feed_forward": "feed_forward_fwd", "attention": "attention_fwd",
+        "add_dropout_layer_norm": "add_dropout_layer_norm_fwd"}
+# Read once at import (the kernels register when aiayn._C loads), so that torch.compile never has
+# to trace the dispatcher query.
+_HAS_KERNEL = {(device, op): torch._C._dispatch_has_kernel_for_dispatch_key(f"aiayn::{name}", key)
+               for device, key in (("cpu", "CPU"), ("cuda", "CUDA")) for op, name in _OPS.items()}
+
+
 def uses_compiled_ops(device, op=None):
     """Whether the modules run aiayn's kernel of ``op`` (every op when None) for tensors on
     ``device``: a kernel is registered for the device's dispatch key (CPU always; CUDA for the ops
     whose CUDA sources were built). Ops without one run on PyTorch's own."""
     if _reference_forced:
         return False
-    device = torch.device(device)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     if op is None:
-        return all(uses_compiled_ops(device, name) for name in _OPS)
-    if (device.type, op) not in _has_kernel:
-        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-        _has_kernel[device.type, op] = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"aiayn::{_OPS[op]}", key)
-    return _has_kernel[device.type, op]
-
-
-_OPS = {"linear": "linear_fwd", "feed_forward": "feed_forward_fwd", "attention": "attention_fwd",
-        "add_dropout_layer_norm": "add_dropout_layer_norm_fwd"}
+        return all(_HAS_KERNEL.get((device_type, name), False) for name in _OPS)
+    return _HAS_KERNEL.get((device_type, op), False)
 
 
 def linear(x, w, b=None, activation=None):
