@@ -240,3 +240,18 @@ def test_rejects_non_config():
         Transformer({"d_model": 8})
     with pytest.raises(ValueError, match="divisible"):
         MultiHeadAttention(30, 4)
+
+
+def test_attention_weights_for_plots():
+    m = tiny()
+    src, tgt = batch()
+    maps = m.attention_weights(src, tgt)
+    assert m.training  # mode restored
+    assert [len(maps[k]) for k in ("encoder_self", "decoder_self", "cross")] == [2, 2, 2]
+    enc, dec, cross = maps["encoder_self"][0], maps["decoder_self"][1], maps["cross"][0]
+    assert enc.shape == (3, 4, 9, 9) and dec.shape == (3, 4, 7, 7) and cross.shape == (3, 4, 7, 9)
+    assert torch.allclose(cross.sum(-1), torch.ones(3, 4, 7), atol=1e-5)
+    assert (dec.triu(1) == 0).all()  # causal
+    assert (cross.masked_select((src == 0)[:, None, None, :].expand_as(cross)) == 0).all()  # padded keys get 0
+    m.eval()
+    assert torch.allclose(m(src, tgt), m(src, tgt))
