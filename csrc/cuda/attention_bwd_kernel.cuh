@@ -66,46 +66,29 @@ __global__ void __launch_bounds__(AttnBwdMma::kThreads) attention_bwd_dkdv_mma_k
   const float log2e = static_cast<float>(kAttnLog2e);
   const RowCol la = ldsm_a_lane(lane), lb = ldsm_b_lane(lane), lbt = ldsm_bt_lane(lane);
   float dk[DT][4], dv[DT][4];
-#pragma unroll
-  for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
+  zero_acc(dk);
+  zero_acc(dv);
 
   for (int64_t qb = qb0; qb < nqb; ++qb) {
     const int buf = static_cast<int>((qb - qb0) & 1);
-    if (qb + 1 < nqb) {
-      load_tile_async<BQ, D, kThreads>(sq + (buf ^ 1) * BQ * D, qg, p.q_stride[2], (qb + 1) * BQ, p.len_q);
-      load_tile_async<BQ, D, kThreads>(sdo + (buf ^ 1) * BQ * D, gg, p.grad_out_stride[2], (qb + 1) * BQ, p.len_q);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_step(qb - qb0, nqb - qb0, [&](int64_t next) {
+      load_tile_async<BQ, D, kThreads>(sq + (buf ^ 1) * BQ * D, qg, p.q_stride[2], (qb0 + next) * BQ, p.len_q);
+      load_tile_async<BQ, D, kThreads>(sdo + (buf ^ 1) * BQ * D, gg, p.grad_out_stride[2], (qb0 + next) * BQ, p.len_q);
+    });
     const T* qt = sq + buf * BQ * D;
     const T* gt = sdo + buf * BQ * D;
 
     // S^T (this warp's 16 keys x BQ queries) and dP~^T = V dO^T.
     float st[QT][4], dpt[QT][4];
-#pragma unroll
-    for (int nt = 0; nt < QT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+    zero_acc(st);
+    zero_acc(dpt);
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
       uint32_t ka[4], va[4];
       ldsm_tile<D, false>(ka, sk, la, warp * 16, kk * 16);
       ldsm_tile<D, false>(va, sv, la, warp * 16, kk * 16);
-#pragma unroll
-      for (int np = 0; np < QT / 2; ++np) {
-        uint32_t bb[4];
-        ldsm_tile<D, false>(bb, qt, lb, np * 16, kk * 16);
-        mma_16816<T>(st[2 * np], ka, bb[0], bb[1]);
-        mma_16816<T>(st[2 * np + 1], ka, bb[2], bb[3]);
-        ldsm_tile<D, false>(bb, gt, lb, np * 16, kk * 16);
-        mma_16816<T>(dpt[2 * np], va, bb[0], bb[1]);
-        mma_16816<T>(dpt[2 * np + 1], va, bb[2], bb[3]);
-      }
+      mma_a_bt<T, D, QT>(st, ka, qt, lb, kk);
+      mma_a_bt<T, D, QT>(dpt, va, gt, lb, kk);
     }
     // P Z -> st, dS -> dpt (element: key row, query column).
     const int64_t i0 = qb * BQ;
@@ -133,22 +116,8 @@ __global__ void __launch_bounds__(AttnBwdMma::kThreads) attention_bwd_dkdv_mma_k
       }
     }
     // dV += (P Z)^T dO, dK += dS^T Q: k = queries, B from the [query][d] tiles transposed.
-#pragma unroll
-    for (int kq = 0; kq < QT / 2; ++kq) {
-      uint32_t pa[4], sa[4];
-      acc_to_a<T>(pa, st[2 * kq], st[2 * kq + 1]);
-      acc_to_a<T>(sa, dpt[2 * kq], dpt[2 * kq + 1]);
-#pragma unroll
-      for (int dp = 0; dp < DT / 2; ++dp) {
-        uint32_t bb[4];
-        ldsm_tile<D, true>(bb, gt, lbt, kq * 16, dp * 16);
-        mma_16816<T>(dv[2 * dp], pa, bb[0], bb[1]);
-        mma_16816<T>(dv[2 * dp + 1], pa, bb[2], bb[3]);
-        ldsm_tile<D, true>(bb, qt, lbt, kq * 16, dp * 16);
-        mma_16816<T>(dk[2 * dp], sa, bb[0], bb[1]);
-        mma_16816<T>(dk[2 * dp + 1], sa, bb[2], bb[3]);
-      }
-    }
+    mma_p_b<T, D, QT>(dv, st, gt, lbt);
+    mma_p_b<T, D, QT>(dk, dpt, qt, lbt);
     __syncthreads();
   }
   cp_async_wait<0>();
@@ -178,12 +147,8 @@ __global__ void __launch_bounds__(AttnBwdMma::kThreads) attention_bwd_dq_mma_ker
   T* sk = sdo + BM * D;     // [2][BN][D]
   T* sv = sk + 2 * BN * D;  // [2][BN][D]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t BH = p.batch * p.heads;
-  const int64_t nqb = (p.len_q + BM - 1) / BM;
-  const int64_t bh = blockIdx.x % BH, b = bh / p.heads, h = bh % p.heads;
-  const int64_t qb = p.causal ? nqb - 1 - blockIdx.x / BH : blockIdx.x / BH;
-  const int64_t i0 = qb * BM;
-  const int64_t nkb = attention_key_blocks(p.causal, i0, BM, BN, (p.len_k + BN - 1) / BN);
+  const QueryBlock blk = query_block<BM, BN>(p);
+  const int64_t bh = blk.bh, b = blk.b, h = blk.h, i0 = blk.i0, nkb = blk.key_blocks;
   const T* kg = attn_row<T>(p.k, p.k_stride, b, h, 0);
   const T* vg = attn_row<T>(p.v, p.v_stride, b, h, 0);
 
@@ -209,43 +174,27 @@ __global__ void __launch_bounds__(AttnBwdMma::kThreads) attention_bwd_dq_mma_ker
     dl[r] = in ? static_cast<const float*>(p.delta)[bh * p.len_q + i] : 0.f;
   }
   float dq[DT][4];
-#pragma unroll
-  for (int dt = 0; dt < DT; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
+  zero_acc(dq);
 
   for (int64_t n = 0; n < nkb; ++n) {
     const int buf = static_cast<int>(n & 1);
-    if (n + 1 < nkb) {
-      load_tile_async<BN, D, kThreads>(sk + (buf ^ 1) * BN * D, kg, p.k_stride[2], (n + 1) * BN, p.len_k);
-      load_tile_async<BN, D, kThreads>(sv + (buf ^ 1) * BN * D, vg, p.v_stride[2], (n + 1) * BN, p.len_k);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_step(n, nkb, [&](int64_t next) {
+      load_tile_async<BN, D, kThreads>(sk + (buf ^ 1) * BN * D, kg, p.k_stride[2], next * BN, p.len_k);
+      load_tile_async<BN, D, kThreads>(sv + (buf ^ 1) * BN * D, vg, p.v_stride[2], next * BN, p.len_k);
+    });
     const T* kt = sk + buf * BN * D;
     const T* vt = sv + buf * BN * D;
 
     float s[NT][4], dp[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+    zero_acc(s);
+    zero_acc(dp);
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
       uint32_t qa[4], ga[4];
       ldsm_tile<D, false>(qa, sq, la, warp * 16, kk * 16);
       ldsm_tile<D, false>(ga, sdo, la, warp * 16, kk * 16);
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t bb[4];
-        ldsm_tile<D, false>(bb, kt, lb, np * 16, kk * 16);
-        mma_16816<T>(s[2 * np], qa, bb[0], bb[1]);
-        mma_16816<T>(s[2 * np + 1], qa, bb[2], bb[3]);
-        ldsm_tile<D, false>(bb, vt, lb, np * 16, kk * 16);
-        mma_16816<T>(dp[2 * np], ga, bb[0], bb[1]);
-        mma_16816<T>(dp[2 * np + 1], ga, bb[2], bb[3]);
-      }
+      mma_a_bt<T, D, NT>(s, qa, kt, lb, kk);
+      mma_a_bt<T, D, NT>(dp, ga, vt, lb, kk);
     }
     const int64_t j0 = n * BN;
 #pragma unroll
@@ -271,18 +220,7 @@ __global__ void __launch_bounds__(AttnBwdMma::kThreads) attention_bwd_dq_mma_ker
       }
     }
     // dQ += dS K: k = keys, B from the [key][d] tile transposed.
-#pragma unroll
-    for (int kk = 0; kk < NT / 2; ++kk) {
-      uint32_t a[4];
-      acc_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int dd = 0; dd < DT / 2; ++dd) {
-        uint32_t bb[4];
-        ldsm_tile<D, true>(bb, kt, lbt, kk * 16, dd * 16);
-        mma_16816<T>(dq[2 * dd], a, bb[0], bb[1]);
-        mma_16816<T>(dq[2 * dd + 1], a, bb[2], bb[3]);
-      }
-    }
+    mma_p_b<T, D, NT>(dq, s, kt, lbt);
     __syncthreads();
   }
   cp_async_wait<0>();
@@ -299,7 +237,7 @@ __global__ void __launch_bounds__(AttnBwdMma::kThreads) attention_bwd_dq_mma_ker
 }
 
 template <typename T, int D>
-bool launch_attention_bwd_mma_impl(const AttentionParams& p, cudaStream_t stream) {
+bool launch_attention_bwd_mma(const AttentionParams& p, cudaStream_t stream) {
   constexpr size_t dkdv_smem = AttnBwdMma::dkdv_smem<T, D>(), dq_smem = AttnBwdMma::dq_smem<T, D>();
   if (!request_dynamic_smem(attention_bwd_dkdv_mma_kernel<T, D>, dkdv_smem) ||
       !request_dynamic_smem(attention_bwd_dq_mma_kernel<T, D>, dq_smem))

@@ -1,16 +1,7 @@
-// Tensor-core attention forward, head dim 128 (one file per head dim: parallel, small builds).
-#include <c10/cuda/CUDAException.h>
-
+// Tensor-core attention forward, head dim 128: one file per (pass, head dim) keeps the build parallel and small.
 #include "attention_fwd_kernel.cuh"
-#include "launch.h"
 
 namespace aiayn::cuda {
-
-template <typename T, int D>
-bool launch_attention_fwd_mma(const AttentionParams& p, cudaStream_t stream) {
-  return launch_attention_fwd_mma_impl<T, D>(p, stream);
-}
 template bool launch_attention_fwd_mma<__half, 128>(const AttentionParams&, cudaStream_t);
 template bool launch_attention_fwd_mma<__nv_bfloat16, 128>(const AttentionParams&, cudaStream_t);
-
 }  // namespace aiayn::cuda

@@ -28,13 +28,8 @@ __global__ void __launch_bounds__(AttnFwdMma::kThreads) attention_fwd_mma_kernel
   T* sk = sq + BM * D;      // [2][BN][D]
   T* sv = sk + 2 * BN * D;  // [2][BN][D]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t BH = p.batch * p.heads;
-  const int64_t nqb = (p.len_q + BM - 1) / BM;
-  const int64_t bh = blockIdx.x % BH, b = bh / p.heads, h = bh % p.heads;
-  // Under the causal mask later query blocks see more keys: they go first.
-  const int64_t qb = p.causal ? nqb - 1 - blockIdx.x / BH : blockIdx.x / BH;
-  const int64_t i0 = qb * BM;
-  const int64_t nkb = attention_key_blocks(p.causal, i0, BM, BN, (p.len_k + BN - 1) / BN);
+  const QueryBlock blk = query_block<BM, BN>(p);
+  const int64_t bh = blk.bh, b = blk.b, h = blk.h, i0 = blk.i0, nkb = blk.key_blocks;
   const T* qg = attn_row<T>(p.q, p.q_stride, b, h, 0);
   const T* kg = attn_row<T>(p.k, p.k_stride, b, h, 0);
   const T* vg = attn_row<T>(p.v, p.v_stride, b, h, 0);
@@ -50,22 +45,16 @@ __global__ void __launch_bounds__(AttnFwdMma::kThreads) attention_fwd_mma_kernel
   const float zs = static_cast<float>(p.dropout.scale);
   const RowCol la = ldsm_a_lane(lane), lb = ldsm_b_lane(lane), lbt = ldsm_bt_lane(lane);
   float o[DT][4];
-#pragma unroll
-  for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  zero_acc(o);
   float m[2] = {neg_inf<float>(), neg_inf<float>()}, l[2] = {0.f, 0.f};
   uint32_t qf[KS][4];
 
   for (int64_t n = 0; n < nkb; ++n) {
     const int buf = static_cast<int>(n & 1);
-    if (n + 1 < nkb) {
-      load_tile_async<BN, D, kThreads>(sk + (buf ^ 1) * BN * D, kg, p.k_stride[2], (n + 1) * BN, p.len_k);
-      load_tile_async<BN, D, kThreads>(sv + (buf ^ 1) * BN * D, vg, p.v_stride[2], (n + 1) * BN, p.len_k);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
+    pipeline_step(n, nkb, [&](int64_t next) {
+      load_tile_async<BN, D, kThreads>(sk + (buf ^ 1) * BN * D, kg, p.k_stride[2], next * BN, p.len_k);
+      load_tile_async<BN, D, kThreads>(sv + (buf ^ 1) * BN * D, vg, p.v_stride[2], next * BN, p.len_k);
+    });
     if (n == 0) {
 #pragma unroll
       for (int kk = 0; kk < KS; ++kk) ldsm_tile<D, false>(qf[kk], sq, la, warp * 16, kk * 16);
@@ -74,18 +63,9 @@ __global__ void __launch_bounds__(AttnFwdMma::kThreads) attention_fwd_mma_kernel
     const T* vt = sv + buf * BN * D;
 
     float s[NT][4];
+    zero_acc(s);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t bb[4];
-        ldsm_tile<D, false>(bb, kt, lb, np * 16, kk * 16);
-        mma_16816<T>(s[2 * np], qf[kk], bb[0], bb[1]);
-        mma_16816<T>(s[2 * np + 1], qf[kk], bb[2], bb[3]);
-      }
-    }
+    for (int kk = 0; kk < KS; ++kk) mma_a_bt<T, D, NT>(s, qf[kk], kt, lb, kk);
 
     // Log2-domain scores with the masks, and the row maxima (each row lives in a quad of lanes).
     const int64_t j0 = n * BN;
@@ -140,18 +120,7 @@ __global__ void __launch_bounds__(AttnFwdMma::kThreads) attention_fwd_mma_kernel
     }
 
     // O += P V, P (16 x 64 per warp) straight from the S registers as four 16 x 16 A operands.
-#pragma unroll
-    for (int kk = 0; kk < NT / 2; ++kk) {
-      uint32_t a[4];
-      acc_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int dp = 0; dp < DT / 2; ++dp) {
-        uint32_t bb[4];
-        ldsm_tile<D, true>(bb, vt, lbt, kk * 16, dp * 16);
-        mma_16816<T>(o[2 * dp], a, bb[0], bb[1]);
-        mma_16816<T>(o[2 * dp + 1], a, bb[2], bb[3]);
-      }
-    }
+    mma_p_b<T, D, NT>(o, s, vt, lbt);
     __syncthreads();  // the next iteration's loads overwrite this buffer
   }
   cp_async_wait<0>();
@@ -178,7 +147,7 @@ __global__ void __launch_bounds__(AttnFwdMma::kThreads) attention_fwd_mma_kernel
 }
 
 template <typename T, int D>
-bool launch_attention_fwd_mma_impl(const AttentionParams& p, cudaStream_t stream) {
+bool launch_attention_fwd_mma(const AttentionParams& p, cudaStream_t stream) {
   constexpr size_t smem = AttnFwdMma::smem_bytes<T, D>();
   if (!request_dynamic_smem(attention_fwd_mma_kernel<T, D>, smem)) return false;
   const int64_t blocks = (p.len_q + AttnFwdMma::kBlockM - 1) / AttnFwdMma::kBlockM * p.batch * p.heads;

@@ -140,4 +140,74 @@ __device__ __forceinline__ void ldsm_tile(uint32_t (&r)[4], const T* tile, RowCo
   else ldsm_x4(r, p);
 }
 
+template <int N>
+__device__ __forceinline__ void zero_acc(float (&acc)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+}
+
+// One k-step (16 of the D columns, step kk) of acc += A B^T: A a 16 x 16 fragment, B rows
+// [0, 8 NT) of a [n][D] tile (K for Q K^T, Q for K Q^T, ...); acc holds NT 16 x 8 tiles.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void mma_a_bt(float (&acc)[NT][4], const uint32_t (&a)[4], const T* tile, RowCol lb, int kk) {
+#pragma unroll
+  for (int np = 0; np < NT / 2; ++np) {
+    uint32_t bb[4];
+    ldsm_tile<D, false>(bb, tile, lb, np * 16, kk * 16);
+    mma_16816<T>(acc[2 * np], a, bb[0], bb[1]);
+    mma_16816<T>(acc[2 * np + 1], a, bb[2], bb[3]);
+  }
+}
+
+// acc (16 x D) += P B: P 16 x 8 NT from accumulator registers (rounded to T), B rows [0, 8 NT)
+// of a [k][D] tile (V for P V, dO for P^T dO, K for dS K, Q for dS^T Q).
+template <typename T, int D, int NT>
+__device__ __forceinline__ void mma_p_b(float (&acc)[D / 8][4], const float (&pr)[NT][4], const T* tile, RowCol lbt) {
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    uint32_t a[4];
+    acc_to_a<T>(a, pr[2 * kk], pr[2 * kk + 1]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t bb[4];
+      ldsm_tile<D, true>(bb, tile, lbt, kk * 16, dp * 16);
+      mma_16816<T>(acc[2 * dp], a, bb[0], bb[1]);
+      mma_16816<T>(acc[2 * dp + 1], a, bb[2], bb[3]);
+    }
+  }
+}
+
+// A block that owns BM query rows of one (batch, head) and streams key blocks of BN (the forward
+// and the dQ kernel): under the causal mask later query blocks see more keys, so they go first.
+struct QueryBlock {
+  int64_t bh, b, h, i0, key_blocks;
+};
+template <int BM, int BN>
+__device__ __forceinline__ QueryBlock query_block(const AttentionParams& p) {
+  const int64_t BH = p.batch * p.heads;
+  const int64_t nqb = (p.len_q + BM - 1) / BM;
+  QueryBlock q;
+  q.bh = blockIdx.x % BH;
+  q.b = q.bh / p.heads;
+  q.h = q.bh % p.heads;
+  const int64_t qb = p.causal ? nqb - 1 - blockIdx.x / BH : blockIdx.x / BH;
+  q.i0 = qb * BM;
+  q.key_blocks = attention_key_blocks(p.causal, q.i0, BM, BN, (p.len_k + BN - 1) / BN);
+  return q;
+}
+
+// Before step n of a double-buffered stream: starts loading step n + 1 into the other buffer
+// (load(n + 1), when there is one) and waits for step n's data, then syncs the block.
+template <typename Load>
+__device__ __forceinline__ void pipeline_step(int64_t n, int64_t steps, Load&& load) {
+  if (n + 1 < steps) {
+    load(n + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+}
+
 }  // namespace aiayn::cuda
