@@ -1,10 +1,12 @@
-"""The CUDA SIMT attention kernels run on the CPU, no GPU needed: tests/cpp/attention_simt_emulation.cpp
-compiles csrc/cuda/attention_simt_kernel.cuh with the host compiler, one std::thread per CUDA thread
-and the warp shuffles emulated, and runs the forward (with and without split-K), the split merge and
-the backward in float64. Outputs, log-sum-exp and gradients must match aiayn.reference (float64)
-with the dropout mask of the CPU op for the same seed: this checks the kernels' masks, causal
-ranges, dropout numbering, NaN / fully-masked rules and backward formulas. The GPU-only parts
-(launch, the tensor-core kernels, float32 / half rounding) are covered by test_cuda_attention.py."""
+"""The CUDA attention kernels run on the CPU, no GPU needed: tests/cpp/attention_kernels_emulation.cpp
+compiles csrc/cuda/attention_{simt,fwd,bwd}_kernel.cuh with the host compiler, one std::thread per
+CUDA thread, with the warp shuffles, barriers, cp.async, ldmatrix and mma.sync emulated from the PTX
+ISA's definitions. The SIMT kernels run in float64 (forward with and without split-K, the split
+merge, the backward) and must match aiayn.reference and the CPU op to 1e-10; the tensor-core kernels
+run in float16 / bfloat16 and must match the float64 reference within those dtypes' rounding. Both
+use the CPU op's dropout mask for the same seed. This checks masks, causal ranges, dropout
+numbering, NaN / fully-masked rules, fragment layouts, tiling and the backward formulas; what only a
+GPU can check (real instruction behaviour, races, launch, speed) is in test_cuda_attention.py."""
 
 import os
 import shutil
@@ -39,8 +41,8 @@ def emulator(tmp_path_factory):
     inc = _cuda_include()
     if not cxx or not inc:
         pytest.skip("needs a C++20 compiler and the CUDA headers (cuda_fp16.h) to build the host emulation")
-    exe = tmp_path_factory.mktemp("emu") / "attention_simt_emulation"
-    src = os.path.join(ROOT, "tests", "cpp", "attention_simt_emulation.cpp")
+    exe = tmp_path_factory.mktemp("emu") / "attention_kernels_emulation"
+    src = os.path.join(ROOT, "tests", "cpp", "attention_kernels_emulation.cpp")
     build = subprocess.run([cxx, "-std=c++20", "-O1", "-Wall", "-Werror", "-Wno-attributes", "-Wno-unknown-pragmas",
                             "-I", os.path.join(ROOT, "csrc"), "-I", inc, src, "-o", str(exe), "-pthread"],
                            capture_output=True, text=True, timeout=600)
@@ -56,7 +58,7 @@ def _read(path, shape):
     return torch.from_numpy(np.fromfile(path, dtype=np.float64).reshape(shape))
 
 
-def run_emulated(exe, tmp, q, k, v, grad, attn_mask, kpm, p, causal, scale, seed, splits=1, split_keys=0):
+def run_emulated(exe, tmp, q, k, v, grad, attn_mask, kpm, p, causal, scale, seed, splits=1, split_keys=0, mode="simt"):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     kind = "none" if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "float")
@@ -72,7 +74,7 @@ def run_emulated(exe, tmp, q, k, v, grad, attn_mask, kpm, p, causal, scale, seed
     (tmp / "params.txt").write_text(" ".join(str(x) for x in [
         B, H, Lq, Lk, D, repr(float(scale)), int(causal), repr(float(p)), int(seed.item()), MASK_KINDS[kind], *mshape,
         int(kpm is not None), splits, split_keys]))
-    run = subprocess.run([exe, str(tmp)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([exe, str(tmp), mode], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     return (_read(tmp / "out", (B, H, Lq, D)), _read(tmp / "lse", (B, H, Lq)), _read(tmp / "grad_q", (B, H, Lq, D)),
             _read(tmp / "grad_k", (B, H, Lk, D)), _read(tmp / "grad_v", (B, H, Lk, D)))
@@ -109,8 +111,7 @@ CASES = [  # B, H, Lq, Lk, D, causal, mask, key padding, p, splits, split_keys
 ]
 
 
-@pytest.mark.parametrize("B,H,Lq,Lk,D,causal,mask,kp,p,splits,split_keys", CASES)
-def test_simt_kernels_match_reference(emulator, tmp_path, B, H, Lq, Lk, D, causal, mask, kp, p, splits, split_keys):
+def make_problem(B, H, Lq, Lk, D, mask, kp):
     g = torch.Generator().manual_seed(B * 1000 + Lq * 10 + Lk + D)
     q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for L in (Lq, Lk, Lk))
     grad = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64)
@@ -127,23 +128,65 @@ def test_simt_kernels_match_reference(emulator, tmp_path, B, H, Lq, Lk, D, causa
     if kp:
         kpm = torch.rand(B, Lk, generator=g) < 0.3
         kpm[:, 0] = False
+    return q, k, v, grad, attn_mask, kpm
+
+
+def reference_results(q, k, v, grad, attn_mask, kpm, p, causal, scale, seed):
+    B, H, Lq, _ = q.shape
+    keep = AF.dropout_mask(torch.empty(B, H, Lq, k.shape[2], dtype=torch.bool), p, seed) if p > 0 else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = reference.scaled_dot_product_attention(*leaves, attn_mask, kpm, p, causal, scale, keep)
+    ref.backward(grad)
+    return ref.detach(), reference_lse(q, k, attn_mask, kpm, causal, scale), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("B,H,Lq,Lk,D,causal,mask,kp,p,splits,split_keys", CASES)
+def test_simt_kernels_match_reference(emulator, tmp_path, B, H, Lq, Lk, D, causal, mask, kp, p, splits, split_keys):
+    q, k, v, grad, attn_mask, kpm = make_problem(B, H, Lq, Lk, D, mask, kp)
     scale = 1.0 / D**0.5
     seed = torch.tensor([987654321], dtype=torch.int64)
     out, lse, gq, gk, gv = run_emulated(emulator, tmp_path, q, k, v, grad, attn_mask, kpm, p, causal, scale, seed,
                                         splits, split_keys)
-    keep = AF.dropout_mask(torch.empty(B, H, Lq, Lk, dtype=torch.bool), p, seed) if p > 0 else None
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = reference.scaled_dot_product_attention(*leaves, attn_mask, kpm, p, causal, scale, keep)
-    ref.backward(grad)
+    ref, ref_lse, ref_grads = reference_results(q, k, v, grad, attn_mask, kpm, p, causal, scale, seed)
     # The CPU op agrees too (same seed, same mask): the kernels implement the op's semantics.
     cpu = AF.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, key_padding_mask=kpm, dropout_p=p,
                                           is_causal=causal, scale=scale, seed=seed)
     tol = 1e-10
-    torch.testing.assert_close(out, ref.detach(), rtol=0, atol=tol)
+    torch.testing.assert_close(out, ref, rtol=0, atol=tol)
     torch.testing.assert_close(out, cpu, rtol=0, atol=tol)
-    torch.testing.assert_close(lse, reference_lse(q, k, attn_mask, kpm, causal, scale), rtol=0, atol=tol)
-    for name, ours, r in zip(("grad_q", "grad_k", "grad_v"), (gq, gk, gv), leaves):
-        torch.testing.assert_close(ours, r.grad, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=tol)
+    for name, ours, r in zip(("grad_q", "grad_k", "grad_v"), (gq, gk, gv), ref_grads):
+        torch.testing.assert_close(ours, r, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+MMA_CASES = [  # B, H, Lq, Lk, D, causal, mask, key padding, p, dtype
+    (1, 2, 70, 90, 32, False, "none", False, 0.0, torch.float16),
+    (2, 1, 70, 90, 64, True, "bool", True, 0.0, torch.bfloat16),
+    (1, 2, 65, 130, 64, False, "float", False, 0.2, torch.float16),
+    (1, 1, 130, 61, 128, True, "full_rows", False, 0.1, torch.bfloat16),
+    (1, 1, 5, 33, 32, True, "none", True, 0.3, torch.float16),
+]
+
+
+@pytest.mark.parametrize("B,H,Lq,Lk,D,causal,mask,kp,p,dtype", MMA_CASES)
+def test_tensor_core_kernels_match_reference(emulator, tmp_path, B, H, Lq, Lk, D, causal, mask, kp, p, dtype):
+    q, k, v, grad, attn_mask, kpm = make_problem(B, H, Lq, Lk, D, mask, kp)
+    q, k, v, grad = (t.to(dtype).double() for t in (q, k, v, grad))  # what the kernels see
+    scale = 1.0 / D**0.5
+    seed = torch.tensor([13579], dtype=torch.int64)
+    mode = "mma-f16" if dtype == torch.float16 else "mma-bf16"
+    out, lse, gq, gk, gv = run_emulated(emulator, tmp_path, q, k, v, grad, attn_mask, kpm, p, causal, scale, seed,
+                                        mode=mode)
+    ref, ref_lse, ref_grads = reference_results(q, k, v, grad, attn_mask, kpm, p, causal, scale, seed)
+    # P, dS and the outputs are rounded to the dtype: errors of a few of its ulps of the values.
+    eps = torch.finfo(dtype).eps
+    for name, ours, r in zip(("out", "grad_q", "grad_k", "grad_v"), (out, gq, gk, gv), (ref, *ref_grads)):
+        bound = 8 * eps * max(1.0, r.abs().max().item())
+        err = (ours - r).abs().max().item()
+        assert err <= bound, f"{name} {dtype}: max error {err:.3g} > {bound:.3g}"
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-4)
+    if mask == "full_rows":
+        assert torch.equal(out[:, :, ::3], torch.zeros_like(out[:, :, ::3]))
 
 
 def test_nan_rules(emulator, tmp_path):

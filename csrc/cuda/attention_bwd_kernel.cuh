@@ -10,7 +10,9 @@
 // products come straight from the accumulator registers of the first.
 #pragma once
 #include "attention_mma.cuh"
+#ifndef AIAYN_HOST_EMULATION  // the host emulation runs the kernels without the launchers
 #include "launch.h"
+#endif
 
 namespace aiayn::cuda {
 
@@ -236,6 +238,7 @@ __global__ void __launch_bounds__(AttnBwdMma::kThreads) attention_bwd_dq_mma_ker
   }
 }
 
+#ifndef AIAYN_HOST_EMULATION
 template <typename T, int D>
 bool launch_attention_bwd_mma(const AttentionParams& p, cudaStream_t stream) {
   constexpr size_t dkdv_smem = AttnBwdMma::dkdv_smem<T, D>(), dq_smem = AttnBwdMma::dq_smem<T, D>();
@@ -251,5 +254,6 @@ bool launch_attention_bwd_mma(const AttentionParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
+#endif
 
 }  // namespace aiayn::cuda

@@ -7,7 +7,9 @@
 // saved for the backward.
 #pragma once
 #include "attention_mma.cuh"
+#ifndef AIAYN_HOST_EMULATION  // the host emulation runs the kernels without the launchers
 #include "launch.h"
+#endif
 
 namespace aiayn::cuda {
 
@@ -146,6 +148,7 @@ __global__ void __launch_bounds__(AttnFwdMma::kThreads) attention_fwd_mma_kernel
   }
 }
 
+#ifndef AIAYN_HOST_EMULATION
 template <typename T, int D>
 bool launch_attention_fwd_mma(const AttentionParams& p, cudaStream_t stream) {
   constexpr size_t smem = AttnFwdMma::smem_bytes<T, D>();
@@ -155,5 +158,6 @@ bool launch_attention_fwd_mma(const AttentionParams& p, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
+#endif
 
 }  // namespace aiayn::cuda

@@ -16,20 +16,36 @@ namespace aiayn::cuda {
 #define AIAYN_MMA_UNSUPPORTED 1  // the host dispatches these kernels only on sm_80+
 #endif
 
+#ifdef AIAYN_HOST_EMULATION
+// The instructions as tests/cpp/attention_kernels_emulation.cpp emulates them on the host (from the
+// PTX ISA's definitions), so that these kernels run there without a GPU.
+void emulated_cp_async_16(void* dst, const void* src, bool valid);
+void emulated_ldsm_x4(uint32_t (&r)[4], const void* p, bool trans);
+void emulated_mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
+#define AIAYN_MMA_UNSUPPORTED 1  // no inline PTX
+#endif
+
 // First statement of every tensor-core kernel: a build without sm_80 code that still ends up
 // running one (PTX of an older arch JIT-compiled) traps instead of returning garbage.
 __device__ __forceinline__ void mma_arch_guard() {
-#ifdef AIAYN_MMA_UNSUPPORTED
+#if defined(AIAYN_MMA_UNSUPPORTED) && !defined(AIAYN_HOST_EMULATION)
   __trap();
 #endif
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
+#ifdef AIAYN_HOST_EMULATION
+  return 0;  // unused there
+#else
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
 }
 
 // 16 bytes global -> shared, bypassing L1; src_bytes = 0 writes zeros (rows past the end).
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+#ifdef AIAYN_HOST_EMULATION
+  emulated_cp_async_16(dst, src, valid);
+#endif
 #ifndef AIAYN_MMA_UNSUPPORTED
   const int n = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n));
@@ -49,6 +65,9 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+#ifdef AIAYN_HOST_EMULATION
+  emulated_ldsm_x4(r, p, false);
+#endif
 #ifndef AIAYN_MMA_UNSUPPORTED
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -56,6 +75,9 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
 #endif
 }
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+#ifdef AIAYN_HOST_EMULATION
+  emulated_ldsm_x4(r, p, true);
+#endif
 #ifndef AIAYN_MMA_UNSUPPORTED
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -68,6 +90,9 @@ template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef AIAYN_HOST_EMULATION
+  emulated_mma_16816(d, a, b0, b1, false);
+#endif
 #ifndef AIAYN_MMA_UNSUPPORTED
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -76,6 +101,9 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
 }
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef AIAYN_HOST_EMULATION
+  emulated_mma_16816(d, a, b0, b1, true);
+#endif
 #ifndef AIAYN_MMA_UNSUPPORTED
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
