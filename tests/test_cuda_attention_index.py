@@ -19,7 +19,7 @@ def test_attention_index_math_on_host(tmp_path):
         pytest.skip("no C++ compiler (c++ / g++) to build the host check")
     exe = tmp_path / "attention_index_check"
     src = os.path.join(ROOT, "tests", "cpp", "attention_index_check.cpp")
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc"), src, "-o", str(exe)],
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-I", os.path.join(ROOT, "csrc"), src, "-o", str(exe)],
                    check=True, capture_output=True, text=True, timeout=300)
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
