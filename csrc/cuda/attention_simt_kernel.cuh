@@ -13,6 +13,36 @@ constexpr int kSimtWarps = 4;
 constexpr int kSimtMaxDim = 256;
 constexpr int kSimtPerLane = kSimtMaxDim / 32;
 
+// Rows a (times mul) and b into this warp's shared buffers as, bs, widened to A.
+template <typename T, typename A>
+__device__ __forceinline__ void stage_rows(A* as, const T* a, A mul, A* bs, const T* b, int D) {
+  const int lane = threadIdx.x & 31;
+  __syncwarp();
+  for (int d = lane; d < D; d += 32) as[d] = convert<A>(a[d]) * mul, bs[d] = convert<A>(b[d]);
+  __syncwarp();
+}
+
+// x . xr and y . yr over D (x, y staged in shared memory, xr, yr rows in global memory).
+template <typename T, typename A>
+__device__ __forceinline__ void two_dots(const A* x, const T* xr, const A* y, const T* yr, int D, A& sx, A& sy) {
+  sx = A(0), sy = A(0);
+  for (int d = 0; d < D; ++d) sx += x[d] * convert<A>(xr[d]), sy += y[d] * convert<A>(yr[d]);
+}
+
+// acc[r] += sum_{u < n} w_u row(u)[lane + 32 r], where w_u is lane u's w: the weighted sum of n
+// rows, the weights broadcast from the lanes that computed them.
+template <typename T, typename A, typename RowOf>
+__device__ __forceinline__ void accumulate_rows(A (&acc)[kSimtPerLane], A w, int n, int D, RowOf&& row_of) {
+  const int lane = threadIdx.x & 31;
+  for (int u = 0; u < n; ++u) {
+    const A wu = __shfl_sync(0xFFFFFFFFu, w, u);
+    const T* r = row_of(u);
+#pragma unroll
+    for (int k = 0; k < kSimtPerLane; ++k)
+      if (lane + 32 * k < D) acc[k] += wu * convert<A>(r[lane + 32 * k]);
+  }
+}
+
 // Scores of one query row against keys [j_begin, j_end) by one warp: running max m, sum l and
 // the unnormalised output row o (column lane + 32 r in o[r]). l is NaN if a score was NaN while
 // nothing was visible (the CPU kernel's rule: such a row is NaN, not zeros).
@@ -47,16 +77,8 @@ __device__ void simt_row_forward(const AttentionParams& p, const A* qs, int64_t 
       pj = dropout_keep(p.dropout, attention_dropout_element(bh, i, j, p.len_q, p.len_k)) ? pj * zs : A(0);
 #pragma unroll
     for (int r = 0; r < kSimtPerLane; ++r) o[r] *= alpha;
-    const int n = static_cast<int>(j_end - j0 < 32 ? j_end - j0 : 32);
-    for (int jj = 0; jj < n; ++jj) {
-      const A w = __shfl_sync(0xFFFFFFFFu, pj, jj);
-      const T* vr = attn_row<T>(p.v, p.v_stride, b, h, j0 + jj);
-#pragma unroll
-      for (int r = 0; r < kSimtPerLane; ++r) {
-        const int d = lane + 32 * r;
-        if (d < D) o[r] += w * convert<A>(vr[d]);
-      }
-    }
+    accumulate_rows<T>(o, pj, static_cast<int>(j_end - j0 < 32 ? j_end - j0 : 32), D,
+                       [&](int u) { return attn_row<T>(p.v, p.v_stride, b, h, j0 + u); });
   }
   if (m == neg_inf<A>() && nan_seen) l = std::numeric_limits<A>::quiet_NaN();
   m_out = m;
@@ -173,7 +195,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attention_bwd_prep_kernel(Att
   }
 }
 
-// dQ_i = sum_j dS_ij K_j * scale-free dS (dS carries the scale), one warp per query row.
+// dQ_i = sum_j dS_ij K_j, one warp per query row.
 // dS_ij = P_ij (Z_ij dP~_ij - delta_i) scale, P_ij = 2^(s_ij - lse_i log2 e), dP~ = dO_i . V_j,
 // Z = keep / (1 - p) (1 without dropout).
 template <typename T, typename A>
@@ -192,9 +214,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attention_bwd_dq_simt_kernel(
     const int64_t b = bh / p.heads, h = bh % p.heads;
     const T* qr = attn_row<T>(p.q, p.q_stride, b, h, i);
     const T* gr = attn_row<T>(p.grad_out, p.grad_out_stride, b, h, i);
-    __syncwarp();
-    for (int d = lane; d < D; d += 32) qs[d] = convert<A>(qr[d]) * c, gs[d] = convert<A>(gr[d]);
-    __syncwarp();
+    stage_rows(qs, qr, c, gs, gr, D);
     const A lse2 = static_cast<const A*>(p.lse_saved)[row] * static_cast<A>(kAttnLog2e);
     const A dl = static_cast<const A*>(p.delta)[row];
     A dq[kSimtPerLane];
@@ -205,26 +225,16 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attention_bwd_dq_simt_kernel(
       const int64_t j = j0 + lane;
       A ds = A(0);
       if (j < visible) {
-        const T* kr = attn_row<T>(p.k, p.k_stride, b, h, j);
-        const T* vr = attn_row<T>(p.v, p.v_stride, b, h, j);
-        A s = A(0), dp = A(0);
-        for (int d = 0; d < D; ++d) s += qs[d] * convert<A>(kr[d]), dp += gs[d] * convert<A>(vr[d]);
+        A s, dp;
+        two_dots(qs, attn_row<T>(p.k, p.k_stride, b, h, j), gs, attn_row<T>(p.v, p.v_stride, b, h, j), D, s, dp);
         s = attn_mask_score<A>(p, s, b, h, i, j);
         const A pp = exp2_acc(s - lse2);
         if (p.dropout.enabled)
           dp = dropout_keep(p.dropout, attention_dropout_element(bh, i, j, p.len_q, p.len_k)) ? dp * zs : A(0);
         ds = pp * (dp - dl) * scale;
       }
-      const int n = static_cast<int>(visible - j0 < 32 ? visible - j0 : 32);
-      for (int jj = 0; jj < n; ++jj) {
-        const A w = __shfl_sync(0xFFFFFFFFu, ds, jj);
-        const T* kr = attn_row<T>(p.k, p.k_stride, b, h, j0 + jj);
-#pragma unroll
-        for (int r = 0; r < kSimtPerLane; ++r) {
-          const int d = lane + 32 * r;
-          if (d < D) dq[r] += w * convert<A>(kr[d]);
-        }
-      }
+      accumulate_rows<T>(dq, ds, static_cast<int>(visible - j0 < 32 ? visible - j0 : 32), D,
+                         [&](int u) { return attn_row<T>(p.k, p.k_stride, b, h, j0 + u); });
     }
     T* out = static_cast<T*>(p.grad_q) + row * D;
 #pragma unroll
@@ -251,9 +261,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attention_bwd_dkdv_simt_kerne
     const int64_t b = bh / p.heads, h = bh % p.heads;
     const T* kr = attn_row<T>(p.k, p.k_stride, b, h, j);
     const T* vr = attn_row<T>(p.v, p.v_stride, b, h, j);
-    __syncwarp();
-    for (int d = lane; d < D; d += 32) ks[d] = convert<A>(kr[d]) * c, vs[d] = convert<A>(vr[d]);
-    __syncwarp();
+    stage_rows(ks, kr, c, vs, vr, D);
     A dk[kSimtPerLane], dv[kSimtPerLane];
 #pragma unroll
     for (int r = 0; r < kSimtPerLane; ++r) dk[r] = dv[r] = A(0);
@@ -263,10 +271,9 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attention_bwd_dkdv_simt_kerne
       const int64_t i = i0 + lane;
       A pz = A(0), ds = A(0);
       if (i < p.len_q) {
-        const T* qr = attn_row<T>(p.q, p.q_stride, b, h, i);
-        const T* gr = attn_row<T>(p.grad_out, p.grad_out_stride, b, h, i);
-        A s = A(0), dp = A(0);
-        for (int d = 0; d < D; ++d) s += ks[d] * convert<A>(qr[d]), dp += vs[d] * convert<A>(gr[d]);
+        A s, dp;
+        two_dots(ks, attn_row<T>(p.q, p.q_stride, b, h, i), vs, attn_row<T>(p.grad_out, p.grad_out_stride, b, h, i), D,
+                 s, dp);
         s = attn_mask_score<A>(p, s, b, h, i, j);
         const A pp = exp2_acc(s - lse[i] * static_cast<A>(kAttnLog2e));
         pz = pp;
@@ -278,16 +285,8 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attention_bwd_dkdv_simt_kerne
         ds = pp * (dp - delta[i]) * scale;
       }
       const int n = static_cast<int>(p.len_q - i0 < 32 ? p.len_q - i0 : 32);
-      for (int ii = 0; ii < n; ++ii) {
-        const A wp = __shfl_sync(0xFFFFFFFFu, pz, ii), ws = __shfl_sync(0xFFFFFFFFu, ds, ii);
-        const T* qr = attn_row<T>(p.q, p.q_stride, b, h, i0 + ii);
-        const T* gr = attn_row<T>(p.grad_out, p.grad_out_stride, b, h, i0 + ii);
-#pragma unroll
-        for (int r = 0; r < kSimtPerLane; ++r) {
-          const int d = lane + 32 * r;
-          if (d < D) dv[r] += wp * convert<A>(gr[d]), dk[r] += ws * convert<A>(qr[d]);
-        }
-      }
+      accumulate_rows<T>(dv, pz, n, D, [&](int u) { return attn_row<T>(p.grad_out, p.grad_out_stride, b, h, i0 + u); });
+      accumulate_rows<T>(dk, ds, n, D, [&](int u) { return attn_row<T>(p.q, p.q_stride, b, h, i0 + u); });
     }
     T* gk = static_cast<T*>(p.grad_k) + row * D;
     T* gv = static_cast<T*>(p.grad_v) + row * D;
