@@ -165,6 +165,8 @@ MMA_CASES = [  # B, H, Lq, Lk, D, causal, mask, key padding, p, dtype
     (1, 2, 65, 130, 64, False, "float", False, 0.2, torch.float16),
     (1, 1, 130, 61, 128, True, "full_rows", False, 0.1, torch.bfloat16),
     (1, 1, 5, 33, 32, True, "none", True, 0.3, torch.float16),
+    (2, 1, 1, 70, 64, False, "none", True, 0.0, torch.bfloat16),  # one row (the backward of a decode step)
+    (1, 1, 140, 140, 128, True, "none", False, 0.0, torch.float16),  # several blocks both ways, causal
 ]
 
 

@@ -22,11 +22,18 @@ __device__ __forceinline__ void stage_rows(A* as, const T* a, A mul, A* bs, cons
   __syncwarp();
 }
 
-// x . xr and y . yr over D (x, y staged in shared memory, xr, yr rows in global memory).
+// x . xr over D (x staged in shared memory, xr a row in global memory), in four interleaved partial
+// sums: independent chains for the pipeline, and a rounding error closer to a blocked GEMM's.
 template <typename T, typename A>
-__device__ __forceinline__ void two_dots(const A* x, const T* xr, const A* y, const T* yr, int D, A& sx, A& sy) {
-  sx = A(0), sy = A(0);
-  for (int d = 0; d < D; ++d) sx += x[d] * convert<A>(xr[d]), sy += y[d] * convert<A>(yr[d]);
+__device__ __forceinline__ A dot(const A* x, const T* xr, int D) {
+  A s[4] = {A(0), A(0), A(0), A(0)};
+  int d = 0;
+  for (; d + 4 <= D; d += 4) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u) s[u] += x[d + u] * convert<A>(xr[d + u]);
+  }
+  for (; d < D; ++d) s[d & 3] += x[d] * convert<A>(xr[d]);
+  return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
 // acc[r] += sum_{u < n} w_u row(u)[lane + 32 r], where w_u is lane u's w: the weighted sum of n
@@ -61,10 +68,7 @@ __device__ void simt_row_forward(const AttentionParams& p, const A* qs, int64_t 
     const int64_t j = j0 + lane;
     A s = neg_inf<A>();
     if (j < j_end) {
-      const T* kr = attn_row<T>(p.k, p.k_stride, b, h, j);
-      A acc = A(0);
-      for (int d = 0; d < D; ++d) acc += qs[d] * convert<A>(kr[d]);
-      s = attn_mask_score<A>(p, acc, b, h, i, j);
+      s = attn_mask_score<A>(p, dot(qs, attn_row<T>(p.k, p.k_stride, b, h, j), D), b, h, i, j);
     }
     nan_seen = nan_seen || __any_sync(0xFFFFFFFFu, s != s);
     const A m_new = max_acc(m, warp_max(s));
@@ -225,9 +229,8 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attention_bwd_dq_simt_kernel(
       const int64_t j = j0 + lane;
       A ds = A(0);
       if (j < visible) {
-        A s, dp;
-        two_dots(qs, attn_row<T>(p.k, p.k_stride, b, h, j), gs, attn_row<T>(p.v, p.v_stride, b, h, j), D, s, dp);
-        s = attn_mask_score<A>(p, s, b, h, i, j);
+        const A s = attn_mask_score<A>(p, dot(qs, attn_row<T>(p.k, p.k_stride, b, h, j), D), b, h, i, j);
+        A dp = dot(gs, attn_row<T>(p.v, p.v_stride, b, h, j), D);
         const A pp = exp2_acc(s - lse2);
         if (p.dropout.enabled)
           dp = dropout_keep(p.dropout, attention_dropout_element(bh, i, j, p.len_q, p.len_k)) ? dp * zs : A(0);
@@ -271,10 +274,8 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attention_bwd_dkdv_simt_kerne
       const int64_t i = i0 + lane;
       A pz = A(0), ds = A(0);
       if (i < p.len_q) {
-        A s, dp;
-        two_dots(ks, attn_row<T>(p.q, p.q_stride, b, h, i), vs, attn_row<T>(p.grad_out, p.grad_out_stride, b, h, i), D,
-                 s, dp);
-        s = attn_mask_score<A>(p, s, b, h, i, j);
+        const A s = attn_mask_score<A>(p, dot(ks, attn_row<T>(p.q, p.q_stride, b, h, i), D), b, h, i, j);
+        A dp = dot(vs, attn_row<T>(p.grad_out, p.grad_out_stride, b, h, i), D);
         const A pp = exp2_acc(s - lse[i] * static_cast<A>(kAttnLog2e));
         pz = pp;
         if (p.dropout.enabled) {
