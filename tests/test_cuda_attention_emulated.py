@@ -191,10 +191,11 @@ def test_tensor_core_kernels_match_reference(emulator, tmp_path, B, H, Lq, Lk, D
         assert torch.equal(out[:, :, ::3], torch.zeros_like(out[:, :, ::3]))
 
 
-def test_nan_rules(emulator, tmp_path):
+@pytest.mark.parametrize("mode", ["simt", "mma-f16", "mma-bf16"])
+def test_nan_rules(emulator, tmp_path, mode):
     """A NaN score makes its row NaN (as the CPU op), also when every other key is masked; other rows
     are untouched; fully masked rows are zeros with lse = +inf."""
-    B, H, Lq, Lk, D = 1, 1, 6, 40, 8
+    B, H, Lq, Lk, D = 1, 1, 6, 40, 8 if mode == "simt" else 32
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for L in (Lq, Lk, Lk))
     k[0, 0, 3, 2] = float("nan")  # key 3: NaN scores for every row that sees it
@@ -206,7 +207,7 @@ def test_nan_rules(emulator, tmp_path):
     mask[5, :] = False
     mask[5, 3] = mask[5, 9] = True
     out, lse, *_ = run_emulated(emulator, tmp_path, q, k, v, torch.zeros_like(q), mask, None, 0.0, False, 0.35,
-                                torch.zeros(1, dtype=torch.int64))
+                                torch.zeros(1, dtype=torch.int64), mode=mode)
     assert torch.isnan(out[0, 0, [0, 1, 3, 5]]).all()
     assert torch.equal(out[0, 0, 2], torch.zeros(D, dtype=torch.float64)) and lse[0, 0, 2] == float("inf")
     assert torch.isfinite(out[0, 0, 4]).all()
