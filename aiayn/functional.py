@@ -167,8 +167,8 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, key_padding_mask=None,
     Same meaning as ``torch.nn.functional.scaled_dot_product_attention`` for the arguments they share:
 
     Args:
-        q: ``(B, H, Lq, D)``; k, v: ``(B, H, Lk, D)``; one dtype (float32, bfloat16, float64 on the
-            CPU) and device. Any strides with a contiguous last dim are used without a copy, e.g.
+        q: ``(B, H, Lq, D)``; k, v: ``(B, H, Lk, D)``; one dtype (float32, bfloat16, float64; float16
+            too on CUDA) and device. Any strides with a contiguous last dim are used without a copy, e.g.
             views of a fused ``(B, L, 3, H, D)`` QKV projection permuted to ``(B, H, L, D)``.
             ``D`` ≤ 256.
         attn_mask: broadcastable to ``(B, H, Lq, Lk)``. **bool: True = takes part** (torch's

@@ -114,7 +114,7 @@ if [ $BUILD_OK -eq 0 ]; then
       run_step "sanitizer_$tool" 120 "$OUT/sanitizer_$tool.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         "$SANITIZER" --tool "$tool" --error-exitcode 99 --target-processes all \
         "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_add_dropout_layer_norm.py \
-        tests/test_cuda_feed_forward.py -k "$SUBSET"
+        tests/test_cuda_feed_forward.py tests/test_cuda_attention.py -k "$SUBSET"
     done
   else
     echo "== compute-sanitizer not found: skipped"

@@ -262,6 +262,70 @@ _attention_case("attention.fwd_bwd.long", B=2, H=8, L=2048, D=64, backward=True,
 _attention_case("attention.decode", B=256, H=8, L=48, D=64, Lq=1)
 
 
+# GPU shapes of issue 7 (H100 targets: bf16, d = 64, B * L = 16k tokens), each against torch's
+# default SDPA and against each of its backends alone (torch.nn.attention.sdpa_kernel; a backend
+# that cannot run the case is reported as skipped). TFLOP/s use FlashAttention's count (above).
+_SDPA_BACKENDS = {"default": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                  "cudnn": "CUDNN_ATTENTION"}
+
+
+def _attention_cuda_case(name, B, H, L, D, causal=False, padding=False, backward=False, Lq=None, quick_L=None):
+    for label, backend in _SDPA_BACKENDS.items():
+        @register(f"{name}[{label}]", dtypes=(torch.bfloat16, torch.float16), devices=("cuda",))
+        def _(device, dtype, quick, backend=backend):
+            L_ = quick_L if quick and quick_L else L
+            Lq_ = Lq if Lq is not None else L_
+            B_ = B * L // L_ if Lq is None else B  # same tokens per batch in --quick
+            q, k, v = _attention_inputs(device, dtype, B_, H, Lq_, L_, D, requires_grad=backward)
+            pad = None
+            if padding:
+                pad = torch.zeros(B_, L_, dtype=torch.bool, device=device)
+                pad[::2, int(L_ * 0.8):] = True
+            torch_mask = None if pad is None else ~pad[:, None, None, :]
+
+            def ours():
+                return aiayn.functional.scaled_dot_product_attention(q, k, v, key_padding_mask=pad, is_causal=causal)
+
+            def sdpa():
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=torch_mask, is_causal=causal)
+
+            theirs = sdpa
+            if backend is not None:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                kind = getattr(SDPBackend, backend, None)
+                if kind is None:
+                    raise NotImplementedError(f"torch has no SDPA backend {backend}")
+
+                def theirs():
+                    with sdpa_kernel(kind):
+                        return sdpa()
+
+                try:
+                    theirs()
+                except RuntimeError as e:  # the backend cannot run this case (dtype, mask, GPU)
+                    raise NotImplementedError(f"torch SDPA backend {backend}: {str(e).splitlines()[0]}") from e
+            flops = _attention_flops(B_, H, Lq_, L_, D, causal)
+            if backward:
+                grad = torch.randn(B_, H, Lq_, D, device=device, dtype=dtype)
+
+                def fwd_bwd(forward):
+                    return lambda: torch.autograd.grad(forward(), (q, k, v), grad)
+
+                return Bench(aiayn=fwd_bwd(ours), torch=fwd_bwd(theirs), shape=(B_, H, Lq_, L_, D), flops=3.5 * flops)
+            return Bench(aiayn=torch.no_grad()(ours), torch=torch.no_grad()(theirs), shape=(B_, H, Lq_, L_, D),
+                         flops=flops, bytes=(q.nbytes + k.nbytes + v.nbytes + q.nbytes))
+
+
+_attention_cuda_case("attention.cuda.fwd.L2k", B=8, H=16, L=2048, D=64, quick_L=1024)
+_attention_cuda_case("attention.cuda.fwd.L8k", B=2, H=16, L=8192, D=64, quick_L=2048)
+_attention_cuda_case("attention.cuda.fwd_causal.L2k", B=8, H=16, L=2048, D=64, causal=True, quick_L=1024)
+_attention_cuda_case("attention.cuda.fwd_bwd.L2k", B=8, H=16, L=2048, D=64, backward=True, quick_L=1024)
+_attention_cuda_case("attention.cuda.fwd.L2k_d128", B=8, H=8, L=2048, D=128, quick_L=1024)
+_attention_cuda_case("attention.cuda.fwd.paper_padding", B=512, H=8, L=48, D=64, padding=True)
+_attention_cuda_case("attention.cuda.decode", B=256, H=8, L=48, D=64, Lq=1)
+
+
 # --- the whole model: a training step and beam-search decoding (aiayn.nn) ----------------------
 
 

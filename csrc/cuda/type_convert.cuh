@@ -98,10 +98,17 @@ __device__ __forceinline__ void store_vec(T* p, const A (&in)[N]) {
 }
 
 // The block's dynamic shared memory as T (16-byte aligned, for load_vec / store_vec).
+#ifdef AIAYN_HOST_EMULATION
+unsigned char* emulated_dynamic_smem();  // tests/cpp/attention_kernels_emulation.cpp
+#endif
 template <typename T>
 __device__ __forceinline__ T* dynamic_smem() {
+#ifdef AIAYN_HOST_EMULATION
+  return reinterpret_cast<T*>(emulated_dynamic_smem());
+#else
   extern __shared__ __align__(16) unsigned char aiayn_dynamic_smem[];
   return reinterpret_cast<T*>(aiayn_dynamic_smem);
+#endif
 }
 
 // Host side: calls f(T{}, A{}) with the device storage type T of dtype s and its accumulation
