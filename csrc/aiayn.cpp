@@ -68,6 +68,7 @@ void gemm_clear_pack_cache();  // cpu/gemm/gemm.cpp
 bool gemm_set_pack_cache(bool enabled);
 bool gemm_bf16_dot();
 int gemm_set_bf16_dot(int mode);
+int gemm_set_rows_path(int mode);
 }
 
 namespace {
@@ -130,6 +131,9 @@ PYBIND11_MODULE(_C, m) {
         "Whether bf16 GEMMs (linear, feed_forward) run on vdpbf16ps (else widened to float32 FMAs).");
   m.def("set_gemm_bf16_dot", [](int mode) { return cpu::gemm_set_bf16_dot(mode); },
         "Force the bf16 GEMM mode: 1 vdpbf16ps, 0 widened to float32, -1 automatic (timed once); for tests.");
+  m.def("set_gemm_rows_path", [](int mode) { return cpu::gemm_set_rows_path(mode); },
+        "Force the dot-product path of linear / feed_forward forwards (C = A W^T from W's rows, no "
+        "packing): 1 on, 0 off, -1 by the number of rows (AIAYN_GEMM_DOT); returns the previous setting.");
   m.def("cpu_isa_supported", [](const std::string& name) { return cpu::isa_supported(name.c_str()); });
   m.def("philox4x32_10",
         [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {

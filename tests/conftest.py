@@ -33,6 +33,17 @@ def isa_bf16(request):
         aiayn._C.set_gemm_bf16_dot(previous)
 
 
+@pytest.fixture(params=["rows", "packed"])
+def gemm_path(request):
+    """Forces the forward GEMMs of linear / feed_forward onto the dot-product path straight from
+    the weight's rows ("rows", normally taken by few rows of x) or onto the packed weight."""
+    previous = aiayn._C.set_gemm_rows_path(1 if request.param == "rows" else 0)
+    try:
+        yield request.param
+    finally:
+        aiayn._C.set_gemm_rows_path(previous)
+
+
 @pytest.fixture
 def rng_seed():
     """A fresh seed per test (inputs differ every run); printed on failure to reproduce."""

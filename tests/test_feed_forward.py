@@ -141,7 +141,7 @@ def test_opcheck(dtype, p):
                           (torch.randn(5, 19).to(dtype), x.detach(), w1.detach(), w2.detach(), hidden, p))
 
 
-def test_dropout_is_exact_and_reproducible(isa):
+def test_dropout_is_exact_and_reproducible(isa, gemm_path):
     x = torch.randn(37, 24)
     w1, b1, w2, b2 = make_params(24, 129, torch.float32)
     torch.manual_seed(0)

@@ -312,6 +312,9 @@ def test_scaled_dot_product_attention(c):
 # --- linear and feed_forward ---------------------------------------------------------------------
 # Fewer examples than the ops above (each is a few GEMMs): AIAYN_FUZZ_EXAMPLES scales them too.
 GEMM_FUZZ = settings(FUZZ, max_examples=max(1, (EXAMPLES * 3) // 10))
+# The forwards' GEMM path: by the number of rows (-1), forced onto the dot-product path straight from
+# the weight's rows (1) or onto the packed weight (0).
+gemm_paths = st.sampled_from([-1, 1, 0])
 gemm_sizes = st.one_of(st.integers(1, 40), st.sampled_from([1, 3, 5, 7, 9, 15, 17, 31, 33, 47, 63, 65, 97, 129]))
 
 
@@ -336,7 +339,7 @@ def linear_cases(draw):
                 bf16_dot=draw(st.booleans()), bias=draw(st.booleans()),
                 activation=draw(st.sampled_from([None, "relu"])), x_layout=draw(layouts),
                 w_layout=draw(st.sampled_from(["contiguous", "column_slice", "transposed"])),
-                seed=draw(seeds), backward=draw(st.booleans()))
+                seed=draw(seeds), backward=draw(st.booleans()), rows_path=draw(gemm_paths))
 
 
 def grads_of(fn, leaves, grad):
@@ -391,6 +394,7 @@ def test_linear(c):
         w.retain_grad()
     grad = torch.randn(shape[:-1] + (N,), generator=gen, dtype=torch.float64).to(dtype) if bw else None
     previous = aiayn._C.set_gemm_bf16_dot(1 if c["bf16_dot"] else 0)
+    previous_path = aiayn._C.set_gemm_rows_path(c["rows_path"])
     try:
         with aiayn.cpu_isa(c["isa"]):
             out = AF.linear(x, w, b, activation=act)
@@ -399,6 +403,7 @@ def test_linear(c):
                 out.backward(grad)
     finally:
         aiayn._C.set_gemm_bf16_dot(previous)
+        aiayn._C.set_gemm_rows_path(previous_path)
 
     def call(x, w, b, absolute=False):
         return reference.linear(x, w, b, None if absolute else act)
@@ -416,7 +421,8 @@ def feed_forward_cases(draw):
                 bf16_dot=draw(st.booleans()), b1=draw(st.booleans()), b2=draw(st.booleans()),
                 x_layout=draw(layouts), p=draw(st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0])),
                 training=draw(st.sampled_from([True, True, False])),
-                seed=draw(seeds), dropout_seed=draw(dropout_seeds), backward=draw(st.booleans()))
+                seed=draw(seeds), dropout_seed=draw(dropout_seeds), backward=draw(st.booleans()),
+                rows_path=draw(gemm_paths))
 
 
 @GEMM_FUZZ
@@ -440,6 +446,7 @@ def test_feed_forward(c):
     seed = torch.tensor([c["dropout_seed"]], dtype=torch.int64)
     p = c["p"] if c["training"] else 0.0
     previous = aiayn._C.set_gemm_bf16_dot(1 if c["bf16_dot"] else 0)
+    previous_path = aiayn._C.set_gemm_rows_path(c["rows_path"])
     try:
         with aiayn.cpu_isa(c["isa"]):
             out, mask = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=c["p"], training=c["training"], seed=seed,
@@ -450,6 +457,7 @@ def test_feed_forward(c):
                 out.backward(grad)
     finally:
         aiayn._C.set_gemm_bf16_dot(previous)
+        aiayn._C.set_gemm_rows_path(previous_path)
 
     def call(x, w1, b1, w2, b2, absolute=False):
         if absolute:  # every unit active: bounds the terms of the real problem

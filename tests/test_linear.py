@@ -5,6 +5,8 @@ opcheck, strides and errors."""
 import pytest
 import torch
 
+import aiayn
+
 from aiayn import functional as AF
 from aiayn import reference
 from conftest import assert_2x_rule
@@ -34,6 +36,66 @@ def test_forward_matches_reference(isa_bf16, rng_seed, dtype, tokens, k, n, acti
     ref = reference.linear(x.double(), w.double(), b.double(), activation)
     theirs = reference.linear(x, w, b, activation)
     assert_2x_rule(out, theirs, ref, f"linear {isa} {dtype} {tokens}x{k}x{n} {activation}", seed=rng_seed,
+                   slack=slack_for(ref, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("tokens,k,n", [(1, 1, 1), (2, 17, 15), (3, 1000, 33), (31, 64, 16), (32, 129, 47),
+                                        (33, 512, 31), (5, 1100, 7)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_rows_path_forced_on_and_off(isa_bf16, gemm_path, rng_seed, dtype, tokens, k, n, activation):
+    """The forward's dot-product path (few rows of x, W read unpacked) and the packed path, each
+    forced, at sizes around the path's row threshold and the tiles' edges (K not a multiple of the
+    vector width, K > one 64-vector block, N not a multiple of the column group, odd rows)."""
+    isa = isa_bf16
+    if isa.endswith("widened") and dtype != torch.bfloat16:
+        pytest.skip("the bf16 mode only changes bf16")
+    x, w, b = make(tokens, k, n, dtype)
+    out = torch.full((tokens, n), float("nan"), dtype=dtype)
+    out.copy_(AF.linear(x, w, b, activation))
+    ref = reference.linear(x.double(), w.double(), b.double(), activation)
+    theirs = reference.linear(x, w, b, activation)
+    assert_2x_rule(out, theirs, ref, f"linear {gemm_path} {isa} {dtype} {tokens}x{k}x{n} {activation}",
+                   seed=rng_seed, slack=slack_for(ref, dtype))
+    # A strided x (rows of a wider tensor) and a strided W (rows of a wider weight).
+    wide_x, wide_w = torch.randn(tokens, k + 3).to(dtype), torch.randn(n, k + 5).to(dtype)
+    wide_x[:, :k], wide_w[:, :k] = x, w
+    torch.testing.assert_close(AF.linear(wide_x[:, :k], wide_w[:, :k], b, activation), out, rtol=0, atol=0)
+
+
+def test_rows_path_does_not_depend_on_threads(gemm_path):
+    x, w, b = make(20, 300, 1000, torch.float32)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = AF.linear(x, w, b)
+        torch.set_num_threads(2)
+        two = AF.linear(x, w, b)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_weight_packed_per_chunk(rng_seed, dtype):
+    """A weight whose packed copy exceeds 16 MiB (the vocabulary projection) is packed a chunk per
+    task: same tiles as a weight packed whole (here: from the packed-weight cache), so the same
+    bits, at 1 and 2 threads."""
+    x, w, b = make(100, 513, 8200, dtype)
+    previous_threads, previous_path = torch.get_num_threads(), aiayn._C.set_gemm_rows_path(0)
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(AF.linear(x, w, b, "relu"))
+        with aiayn.packed_weight_cache():
+            whole = AF.linear(x, w, b, "relu")
+    finally:
+        torch.set_num_threads(previous_threads)
+        aiayn._C.set_gemm_rows_path(previous_path)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], whole)
+    ref = reference.linear(x.double(), w.double(), b.double(), "relu")
+    assert_2x_rule(outs[0], reference.linear(x, w, b, "relu"), ref, f"linear chunked {dtype}", seed=rng_seed,
                    slack=slack_for(ref, dtype))
 
 

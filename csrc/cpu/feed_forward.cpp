@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd_cpu(const at::Tensor& x, con
   g1.dropout_scale = p >= 1.0 ? 0.0 : 1.0 / (1.0 - p);
   g1.c = hidden.data_ptr();
   g1.c_rs = d_ff;
-  gemm_run_all(g1, gemm_pack_weight(w1c, /*transpose=*/true));
+  gemm_run_weight_t(g1, w1c);
 
   GemmArgs g2 = gemm_args(x, tokens, d_model, d_ff);
   g2.a = hidden.data_ptr();
@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd_cpu(const at::Tensor& x, con
   g2.bias = bias2.defined() ? bias2.data_ptr() : nullptr;
   g2.c = out.data_ptr();
   g2.c_rs = d_model;
-  gemm_run_all(g2, gemm_pack_weight(w2c, /*transpose=*/true));
+  gemm_run_weight_t(g2, w2c);
   return {out, hidden};
 }
 

@@ -67,6 +67,7 @@ struct AddDropoutLayerNormBwd {
 // padded to a multiple of kp (2 for the bf16 pairs of vdpbf16ps), elements of elem_bytes.
 struct GemmInfo {
   int mr, nr, kp, elem_bytes;
+  int dot_nr;  // columns per task unit of the dot-product path (GemmArgs::b_rows)
 };
 
 struct GemmPackB {
@@ -93,6 +94,12 @@ struct GemmArgs {
   void* a_row_sums;
   const void* packed_b;  // gemm_pack_b of B
   int64_t b_panel_stride;  // elements from one packed panel to the next; 0: round_up(K, kp) * nr
+  int64_t b_first_panel;   // the panel that packed_b starts with (a chunk of B packed by one task)
+  // The dot-product path (few rows of A, gemm_kernel.h): when set, B = W^T is read straight from
+  // the rows of W, B(k, n) = b_rows[n * b_rows_rs + k], and packed_b is unused; "panels" are then
+  // groups of GemmInfo::dot_nr columns. Needs a_cs == 1, no a_gate, no a_row_sums.
+  const void* b_rows;
+  int64_t b_rows_rs;
   // Epilogue, in this order on the float32 tile: + bias[n] (acc type, N values, may be null);
   // ReLU; dropout (element (m, n) is number m * N + n of `dropout`, kept ones scaled);
   // c_gate: C(m, n) := gate(m, n) > 0 ? C(m, n) * c_gate_scale : 0 (gate of dtype `dtype`, row

@@ -34,7 +34,7 @@ at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::o
   g.relu = relu;
   g.c = out.data_ptr();
   g.c_rs = N;
-  gemm_run_all(g, gemm_pack_weight(gemm_weight(w), /*transpose=*/true));
+  gemm_run_weight_t(g, gemm_weight(w));
   return out;
 }
 

@@ -333,7 +333,7 @@ void gemm_run_impl(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_
   const int64_t slice = Kp <= kGemmKSlice + kGemmKSlice / 2 ? Kp : kGemmKSlice;
   Buffer<S> partial(slice < Kp ? panels * MR * NR : 1);
   for (int64_t p = p0; p < p1; ++p) {
-    const P* bp = bpacked + p * (g.b_panel_stride ? g.b_panel_stride : Kp * NR);
+    const P* bp = bpacked + (p - g.b_first_panel) * (g.b_panel_stride ? g.b_panel_stride : Kp * NR);
     const int64_t n0 = p * NR;
     const int nn = static_cast<int>(g.N - n0 < NR ? g.N - n0 : NR);
     for (int64_t kb = 0; kb < Kp || kb == 0; kb += slice) {
@@ -376,10 +376,117 @@ void gemm_run_impl(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_
   }
 }
 
+// Dot-product path for few rows of A (decoding, small batches): C = A W^T straight from W's
+// (N x K) rows, nothing packed. Packing W costs about as much as the whole product when M is
+// small, and a packed weight is only reused within one call. A tile is R = 2 rows of A x C rows
+// of W, R * C vector accumulators over k (lane l sums k = l, l + N, ...), reduced across lanes at
+// the end by Vec::sum_lanes (N sums per call) into a CB-column tile that goes through the same
+// epilogue as the packed path. Loop order: a group of CB rows of W (CB x K, in L1 for K <= 512)
+// against every row pair of A (from L2). Each output's sum order depends only on K and the ISA,
+// never on the task split (groups and row pairs start at fixed multiples).
+template <typename V>
+struct GemmDotTile {
+  static constexpr int R = 2;
+  static constexpr int C = V::N >= 8 ? V::N / 2 : 4;  // R * C accumulators: a multiple of N
+  static constexpr int CB = V::N > C ? V::N : C;      // columns per group: whole vectors
+  static constexpr int NV = CB / V::N;
+};
+
+// acc[r * C + c] = sum over k of A(r, k) * W(c, k), k in blocks of kGemmKBlock vectors summed
+// two-level as in gemm_micro.
+template <typename V, typename T, int C>
+inline void gemm_dot_tile(const T* __restrict a0, const T* __restrict a1, const T* const* w, int64_t K,
+                          V (&acc)[2 * C]) {
+  constexpr int N = V::N;
+  constexpr int64_t kBlock = kGemmKBlock * N;
+#pragma GCC unroll 16
+  for (int i = 0; i < 2 * C; ++i) acc[i] = V::zero();
+  for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+    const int64_t k1 = K - k0 < kBlock ? K : k0 + kBlock;
+    V blk[2 * C];
+#pragma GCC unroll 16
+    for (int i = 0; i < 2 * C; ++i) blk[i] = V::zero();
+    int64_t k = k0;
+#pragma GCC unroll 2
+    for (; k + N <= k1; k += N) {
+      const V x0 = V::load(a0 + k), x1 = V::load(a1 + k);
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) {
+        V wc = V::load(w[c] + k);
+        // One load per W vector: left alone, GCC folds it into both FMAs as a memory operand
+        // (two loads), and the loop becomes load-bound.
+        asm("" : "+v"(wc.v));
+        blk[c] = V::fma(x0, wc, blk[c]);
+        blk[C + c] = V::fma(x1, wc, blk[C + c]);
+      }
+    }
+    if (k < k1) {
+      const int n = static_cast<int>(k1 - k);
+      const V x0 = V::load_partial(a0 + k, n), x1 = V::load_partial(a1 + k, n);
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) {
+        const V wc = V::load_partial(w[c] + k, n);
+        blk[c] = V::fma(x0, wc, blk[c]);
+        blk[C + c] = V::fma(x1, wc, blk[C + c]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < 2 * C; ++i) acc[i] = k0 == 0 ? blk[i] : acc[i] + blk[i];
+  }
+}
+
+// One task of the dot-product path: rows [m0, m1) x column groups [p0, p1) of dot_nr = CB.
+template <typename V, typename T>
+void gemm_dot_run(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  using S = typename V::Scalar;
+  using D = GemmDotTile<V>;
+  constexpr int N = V::N, C = D::C, CB = D::CB, NV = D::NV, kSums = 2 * C / N;
+  const T* a = static_cast<const T*>(g.a);
+  const T* w = static_cast<const T*>(g.b_rows);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * CB;
+    const int nn = static_cast<int>(g.N - n0 < CB ? g.N - n0 : CB);
+    const T* wr[CB];
+    for (int j = 0; j < CB; ++j) wr[j] = w + (n0 + (j < nn ? j : 0)) * g.b_rows_rs;
+    for (int64_t m = m0; m < m1; m += 2) {
+      const bool two = m + 1 < m1;
+      const T* a0 = a + m * g.a_rs;
+      const T* a1 = two ? a0 + g.a_rs : a0;
+      alignas(64) S tile[2][CB];
+      for (int sub = 0; sub < CB / C; ++sub) {
+        V acc[2 * C];
+        gemm_dot_tile<V, T, C>(a0, a1, wr + sub * C, g.K, acc);
+        for (int q = 0; q < kSums; ++q) {
+          alignas(64) S lanes[N];
+          V::sum_lanes(acc + q * N).store(lanes);
+          for (int l = 0; l < N; ++l) {
+            const int i = q * N + l;
+            tile[i / C][sub * C + i % C] = lanes[l];
+          }
+        }
+      }
+      V out[2][NV];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) {
+        out[0][j] = V::load(tile[0] + j * N);
+        out[1][j] = V::load(tile[1] + j * N);
+      }
+      if (two) {
+        gemm_epilogue<V, T, NV, 2>(g, out, m, n0, nn);
+      } else {
+        V one[1][NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) one[0][j] = out[0][j];
+        gemm_epilogue<V, T, NV, 1>(g, one, m, n0, nn);
+      }
+    }
+  }
+}
+
 // The packed layout of each dtype on this ISA.
 template <typename V, int KP, typename P>
 constexpr GemmInfo gemm_info_of() {
-  return GemmInfo{GemmTile<V>::MR, GemmTile<V>::NR, KP, static_cast<int>(sizeof(P))};
+  return GemmInfo{GemmTile<V>::MR, GemmTile<V>::NR, KP, static_cast<int>(sizeof(P)), GemmDotTile<V>::CB};
 }
 
 using GemmF64 = ScalarVec<double>;
@@ -419,6 +526,14 @@ inline void gemm_pack_b(const GemmPackB& b, int64_t p0, int64_t p1, void* packed
 }
 
 inline void gemm_run(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  if (g.b_rows) {
+    switch (g.dtype) {
+      case DType::f32: gemm_dot_run<Vec, float>(g, m0, m1, p0, p1); break;
+      case DType::bf16: gemm_dot_run<Vec, uint16_t>(g, m0, m1, p0, p1); break;
+      case DType::f64: gemm_dot_run<GemmF64, double>(g, m0, m1, p0, p1); break;
+    }
+    return;
+  }
   switch (g.dtype) {
     case DType::f32:
       gemm_run_impl<Vec, float, float, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 1>(g, m0, m1, p0, p1);

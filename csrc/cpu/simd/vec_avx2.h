@@ -74,6 +74,19 @@ struct Vec {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return {_mm256_mul_ps(p, _mm256_castsi256_ps(e))};
   }
+  // Lane i = the sum of a[i]'s lanes, for 8 vectors at once (see vec_avx512.h).
+  static Vec sum_lanes(const Vec* a) {
+    __m256 b[4];
+    for (int i = 0; i < 4; ++i)  // halves: a[i] | a[i + 4], 4 partials each
+      b[i] = _mm256_add_ps(_mm256_permute2f128_ps(a[i].v, a[i + 4].v, 0x20),
+                           _mm256_permute2f128_ps(a[i].v, a[i + 4].v, 0x31));
+    const __m256 c0 = _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm256_shuffle_ps(b[0], b[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 c1 = _mm256_add_ps(_mm256_shuffle_ps(b[2], b[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm256_shuffle_ps(b[2], b[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return {_mm256_add_ps(_mm256_shuffle_ps(c0, c1, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm256_shuffle_ps(c0, c1, _MM_SHUFFLE(3, 1, 3, 1)))};
+  }
   float reduce_add() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -50,6 +50,27 @@ struct Vec {
   }
   static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
+  // Lane i = the sum of a[i]'s lanes, for 16 vectors at once (the horizontal sums of the GEMM's
+  // dot-product path): four levels of shuffle + add, ~2 instructions per sum. Every lane is
+  // summed by the same tree, ((q0 + q2) + (q1 + q3)) over 128-bit quarters, then pairs, so a sum
+  // does not depend on which lane it lands in.
+  static Vec sum_lanes(const Vec* a) {
+    __m512 b[16], c[4];
+    for (int j = 0; j < 8; ++j) {  // halves: a[i] | a[i + 4], 8 partials each
+      const int i = j < 4 ? j : j + 4;
+      b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i].v, a[i + 4].v, _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_f32x4(a[i].v, a[i + 4].v, _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    for (int i = 0; i < 4; ++i)  // quarters: a[i], a[i + 4], a[i + 8], a[i + 12], 4 partials each
+      c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[i], b[i + 8], _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(b[i], b[i + 8], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 d0 = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 d1 = _mm512_add_ps(_mm512_shuffle_ps(c[2], c[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_ps(c[2], c[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return {_mm512_add_ps(_mm512_shuffle_ps(d0, d1, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_ps(d0, d1, _MM_SHUFFLE(3, 1, 3, 1)))};
+  }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
   // 2^x to ~1 ulp: x = n + f, |f| <= 1/2, 2^f by its degree-7 Taylor polynomial, then scalef
   // (which also underflows to exactly 0, so masked scores at -inf give 0). The clamp has x second:

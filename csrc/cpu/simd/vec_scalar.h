@@ -36,6 +36,8 @@ struct ScalarVec {
   static ScalarVec where_positive(ScalarVec m, ScalarVec a) { return {m.v > S(0) ? a.v : S(0)}; }
   static ScalarVec max(ScalarVec a, ScalarVec b) { return {a.v > b.v ? a.v : b.v}; }
   S reduce_add() const { return v; }
+  // Lane i = the sum of a[i]'s lanes (vec_avx512.h): one lane here.
+  static ScalarVec sum_lanes(const ScalarVec* a) { return a[0]; }
   S reduce_max() const { return v; }
   // 2^x; exactly 0 for x = -inf (masked scores).
   static ScalarVec exp2(ScalarVec x) { return {std::exp2(x.v)}; }
