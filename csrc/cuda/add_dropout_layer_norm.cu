@@ -13,6 +13,7 @@
 #include <optional>
 #include <tuple>
 
+#include "dispatch_dtype.h"
 #include "../common/add_dropout_layer_norm_args.h"
 #include "../common/checks.h"
 #include "../common/dropout.h"

@@ -19,6 +19,7 @@
 #include <optional>
 #include <tuple>
 
+#include "dispatch_dtype.h"
 #include "../common/attention_args.h"
 #include "../common/checks.h"
 #include "../common/dropout.h"
@@ -62,18 +63,6 @@ bool tensor_cores(const at::Tensor& q) {
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   return major >= 8;
-}
-
-// Calls f(T{}) with the device storage type of q.
-template <typename F>
-void dispatch_storage(at::ScalarType s, F&& f) {
-  switch (s) {
-    case at::kFloat: return f(float{});
-    case at::kDouble: return f(double{});
-    case at::kHalf: return f(__half{});
-    case at::kBFloat16: return f(__nv_bfloat16{});
-    default: TORCH_CHECK(false, kAttention, ": unreachable dtype ", s);
-  }
 }
 
 template <typename T>
@@ -179,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   p.lse = lse.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor part_ml, part_o;
-  dispatch_storage(q.scalar_type(), [&](auto t) {
+  dispatch_storage(q.scalar_type(), kAttention, [&](auto t, auto) {
     using T = decltype(t);
     if (r.mma && launch_mma<T>(false, p.dim, p, stream)) return;
     if (p.len_q <= kDecodeRows) plan_splits(p);
@@ -229,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.grad_k = gk.data_ptr();
   p.grad_v = gv.data_ptr();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_storage(q.scalar_type(), [&](auto t) {
+  dispatch_storage(q.scalar_type(), kAttention, [&](auto t, auto) {
     using T = decltype(t);
     launch_attention_bwd_prep<T>(p, stream);
     if (r.mma && launch_mma<T>(true, p.dim, p, stream)) return;

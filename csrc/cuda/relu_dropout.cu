@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "dispatch_dtype.h"
 #include "dropout.cuh"
 #include "launch.h"
 #include "relu_dropout.h"

@@ -4,8 +4,6 @@
 // half and bfloat16 go through the explicit round-to-nearest-even intrinsics, which is also what
 // c10::Half / c10::BFloat16 and the CPU kernels (cpu/simd/bf16.h) do.
 #pragma once
-#include <c10/core/ScalarType.h>
-#include <c10/util/Exception.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -109,19 +107,6 @@ __device__ __forceinline__ T* dynamic_smem() {
   extern __shared__ __align__(16) unsigned char aiayn_dynamic_smem[];
   return reinterpret_cast<T*>(aiayn_dynamic_smem);
 #endif
-}
-
-// Host side: calls f(T{}, A{}) with the device storage type T of dtype s and its accumulation
-// type A (float, or double for float64); `op` names the caller in the error for other dtypes.
-template <typename F>
-void dispatch_storage(at::ScalarType s, const char* op, F&& f) {
-  switch (s) {
-    case at::kFloat: return f(float{}, float{});
-    case at::kDouble: return f(double{}, double{});
-    case at::kHalf: return f(__half{}, float{});
-    case at::kBFloat16: return f(__nv_bfloat16{}, float{});
-    default: TORCH_CHECK(false, op, ": unreachable dtype ", s);
-  }
 }
 
 }  // namespace aiayn::cuda
