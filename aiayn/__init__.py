@@ -36,6 +36,7 @@ _C = _load_extension()
 
 from . import _ops  # noqa: E402,F401  (fake kernels and autograd of the registered ops)
 from . import functional, reference  # noqa: E402,F401
+from . import nn  # noqa: E402,F401  (the Transformer modules)
 from ._ops import cpu_isa, packed_weight_cache  # noqa: E402
 
 
@@ -45,4 +46,4 @@ def build_info():
     return _C.build_info()
 
 
-__all__ = ["build_info", "cpu_isa", "packed_weight_cache", "functional", "reference", "__version__"]
+__all__ = ["build_info", "cpu_isa", "packed_weight_cache", "functional", "nn", "reference", "__version__"]

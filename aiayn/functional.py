@@ -27,6 +27,18 @@ def _dropout_args(op, name, p, training, seed):
     return p, new_dropout_seed() if seed is None else seed
 
 
+def _autocast(*tensors, dtype=None):
+    """Inside ``torch.autocast`` for the tensors' device, the float32 tensors cast to ``dtype`` (the
+    autocast dtype by default), as torch's autocast does for its own matmul-like ops; float64 and
+    non-floating tensors pass unchanged. Outside autocast, all pass unchanged."""
+    device = next(t for t in tensors if t is not None).device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = dtype or torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+                 and t.dtype != dtype else t for t in tensors)
+
+
 def dropout_mask(like, p, seed):
     """The keep-mask (bool, shaped like ``like``, on its device) that a dropout-capable aiayn op
     draws for probability ``p`` and ``seed``: element i of the row-major order is kept iff word
@@ -57,9 +69,12 @@ def add_dropout_layer_norm(x, residual, weight=None, bias=None, p=0.0, eps=1e-5,
             for exact tests.
 
     Statistics are computed in float32 (float64 for float64 inputs); the output has x's dtype.
+    Inside ``torch.autocast`` lower-precision inputs are promoted to float32 (like ``F.layer_norm``
+    there), so a bfloat16 sub-layer output can meet a float32 residual stream.
     The backward regenerates the dropout mask from the seed instead of storing it.
     """
     p, seed = _dropout_args("add_dropout_layer_norm", "p", p, training, seed)
+    x, residual, weight, bias = _autocast(x, residual, weight, bias, dtype=torch.float32)
     out, _, _ = torch.ops.aiayn.add_dropout_layer_norm_fwd(x, residual, weight, bias, p, float(eps), seed)
     if return_dropout_mask:
         return out, dropout_mask(x, p, seed)
@@ -84,6 +99,8 @@ def linear(x, w, b=None, activation=None):
         b: ``(out_features,)`` or None.
         activation: None or ``"relu"``.
 
+    Inside ``torch.autocast``, float32 arguments are cast to the autocast dtype (as for
+    ``F.linear``; the same holds for ``feed_forward`` and ``scaled_dot_product_attention``).
     bfloat16 is multiplied with float32 accumulation (``vdpbf16ps`` on AVX-512 BF16) and rounded once
     at the end. Packed weights can be cached across calls (``aiayn.packed_weight_cache``, see
     ``feed_forward``).
@@ -91,6 +108,7 @@ def linear(x, w, b=None, activation=None):
     if activation not in (None, "relu"):
         raise ValueError(f"linear: argument 'activation' must be None or 'relu', got {activation!r}")
     _check_devices("linear", x, w=w, b=b)
+    x, w, b = _autocast(x, w, b)
     return torch.ops.aiayn.linear_fwd(x, w, b, activation == "relu")
 
 
@@ -129,6 +147,7 @@ def feed_forward(x, w1, b1, w2, b2, dropout_p=0.0, training=True, seed=None, ret
     """
     p, seed = _dropout_args("feed_forward", "dropout_p", dropout_p, training, seed)
     _check_devices("feed_forward", x, w1=w1, b1=b1, w2=w2, b2=b2)
+    x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)
     out, hidden = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, p, seed)
     if return_dropout_mask:
         return out, dropout_mask(hidden, p, seed)
@@ -166,6 +185,7 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, key_padding_mask=None,
     p, seed = _dropout_args("scaled_dot_product_attention", "dropout_p", dropout_p, training, seed)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    q, k, v = _autocast(q, k, v)
     out, _ = torch.ops.aiayn.attention_fwd(q, k, v, attn_mask, key_padding_mask, p, bool(is_causal), float(scale), seed)
     if return_dropout_mask:
         B, H, Lq, _ = q.shape

@@ -27,6 +27,7 @@ def run_case(case, dtype, device, *, repeats, peaks, quick=False, warmup=3, min_
     try:
         b = case.make(torch.device(device), dtype, quick)
         result["shape"] = list(b.shape)
+        result["baseline"] = b.baseline
         ours, theirs = time_interleaved([b.aiayn, b.torch], device=device, repeats=repeats, warmup=warmup,
                                         min_sample_s=min_sample_s)
     except NotImplementedError as e:  # e.g. "Could not run 'aiayn::...' with arguments from the 'CUDA' backend"

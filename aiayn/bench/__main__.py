@@ -51,7 +51,8 @@ def _row(r):
         return [r["name"], "x".join(map(str, r.get("shape", []))) or "-", r["dtype"], r["device"],
                 f"{r['status']}: {r['error']}"[:80]]
     pct = f"{r['pct_peak']:.0f}% {r['peak_kind']}" if "pct_peak" in r else "-"
-    return [r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["device"], f"{r['aiayn_ms']:.3f}",
+    name = r["name"] if r.get("baseline", "torch") == "torch" else f"{r['name']} (vs {r['baseline']})"
+    return [name, "x".join(map(str, r["shape"])), r["dtype"], r["device"], f"{r['aiayn_ms']:.3f}",
             f"{r['torch_ms']:.3f}", f"{r['speedup']:.2f}x", _fmt(r.get("gflops"), ".1f"), _fmt(r.get("gbps"), ".1f"), pct]
 
 
@@ -114,7 +115,7 @@ def main(argv=None):
     repeats = args.repeats or (5 if args.quick else 25)
     timing = dict(warmup=2, min_sample_s=0.005) if args.quick else dict(warmup=5, min_sample_s=0.02)
 
-    table = _Table(max(len(c.name) for c in cases))
+    table = _Table(max(len(c.name) + (len(" (vs aiayn without cache)") if c.name.startswith("model.decode") else 0) for c in cases))
     peaks = peak.peaks(args.device, remeasure=args.remeasure)
     print(_describe(peaks), flush=True)
     print(f"median of {repeats} interleaved samples per op\n")

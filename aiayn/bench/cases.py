@@ -32,6 +32,7 @@ class Bench:
     shape: tuple
     flops: float | None = None
     bytes: float | None = None
+    baseline: str = "torch"  # what the `torch` callable is, where it is not PyTorch's own equivalent
 
 
 @dataclass(frozen=True)
@@ -240,3 +241,92 @@ _attention_case("attention.fwd.long_causal", B=2, H=8, L=2048, D=64, causal=True
 _attention_case("attention.fwd_bwd.long", B=2, H=8, L=2048, D=64, backward=True, quick_L=512)
 # One decoding step against a KV cache (incremental decoding / beam search).
 _attention_case("attention.decode", B=256, H=8, L=48, D=64, Lq=1)
+
+
+# --- the whole model: a training step and beam-search decoding (aiayn.nn) ----------------------
+
+
+def _sentence_batch(device, B, S, vocab, pad_every=2):
+    """Token ids (B, S) with the last ~25% padded in every other sentence."""
+    tokens = torch.randint(3, vocab, (B, S), device=device)
+    tokens[::pad_every, int(S * 0.75):] = 0
+    return tokens
+
+
+def _torch_transformer_model(cfg, device):
+    """The same model from nn.Transformer + nn.Embedding + nn.Linear (tied weights, sqrt(d_model)
+    scaling, sinusoidal positions); nn.Transformer's attention and FFN-internal dropout set to 0 so
+    that dropout sits where the paper (and aiayn's model) puts it."""
+    import math
+
+    class TorchModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(cfg.src_vocab_size, cfg.d_model)
+            self.core = torch.nn.Transformer(cfg.d_model, cfg.num_heads, cfg.num_layers, cfg.num_layers, cfg.d_ff,
+                                             cfg.dropout, batch_first=True)
+            for layer in list(self.core.encoder.layers) + list(self.core.decoder.layers):
+                layer.dropout.p = 0.0
+                for attn in (getattr(layer, "self_attn", None), getattr(layer, "multihead_attn", None)):
+                    if attn is not None:
+                        attn.dropout = 0.0
+            self.generator = torch.nn.Linear(cfg.d_model, cfg.src_vocab_size, bias=False)
+            self.generator.weight = self.embed.weight
+            self.pe = aiayn.nn.PositionalEncoding(cfg.d_model)
+
+        def forward(self, src, tgt):
+            def emb(t):
+                return F.dropout(self.embed(t) * math.sqrt(cfg.d_model) + self.pe(t.shape[1]), cfg.dropout,
+                                 self.training)
+            mask = torch.nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], device=tgt.device)
+            out = self.core(emb(src), emb(tgt), tgt_mask=mask, tgt_is_causal=True, src_key_padding_mask=src == 0,
+                            tgt_key_padding_mask=tgt == 0, memory_key_padding_mask=src == 0)
+            return self.generator(out)
+
+    return TorchModel().to(device)
+
+
+def _train_step(model, src, tgt, opt, smoothing):
+    def step():
+        logits = model(src, tgt[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1), ignore_index=0,
+                               label_smoothing=smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+@register("model.train_step.base", devices=("cpu", "cuda"))
+def _model_train_step(device, dtype, quick):
+    # The base model (Table 3), shared 37000-token vocabulary, one batch of 16 sentence pairs of
+    # 32 tokens (fwd + bwd + Adam), against the same model built from nn.Transformer.
+    import warnings
+
+    B, L = (4, 16) if quick else (16, 32)
+    cfg = aiayn.nn.TransformerConfig.preset("base", 37000)
+    ours = aiayn.nn.Transformer(cfg).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nn.Transformer's note on its nested-tensor fast path
+        theirs = _torch_transformer_model(cfg, device)
+    src, tgt = _sentence_batch(device, B, L, 37000), _sentence_batch(device, B, L + 1, 37000)
+    tgt[:, 0] = 1
+    adam = dict(lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+    return Bench(aiayn=_train_step(ours, src, tgt, torch.optim.Adam(ours.parameters(), **adam), 0.1),
+                 torch=_train_step(theirs, src, tgt, torch.optim.Adam(theirs.parameters(), **adam), 0.1),
+                 shape=(B, L, L))
+
+
+@register("model.decode_beam4.base", devices=("cpu", "cuda"))
+def _model_decode_beam4(device, dtype, quick):
+    # Beam-4 decoding (the paper's §6.1 setting) of 8 sentences of 20 tokens, 30 output tokens each
+    # (a random model never emits EOS, so both run to the maximum length): with the key/value cache
+    # vs re-running the decoder on the whole prefix at every step (what nn.Transformer users do).
+    B, S, offset = (2, 8, 4) if quick else (8, 20, 10)
+    model = aiayn.nn.Transformer(aiayn.nn.TransformerConfig.preset("base", 37000)).to(device).eval()
+    src = torch.randint(3, 37000, (B, S), device=device)
+
+    def decode(use_cache):
+        return lambda: model.generate(src, beam_size=4, max_len_offset=offset, use_cache=use_cache)
+
+    return Bench(aiayn=decode(True), torch=decode(False), shape=(B, S, S + offset), baseline="aiayn without cache")

@@ -1,0 +1,207 @@
+"""Decoding a trained :class:`aiayn.nn.Transformer`: greedy search and beam search with GNMT's
+length penalty (Wu et al., 2016, eq. 14; the paper's §6.1 uses beam 4, alpha 0.6, maximum output
+length = input length + 50, early stopping), incremental with a per-layer key/value cache.
+
+Each step feeds only the newest token through the decoder: self-attention keys/values of earlier
+positions come from the cache (:class:`aiayn.nn.KVCache`), the cross-attention keys/values of the
+encoder output are projected once. ``use_cache=False`` instead re-runs the decoder on the whole
+prefix at every step (what users of ``nn.Transformer`` do); both give the same tokens.
+"""
+
+import contextlib
+
+import torch
+
+from ._ops import packed_weight_cache
+
+__all__ = ["generate", "greedy_search", "beam_search", "gnmt_length_penalty"]
+
+
+def gnmt_length_penalty(length, alpha):
+    """``lp(Y) = ((5 + |Y|) / 6) ** alpha``; a finished hypothesis scores ``log P(Y|X) / lp(Y)``."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def generate(model, src, src_key_padding_mask=None, beam_size=4, length_penalty=0.6, max_len_offset=50,
+             use_cache=True):
+    """Beam search (``beam_size > 1``) or greedy search (``beam_size == 1``) for a batch of
+    sources ``(B, S)``; returns one list of token ids per sentence (no BOS/EOS/padding)."""
+    if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
+        raise ValueError(f"generate: 'beam_size' must be a positive int, got {beam_size!r}")
+    if beam_size == 1:
+        return greedy_search(model, src, src_key_padding_mask, max_len_offset, use_cache)
+    return beam_search(model, src, src_key_padding_mask, beam_size, length_penalty, max_len_offset, use_cache)
+
+
+class _Decoder:
+    """One decoding run over a set of rows (hypotheses): the encoder output, its padding mask and the
+    cache follow the rows through ``select``."""
+
+    def __init__(self, model, src, src_key_padding_mask, max_len_offset, use_cache):
+        if not torch.is_tensor(src) or src.dim() != 2 or src.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"generate: 'src' must be a (B, S) tensor of token ids (int64), got "
+                             f"{tuple(src.shape) if torch.is_tensor(src) else type(src).__name__}"
+                             f"{' ' + str(src.dtype) if torch.is_tensor(src) else ''}")
+        if not isinstance(max_len_offset, int) or max_len_offset < 0:
+            raise ValueError(f"generate: 'max_len_offset' must be an int >= 0, got {max_len_offset!r}")
+        cfg = model.config
+        self.model, self.use_cache, self.cfg = model, use_cache, cfg
+        src = src.long()
+        mask = model._padding_mask(src, src_key_padding_mask)
+        if mask is not None and mask.shape != src.shape:
+            raise ValueError(f"generate: 'src_key_padding_mask' must have src's shape {tuple(src.shape)}, got "
+                             f"{tuple(mask.shape)}")
+        lengths = (~mask).sum(1) if mask is not None else torch.full((src.shape[0],), src.shape[1])
+        self.max_len = (lengths + max_len_offset).tolist()
+        self.memory = model.encode(src, mask)
+        self.mask = mask
+        self.cache = model.decoder.new_cache() if use_cache else None
+        self.tokens = torch.full((src.shape[0], 1), cfg.bos_id, dtype=torch.long, device=src.device)
+        self.banned = [i for i in {cfg.pad_id, cfg.bos_id} if i is not None and i != cfg.eos_id]
+
+    def expand(self, times):
+        self.select(torch.arange(self.tokens.shape[0], device=self.tokens.device).repeat_interleave(times))
+
+    def log_probs(self):
+        """log P(next token | prefix) for every row, ``(rows, vocab)`` in float32."""
+        t = self.tokens.shape[1] - 1
+        if self.use_cache:
+            logits = self.model.decode(self.tokens[:, -1:], self.memory, self.mask, cache=self.cache, start=t)
+        else:
+            no_padding = torch.zeros_like(self.tokens, dtype=torch.bool)
+            logits = self.model.decode(self.tokens, self.memory, self.mask, tgt_key_padding_mask=no_padding)
+        logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        logp[:, self.banned] = float("-inf")  # never emit padding or a second BOS
+        return logp
+
+    def select(self, rows, same_sources=False):
+        """Keep ``rows`` (in this order). ``same_sources``: every new row decodes the same source
+        sentence as the old row at its position (beam search reordering hypotheses within each
+        sentence), so the encoder output and the cross-attention keys/values stay as they are."""
+        self.tokens = self.tokens.index_select(0, rows)
+        if not same_sources:
+            self.memory = self.memory.index_select(0, rows)
+            self.mask = None if self.mask is None else self.mask.index_select(0, rows)
+        if self.cache is not None:
+            for layer in self.cache:
+                layer["self"].reorder(rows)
+                if not same_sources:
+                    layer["cross"].reorder(rows)
+
+
+@contextlib.contextmanager
+def _frozen_weights():
+    """No autograd, and each weight packed into the GEMM's panel layout once per search instead of
+    once per step (the weights do not change while decoding)."""
+    with torch.no_grad(), packed_weight_cache():
+        yield
+
+
+def _strip(tokens, eos_id):
+    return [t for t in tokens if t != eos_id]
+
+
+def greedy_search(model, src, src_key_padding_mask=None, max_len_offset=50, use_cache=True):
+    """The most probable next token at each step, until EOS or the maximum length."""
+    was_training = model.training
+    model.eval()
+    try:
+        with _frozen_weights():
+            run = _Decoder(model, src, src_key_padding_mask, max_len_offset, use_cache)
+            eos = model.config.eos_id
+            results = [None] * src.shape[0]
+            alive = list(range(src.shape[0]))
+            while alive:
+                logp = run.log_probs()
+                t = run.tokens.shape[1] - 1  # tokens generated so far
+                forced = [i for i, b in enumerate(alive) if t >= run.max_len[b]]
+                if forced:
+                    logp[forced] = float("-inf")
+                    logp[forced, eos] = 0.0
+                best = logp.argmax(-1)
+                run.tokens = torch.cat([run.tokens, best[:, None]], 1)
+                done = (best == eos).tolist()
+                keep = []
+                for i, b in enumerate(alive):
+                    if done[i]:
+                        results[b] = _strip(run.tokens[i, 1:].tolist(), eos)
+                    else:
+                        keep.append(i)
+                if len(keep) < len(alive):
+                    alive = [alive[i] for i in keep]
+                    if keep:
+                        run.select(torch.tensor(keep, device=run.tokens.device))
+            return results
+    finally:
+        model.train(was_training)
+
+
+def beam_search(model, src, src_key_padding_mask=None, beam_size=4, length_penalty=0.6, max_len_offset=50,
+                use_cache=True):
+    """Beam search as in fairseq: at each step the 2k best extensions of the k live hypotheses are
+    ranked by log-probability; those ending in EOS among the first k are finished (scored
+    ``log P / lp``, :func:`gnmt_length_penalty`), the first k others live on. A sentence stops once it
+    has k finished hypotheses (early stopping) or reaches its maximum length (EOS forced); the
+    best-scoring finished hypothesis is returned. Sentences that stop leave the batch."""
+    was_training = model.training
+    model.eval()
+    try:
+        with _frozen_weights():
+            return _beam_search(model, src, src_key_padding_mask, beam_size, length_penalty, max_len_offset,
+                                use_cache)
+    finally:
+        model.train(was_training)
+
+
+def _beam_search(model, src, src_key_padding_mask, k, alpha, max_len_offset, use_cache):
+    run = _Decoder(model, src, src_key_padding_mask, max_len_offset, use_cache)
+    eos = model.config.eos_id
+    device = run.tokens.device
+    B = src.shape[0]
+    run.expand(k)
+    finished = [[] for _ in range(B)]
+    alive = list(range(B))  # sentence of each block of k rows
+    scores = torch.full((B, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all k rows start identical: extend only the first
+    while alive:
+        logp = run.log_probs()
+        V = logp.shape[-1]
+        t = run.tokens.shape[1] - 1
+        for i, b in enumerate(alive):
+            if t >= run.max_len[b]:
+                rows = logp[i * k:(i + 1) * k]
+                rows[:] = float("-inf")
+                rows[:, eos] = 0.0
+        cand = (scores[:, :, None] + logp.view(len(alive), k, V)).view(len(alive), k * V)
+        top, index = (x.cpu() for x in cand.topk(min(2 * k, k * V), dim=-1))
+        prev_tokens = run.tokens.cpu()
+        rows, next_tokens, next_scores, keep = [], [], [], []
+        for i, b in enumerate(alive):
+            lives = []
+            for rank, (score, flat) in enumerate(zip(top[i].tolist(), index[i].tolist())):
+                if score == float("-inf"):
+                    break
+                beam, token = divmod(flat, V)
+                if token == eos:
+                    if rank < k:
+                        hyp = prev_tokens[i * k + beam, 1:].tolist()
+                        finished[b].append((score / gnmt_length_penalty(len(hyp) + 1, alpha), hyp))
+                elif len(lives) < k:
+                    lives.append((i * k + beam, token, score))
+            if len(finished[b]) >= k or not lives:
+                continue
+            while len(lives) < k:  # fewer live candidates than beams (tiny vocabularies): dead rows
+                lives.append((lives[0][0], lives[0][1], float("-inf")))
+            keep.append(b)
+            for row, token, score in lives:
+                rows.append(row)
+                next_tokens.append(token)
+                next_scores.append(score)
+        same_sources = len(keep) == len(alive)
+        alive = keep
+        if not alive:
+            break
+        run.select(torch.tensor(rows, device=device), same_sources)
+        run.tokens = torch.cat([run.tokens, torch.tensor(next_tokens, device=device)[:, None]], 1)
+        scores = torch.tensor(next_scores, device=device).view(len(alive), k)
+    return [_strip(max(f, key=lambda h: h[0])[1], eos) if f else [] for f in finished]

@@ -1,0 +1,140 @@
+"""Multi-head attention (Vaswani et al., 2017, §3.2.2) on aiayn's attention op, and the key/value
+cache of incremental decoding."""
+
+import torch
+import torch.nn as nn
+
+from . import backend
+
+__all__ = ["MultiHeadAttention", "KVCache"]
+
+
+class KVCache:
+    """Keys and values ``(N, H, L, d_k)`` of one attention module during incremental decoding.
+
+    Self-attention appends each step's keys/values into a buffer that grows by doubling (the
+    attention op reads the filled prefix as a strided view, without a copy); cross-attention stores
+    the encoder output's keys/values once (``static``). ``reorder(index)`` follows beam search's
+    choice of hypotheses."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.length = 0
+        self.static = False
+
+    def append(self, k, v):
+        n, h, t, d = k.shape
+        if self.k is None:
+            self.k = k.new_empty((n, h, max(2 * t, 16), d))
+            self.v = v.new_empty((n, h, max(2 * t, 16), d))
+        elif self.length + t > self.k.shape[2]:
+            capacity = max(2 * self.k.shape[2], self.length + t)
+            self.k = torch.cat([self.k[:, :, :self.length], self.k.new_empty((n, h, capacity - self.length, d))], 2)
+            self.v = torch.cat([self.v[:, :, :self.length], self.v.new_empty((n, h, capacity - self.length, d))], 2)
+        self.k[:, :, self.length:self.length + t] = k
+        self.v[:, :, self.length:self.length + t] = v
+        self.length += t
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def set_static(self, k, v):
+        self.k, self.v, self.length, self.static = k, v, k.shape[2], True
+        return k, v
+
+    def reorder(self, index):
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+class MultiHeadAttention(nn.Module):
+    """``MultiHead(Q, K, V) = Concat(head_1..head_h) W^O``, ``head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)``
+    (Vaswani et al., 2017, §3.2.2), batch-first ``(B, L, d_model)``.
+
+    The h projections are one ``(3 d_model, d_model)`` matrix (``in_proj_weight``, laid out as
+    ``nn.MultiheadAttention``'s: rows for Q, then K, then V), so self-attention is one GEMM whose output
+    is viewed as ``(B, L, 3, h, d_k)`` and handed to the attention op as strided ``(B, h, L, d_k)``
+    views, without copies. ``dropout`` is on the attention probabilities (not in the paper; 0 by
+    default in the Transformer).
+    """
+
+    def __init__(self, d_model, num_heads, dropout=0.0, bias=True, device=None, dtype=None):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"MultiHeadAttention: d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        factory = dict(device=device, dtype=dtype)
+        self.d_model, self.num_heads, self.d_k, self.dropout = d_model, num_heads, d_model // num_heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model, **factory))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * d_model, **factory)) if bias else None
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    def _project(self, x, first, count):
+        """x W^T + b for rows [first, first + count) * d_model of the packed projection, viewed as
+        ``count`` tensors ``(B, h, L, d_k)``."""
+        d = self.d_model
+        w = self.in_proj_weight[first * d:(first + count) * d]
+        b = None if self.in_proj_bias is None else self.in_proj_bias[first * d:(first + count) * d]
+        y = backend.linear(x, w, b)
+        B, L, _ = x.shape
+        return y.view(B, L, count, self.num_heads, self.d_k).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, query, key=None, value=None, key_padding_mask=None, attn_mask=None, is_causal=False,
+                need_weights=False, cache=None):
+        """Attend from ``query`` ``(B, Lq, d_model)`` to ``key``/``value`` ``(B, Lk, d_model)``
+        (self-attention when ``key`` is None).
+
+        Masks follow :func:`aiayn.functional.scaled_dot_product_attention`: ``key_padding_mask``
+        ``(B, Lk)`` True = padding; ``attn_mask`` bool True = takes part, or float added to the
+        scores; ``is_causal`` lets query i see keys j <= i.
+
+        ``cache``: a :class:`KVCache` for incremental decoding: self-attention appends this call's
+        keys/values and attends to everything cached (query i of this call sits at position
+        ``cache.length + i``); cross-attention projects ``key``/``value`` on the first call only.
+        ``need_weights=True`` returns ``(out, weights)`` with the per-head probabilities
+        ``(B, h, Lq, Lk)``, computed on the materialising reference path (for plots).
+        """
+        self_attention = key is None
+        if self_attention:
+            past = cache.length if cache is not None else 0
+            q, k, v = self._project(query, 0, 3)
+            if cache is not None:
+                k, v = cache.append(k, v)
+                if is_causal and past > 0:
+                    # Queries sit after the cached keys: causal alignment is bottom-right.
+                    Lq, Lk = q.shape[2], k.shape[2]
+                    rows = torch.arange(Lq, device=q.device)[:, None] + past
+                    allowed = torch.arange(Lk, device=q.device)[None, :] <= rows
+                    attn_mask = allowed if attn_mask is None else _and_masks(attn_mask, allowed)
+                    is_causal = False
+        else:
+            (q,) = self._project(query, 0, 1)
+            if cache is not None and cache.static:
+                k, v = cache.k, cache.v
+            else:
+                if value is None or value is key:
+                    k, v = self._project(key, 1, 2)
+                else:
+                    (k,) = self._project(key, 1, 1)
+                    (v,) = self._project(value, 2, 1)
+                if cache is not None:
+                    cache.set_static(k, v)
+        p = self.dropout if self.training else 0.0
+        if need_weights:
+            out, weights = backend.attention_weights(q, k, v, attn_mask, key_padding_mask, p, is_causal, self.training)
+        else:
+            out = backend.attention(q, k, v, attn_mask, key_padding_mask, p, is_causal, self.training)
+        B, H, Lq, dk = out.shape
+        out = backend.linear(out.transpose(1, 2).reshape(B, Lq, H * dk), self.out_proj.weight, self.out_proj.bias)
+        return (out, weights) if need_weights else out
+
+
+def _and_masks(attn_mask, allowed):
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & allowed
+    return attn_mask.masked_fill(~allowed, float("-inf"))
