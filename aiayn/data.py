@@ -67,11 +67,13 @@ class Vocabulary:
 
         if model_type not in ("bpe", "unigram"):
             raise UserInputError(f"vocabulary type must be 'bpe' or 'unigram', not {model_type!r}")
+        if hasattr(spm, "set_random_generator_seed"):
+            spm.set_random_generator_seed(seed)
         spm.SentencePieceTrainer.Train(
             input=list(paths), model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
             pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, character_coverage=1.0,
             hard_vocab_limit=False, input_sentence_size=max_sentences, shuffle_input_sentence=True,
-            random_seed=seed, num_threads=os.cpu_count() or 1, minloglevel=2)
+            num_threads=os.cpu_count() or 1, minloglevel=2)
         return cls(model_prefix + ".model")
 
     def __len__(self):
