@@ -27,7 +27,7 @@ def _parser():
 
     demo = sub.add_parser("demo", help="train a small Transformer on a synthetic task on the CPU (~2 minutes)")
     demo.add_argument("--quick", action="store_true", help="a shorter run (what the tests use)")
-    demo.add_argument("--task", default="reverse", choices=["copy", "reverse", "sort"])
+    demo.add_argument("--task", default="copy", choices=["copy", "reverse", "sort"])
     demo.add_argument("--steps", type=_positive_int, help="optimizer steps (default: the plan's)")
     demo.add_argument("--out", default="aiayn-demo", help="folder for loss_curve.png, attention.png, log.json")
     demo.add_argument("--seed", type=int, default=0)

@@ -46,7 +46,7 @@ def train_args(corpus, out, *extra):
     return ["train", "--src", corpus["src"], "--tgt", corpus["tgt"], "--valid-src", corpus["valid_src"],
             "--valid-tgt", corpus["valid_tgt"], "--config", "tiny", "--out", str(out), "--vocab-size", "60",
             "--max-tokens", "400", "--warmup", "4", "--save-every", "2", "--valid-every", "4",
-            "--bleu-sentences", "8", "--no-progress", "--device", "cpu", *extra]
+            "--bleu-sentences", "8", "--beam", "1", "--no-progress", "--device", "cpu", *extra]
 
 
 @pytest.fixture(scope="module")
