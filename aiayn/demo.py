@@ -10,12 +10,14 @@ from dataclasses import dataclass
 import torch
 
 from aiayn.data import BOS_ID, EOS_ID, synthetic_pairs
+from aiayn.train.checkpoint import average_state_dicts
 from aiayn.train.loop import fit, write_log
 from aiayn.train.plots import plot_attention
 from aiayn.train.run import translate_ids
 from aiayn.train.trainer import Trainer, TrainOptions
 
 NUM_SYMBOLS, MAX_LEN = 10, 20
+AVERAGE_LAST, AVERAGE_EVERY = 5, 40
 
 
 @dataclass
@@ -28,7 +30,7 @@ class DemoPlan:
     bar: float           # the accuracy the run is expected to reach (checked by the tests)
 
 
-FULL = DemoPlan(steps=1100, max_tokens=8000, train_pairs=100_000, test_pairs=1000, bar=0.99)
+FULL = DemoPlan(steps=1000, max_tokens=8000, train_pairs=100_000, test_pairs=1000, bar=0.99)
 QUICK = DemoPlan(steps=350, max_tokens=6000, train_pairs=30_000, test_pairs=300, bar=0.3)
 
 
@@ -59,13 +61,20 @@ def run_demo(task="copy", quick=False, out_dir="aiayn-demo", steps=None, seed=0,
     test_pairs = [p for p in synthetic_pairs(task, 4 * plan.test_pairs, max_len=MAX_LEN, num_symbols=NUM_SYMBOLS,
                                              seed=seed + 1) if tuple(p[0]) not in seen][:plan.test_pairs]
     model = Transformer(demo_config())
-    options = TrainOptions(max_tokens=plan.max_tokens, warmup=100, lr_scale=0.3, seed=seed)
+    options = TrainOptions(max_tokens=plan.max_tokens, warmup=100, lr_scale=0.2, seed=seed)
     trainer = Trainer(model, train_pairs, options, "cpu")
     print(f"aiayn demo: task {task}, {len(train_pairs)} training pairs of length 1-{MAX_LEN}, "
           f"{sum(p.numel() for p in model.parameters())} parameters, {steps} steps of ~{plan.max_tokens} tokens",
           file=out, flush=True)
     start = time.perf_counter()
-    log = fit(trainer, steps, progress=progress, desc=f"demo ({task})")
+    # as in §6.1, the model evaluated is the average of the last checkpoints (here snapshots every
+    # AVERAGE_EVERY steps, kept in memory): it smooths out the noise of the last updates
+    log, snapshots = None, []
+    for stop in list(range(steps - (AVERAGE_LAST - 1) * AVERAGE_EVERY, steps, AVERAGE_EVERY)) + [steps]:
+        log = fit(trainer, stop, log=log, progress=progress, desc=f"demo ({task})")
+        if stop > 0:
+            snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+    model.load_state_dict(average_state_dicts(snapshots))
     train_seconds = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -111,19 +111,26 @@ def resolve_model_file(path):
     return path
 
 
+def average_state_dicts(states):
+    """The element-wise mean of state dicts with the same keys (summed in float64)."""
+    sums = {k: v.detach().double().clone() for k, v in states[0].items()}
+    for state in states[1:]:
+        for k, v in state.items():
+            sums[k] += v.detach().double()
+    return {k: (v / len(states)).to(states[0][k].dtype) for k, v in sums.items()}
+
+
 def average_models(paths):
     """A model whose parameters are the element-wise mean of the checkpoints' (same config)."""
     if not paths:
         raise UserInputError("no checkpoints to average")
     first = load_model(paths[0])
-    sums = {k: v.detach().double().clone() for k, v in first.state_dict().items()}
+    states = [first.state_dict()]
     for path in paths[1:]:
         model = load_model(path)
         check_config(model, first.config, path)
-        for k, v in model.state_dict().items():
-            sums[k] += v.double()
-    averaged = {k: (v / len(paths)).to(first.state_dict()[k].dtype) for k, v in sums.items()}
-    first.load_state_dict(averaged)
+        states.append(model.state_dict())
+    first.load_state_dict(average_state_dicts(states))
     return first
 
 
