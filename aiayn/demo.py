@@ -30,6 +30,8 @@ class DemoPlan:
     bar: float           # the accuracy the run is expected to reach (checked by the tests)
 
 
+# Measured here (seed 0, AVX-512): FULL 0.975 exact match (the 0.99 target is not reached yet),
+# QUICK 0.440; both ~1000 / ~350 steps of ~0.1 s on an idle 2-core CPU.
 FULL = DemoPlan(steps=1000, max_tokens=8000, train_pairs=100_000, test_pairs=1000, bar=0.99)
 QUICK = DemoPlan(steps=350, max_tokens=6000, train_pairs=30_000, test_pairs=300, bar=0.3)
 
