@@ -1,0 +1,37 @@
+"""The optimizer and learning-rate schedule of §5.3: Adam with beta1 = 0.9, beta2 = 0.98, eps = 1e-9,
+and lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5) (linear warm-up, then inverse square
+root decay)."""
+
+import torch
+
+
+def noam_lr(step, d_model, warmup=4000):
+    """The paper's learning rate at optimizer step `step` (1-based)."""
+    if step < 1:
+        raise ValueError(f"noam_lr: step must be >= 1 (1-based), got {step}")
+    if warmup < 1:
+        raise ValueError(f"noam_lr: warmup must be >= 1, got {warmup}")
+    return d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+
+
+class NoamLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose factor is `scale * noam_lr(step)`: build the optimizer with lr=1.0. The n-th
+    optimizer.step() (n = 1, 2, ...) runs with noam_lr(n); call scheduler.step() after each."""
+
+    def __init__(self, optimizer, d_model, warmup=4000, scale=1.0, last_epoch=-1):
+        self.d_model, self.warmup, self.scale = d_model, warmup, scale
+        super().__init__(optimizer, self._factor, last_epoch=last_epoch)
+
+    def _factor(self, completed_steps):
+        return self.scale * noam_lr(completed_steps + 1, self.d_model, self.warmup)
+
+    def state_dict(self):
+        # the factor is a bound method (not picklable); it is rebuilt from d_model/warmup/scale
+        state = super().state_dict()
+        state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
+        return state
+
+
+def make_optimizer(parameters, betas=(0.9, 0.98), eps=1e-9):
+    """Adam as in §5.3, with lr=1.0 so that NoamLR's factor is the learning rate."""
+    return torch.optim.Adam(parameters, lr=1.0, betas=betas, eps=eps)
