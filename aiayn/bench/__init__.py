@@ -22,12 +22,12 @@ __all__ = ["CASES", "Bench", "Case", "register", "select", "run", "run_case", "p
 def run_case(case, dtype, device, *, repeats, peaks, quick=False, warmup=3, min_sample_s=0.02):
     """Time one case at one dtype on one device; returns a JSON-able dict (``status`` "ok",
     "skipped" where aiayn's op has no kernel for the device, or "error")."""
-    result = {"name": case.name, "dtype": str(dtype).removeprefix("torch."), "device": device}
+    result = {"name": case.name, "label": case.label, "dtype": str(dtype).removeprefix("torch."), "device": device}
     torch.manual_seed(0)
     try:
         b = case.make(torch.device(device), dtype, quick)
         result["shape"] = list(b.shape)
-        result["baseline"] = b.baseline
+        result["baseline"] = case.baseline
         ours, theirs = time_interleaved([b.aiayn, b.torch], device=device, repeats=repeats, warmup=warmup,
                                         min_sample_s=min_sample_s)
     except NotImplementedError as e:  # e.g. "Could not run 'aiayn::...' with arguments from the 'CUDA' backend"

@@ -51,9 +51,8 @@ def _row(r):
         return [r["name"], "x".join(map(str, r.get("shape", []))) or "-", r["dtype"], r["device"],
                 f"{r['status']}: {r['error']}"[:80]]
     pct = f"{r['pct_peak']:.0f}% {r['peak_kind']}" if "pct_peak" in r else "-"
-    name = r["name"] if r.get("baseline", "torch") == "torch" else f"{r['name']} (vs {r['baseline']})"
-    return [name, "x".join(map(str, r["shape"])), r["dtype"], r["device"], f"{r['aiayn_ms']:.3f}",
-            f"{r['torch_ms']:.3f}", f"{r['speedup']:.2f}x", _fmt(r.get("gflops"), ".1f"), _fmt(r.get("gbps"), ".1f"), pct]
+    return [r.get("label", r["name"]), "x".join(map(str, r["shape"])), r["dtype"], r["device"],
+            f"{r['aiayn_ms']:.3f}", f"{r['torch_ms']:.3f}", f"{r['speedup']:.2f}x", _fmt(r.get("gflops"), ".1f"), _fmt(r.get("gbps"), ".1f"), pct]
 
 
 class _Table:
@@ -86,7 +85,7 @@ def plot(results, path):
     from matplotlib.figure import Figure  # lazily: matplotlib is an optional extra (aiayn[plot])
 
     ok = [r for r in results if r["status"] == "ok"]
-    labels = [f"{r['name']}\n{r['dtype']} {r['device']}" for r in ok]
+    labels = [f"{r.get('label', r['name'])}\n{r['dtype']} {r['device']}" for r in ok]
     speedups = [r["speedup"] for r in ok]
     fig = Figure(figsize=(8, 1 + 0.6 * max(1, len(ok))), layout="constrained")
     ax = fig.subplots()
@@ -115,7 +114,7 @@ def main(argv=None):
     repeats = args.repeats or (5 if args.quick else 25)
     timing = dict(warmup=2, min_sample_s=0.005) if args.quick else dict(warmup=5, min_sample_s=0.02)
 
-    table = _Table(max(len(c.name) + (len(" (vs aiayn without cache)") if c.name.startswith("model.decode") else 0) for c in cases))
+    table = _Table(max(len(c.label) for c in cases))
     peaks = peak.peaks(args.device, remeasure=args.remeasure)
     print(_describe(peaks), flush=True)
     print(f"median of {repeats} interleaved samples per op\n")

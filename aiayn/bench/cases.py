@@ -32,7 +32,6 @@ class Bench:
     shape: tuple
     flops: float | None = None
     bytes: float | None = None
-    baseline: str = "torch"  # what the `torch` callable is, where it is not PyTorch's own equivalent
 
 
 @dataclass(frozen=True)
@@ -41,19 +40,25 @@ class Case:
     make: Callable[[torch.device, torch.dtype, bool], Bench]
     dtypes: tuple
     devices: tuple
+    baseline: str = "torch"  # what the `torch` callable is, where it is not PyTorch's own equivalent
+
+    @property
+    def label(self):
+        """The case's name in tables: with its baseline where that is not PyTorch's op."""
+        return self.name if self.baseline == "torch" else f"{self.name} (vs {self.baseline})"
 
 
 CASES: dict[str, Case] = {}
 
 
-def register(name, dtypes=(torch.float32,), devices=("cpu", "cuda")):
+def register(name, dtypes=(torch.float32,), devices=("cpu", "cuda"), baseline="torch"):
     """Decorator: register ``make(device, dtype, quick) -> Bench`` as the case ``name``, run for
     each of ``dtypes`` on each of ``devices``."""
 
     def decorator(make):
         if name in CASES:
             raise ValueError(f"benchmark case {name!r} is already registered")
-        CASES[name] = Case(name, make, tuple(dtypes), tuple(devices))
+        CASES[name] = Case(name, make, tuple(dtypes), tuple(devices), baseline)
         return make
 
     return decorator
@@ -400,7 +405,7 @@ def _model_train_step(device, dtype, quick):
                  shape=(B, L, L))
 
 
-@register("model.decode_beam4.base", devices=("cpu", "cuda"))
+@register("model.decode_beam4.base", devices=("cpu", "cuda"), baseline="aiayn without cache")
 def _model_decode_beam4(device, dtype, quick):
     # Beam-4 decoding (the paper's §6.1 setting) of 8 sentences of 20 tokens, 30 output tokens each
     # (a random model never emits EOS, so both run to the maximum length): with the key/value cache
@@ -412,4 +417,4 @@ def _model_decode_beam4(device, dtype, quick):
     def decode(use_cache):
         return lambda: model.generate(src, beam_size=4, max_len_offset=offset, use_cache=use_cache)
 
-    return Bench(aiayn=decode(True), torch=decode(False), shape=(B, S, S + offset), baseline="aiayn without cache")
+    return Bench(aiayn=decode(True), torch=decode(False), shape=(B, S, S + offset))
