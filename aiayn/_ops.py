@@ -183,9 +183,10 @@ def packed_weight_cache(enabled=True):
     in-place update bumps the version) instead of once per call. Writes through ``w.data`` do not
     bump the version and are not seen: do not use it around code that writes weights that way
     (e.g. torch.autograd.gradcheck). Also settable process-wide with ``AIAYN_PACK_CACHE=1``.
-    Process-wide: not for concurrent use."""
+    Process-wide: not for concurrent use. ``with packed_weight_cache() as was_on`` tells whether the
+    cache was on before."""
     previous = _C.set_pack_cache(bool(enabled))
     try:
-        yield
+        yield previous
     finally:
         _C.set_pack_cache(previous)

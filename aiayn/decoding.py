@@ -91,8 +91,10 @@ class _Decoder:
 
 @contextlib.contextmanager
 def _frozen_weights():
-    """No autograd, and each weight packed into the GEMM's panel layout once per search instead of
-    once per step (the weights do not change while decoding)."""
+    """No autograd, and each weight packed into the GEMM's panel layout once instead of once per
+    step (the weights do not change while decoding). The packed copies stay cached while the weights
+    live and are unchanged, so later searches (``aiayn translate`` calls one per batch) reuse them;
+    they take about the model's size again, and ``aiayn._C.clear_pack_cache()`` frees them."""
     with torch.no_grad(), packed_weight_cache():
         yield
 

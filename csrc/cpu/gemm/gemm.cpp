@@ -121,7 +121,9 @@ at::Tensor gemm_pack_b(DType dtype, int64_t K, int64_t N, const void* b, int64_t
 
 namespace {
 
-constexpr size_t kPackCacheEntries = 64;
+// Enough for every weight of a 6 + 6 layer model (67 for the base Transformer, which beam search
+// keeps packed for a whole search).
+constexpr size_t kPackCacheEntries = 256;
 
 struct PackEntry {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;

@@ -41,7 +41,7 @@ at::Tensor gemm_pack_b(DType dtype, int64_t K, int64_t N, const void* b, int64_t
 // optimizer step and reused by every call in between. Writes that bypass the version counter
 // (`w.data.copy_(...)`, what torch.autograd.gradcheck does to perturb inputs) are not seen, which
 // is why the cache is opt-in; inference tensors (no version counter) are never cached. At most
-// kPackCacheEntries packed weights are held; entries of freed storages are dropped.
+// kPackCacheEntries (256) packed weights are held; entries of freed storages are dropped.
 at::Tensor gemm_pack_weight(const at::Tensor& w, bool transpose);
 void gemm_clear_pack_cache();
 // Turns the cache on or off (entries are kept, only not used while off; gemm_clear_pack_cache
