@@ -25,7 +25,7 @@ def _parser():
     sub.add_parser("info", help="print what this build contains (JSON)")
     sub.add_parser("bench", help="benchmark aiayn's ops against PyTorch (aiayn bench --help)")
 
-    demo = sub.add_parser("demo", help="train a small Transformer on a synthetic task on the CPU (~2 minutes)")
+    demo = sub.add_parser("demo", help="train a small Transformer on a synthetic task on the CPU (~4 minutes on 2 cores)")
     demo.add_argument("--quick", action="store_true", help="a shorter run (what the tests use)")
     demo.add_argument("--task", default="copy", choices=["copy", "reverse", "sort"])
     demo.add_argument("--steps", type=_positive_int, help="optimizer steps (default: the plan's)")

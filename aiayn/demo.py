@@ -30,8 +30,8 @@ class DemoPlan:
     bar: float           # the accuracy the run is expected to reach (checked by the tests)
 
 
-# Measured here (seed 0, AVX-512): FULL 0.975 exact match (the 0.99 target is not reached yet),
-# QUICK 0.440; both ~1000 / ~350 steps of ~0.1 s on an idle 2-core CPU.
+# Measured here (seed 0, AVX-512, idle 2-core CPU): FULL 0.998 exact match in 218 s of training
+# (3 min 44 s in all), QUICK 0.433 in 55 s.
 FULL = DemoPlan(steps=1000, max_tokens=8000, train_pairs=100_000, test_pairs=1000, bar=0.99)
 QUICK = DemoPlan(steps=350, max_tokens=6000, train_pairs=30_000, test_pairs=300, bar=0.3)
 
@@ -39,10 +39,12 @@ QUICK = DemoPlan(steps=350, max_tokens=6000, train_pairs=30_000, test_pairs=300,
 def demo_config():
     from aiayn.nn import TransformerConfig
 
-    # the "tiny" preset (2 layers, d_model 64, 4 heads; 3 special ids + the symbols) without dropout
-    # (the data is unlimited), with the layer norm first: it learns faster at this size
+    # the "tiny" preset's 2 layers and 4 heads, widened to d_model 128 / d_ff 512 (at d_model 64 the
+    # copy task stalled near 0.975 exact match: 16-wide heads resolve positions of 20-token inputs
+    # poorly), without dropout (the data is unlimited), with the layer norm first: it learns faster
+    # at this size; 3 special ids + the symbols
     return TransformerConfig.preset("tiny", NUM_SYMBOLS + 3, NUM_SYMBOLS + 3, dropout=0.0, max_len=64,
-                                    norm_first=True)
+                                    norm_first=True, d_model=128, d_ff=512)
 
 
 def _labels(ids):
