@@ -45,7 +45,7 @@ class _Decoder:
         if not isinstance(max_len_offset, int) or max_len_offset < 0:
             raise ValueError(f"generate: 'max_len_offset' must be an int >= 0, got {max_len_offset!r}")
         cfg = model.config
-        self.model, self.use_cache, self.cfg = model, use_cache, cfg
+        self.model, self.use_cache = model, use_cache
         src = src.long()
         mask = model._padding_mask(src, src_key_padding_mask)
         if mask is not None and mask.shape != src.shape:

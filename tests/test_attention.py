@@ -2,14 +2,13 @@
 the float64 reference with the 2x rule, on every ISA variant; masks, causal, dropout (exact, with
 the returned mask), gradients, opcheck, torch.compile, odd lengths, strided inputs and bad calls."""
 
-import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import aiayn
+import aiayn  # noqa: F401  (registers the ops)
 from aiayn import functional as AF
 from aiayn import reference
 from conftest import assert_2x_rule

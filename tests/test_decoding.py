@@ -2,7 +2,6 @@
 length penalty, maximum lengths, batches of sentences of different lengths."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -232,7 +232,7 @@ def attention_inputs(c, gen):
 
 
 def attention_masks(c, gen):
-    B, H, Lq, Lk = c["B"], c["H"], c["Lq"], c["Lk"]
+    B, Lk = c["B"], c["Lk"]
     attn_mask = kpm = None
     shape = c["mask_shape"]
     if c["mask"] != "none":

@@ -302,9 +302,11 @@ def _attention_cuda_case(name, B, H, L, D, causal=False, padding=False, backward
                 if kind is None:
                     raise NotImplementedError(f"torch has no SDPA backend {backend}")
 
-                def theirs():
+                def sdpa_on_backend():
                     with sdpa_kernel(kind):
                         return sdpa()
+
+                theirs = sdpa_on_backend
 
                 try:
                     theirs()

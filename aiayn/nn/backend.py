@@ -84,7 +84,7 @@ def attention_weights(q, k, v, attn_mask=None, key_padding_mask=None, dropout_p=
                       training=True):
     """The materialising path: returns ``(out, weights)``, weights ``(B, H, Lq, Lk)`` being the
     attention probabilities before dropout (zeros on a fully masked row)."""
-    Lq, Lk = q.shape[-2], k.shape[-2]
+    Lk = k.shape[-2]
     eye = torch.eye(Lk, dtype=q.dtype, device=q.device).expand(*q.shape[:-2], Lk, Lk)
     # The reference op with v = identity returns exactly the probability matrix.
     weights = reference.scaled_dot_product_attention(q, k, eye, attn_mask, key_padding_mask, 0.0, is_causal)

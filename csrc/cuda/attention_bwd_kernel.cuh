@@ -63,8 +63,7 @@ __global__ void __launch_bounds__(AttnBwdMma::kThreads) attention_bwd_dkdv_mma_k
   }
   cp_async_commit();
 
-  const float c = static_cast<float>(p.scale * kAttnLog2e), scale = static_cast<float>(p.scale);
-  const float zs = static_cast<float>(p.dropout.scale);
+  const float c = static_cast<float>(p.scale * kAttnLog2e);
   const float log2e = static_cast<float>(kAttnLog2e);
   const RowCol la = ldsm_a_lane(lane), lb = ldsm_b_lane(lane), lbt = ldsm_bt_lane(lane);
   float dk[DT][4], dv[DT][4];
@@ -101,18 +100,9 @@ __global__ void __launch_bounds__(AttnBwdMma::kThreads) attention_bwd_dkdv_mma_k
         const int64_t j = j0 + warp * 16 + mma_c_row(lane, e);
         const int64_t i = i0 + nt * 8 + mma_c_col(lane, e);
         float pz = 0.f, ds = 0.f;
-        if (i < p.len_q) {
-          const float x = attn_mask_score<float>(p, st[nt][e] * c, b, h, i, j);
-          const float pp = exp2f(x - lse[i] * log2e);  // lse = +inf (row fully masked): 0
-          float dp = dpt[nt][e];
-          pz = pp;
-          if (p.dropout.enabled) {
-            const bool keep = dropout_keep(p.dropout, attention_dropout_element(bh, i, j, p.len_q, p.len_k));
-            pz = keep ? pp * zs : 0.f;
-            dp = keep ? dp * zs : 0.f;
-          }
-          ds = pp * (dp - delta[i]) * scale;
-        }
+        if (i < p.len_q)  // lse = +inf (row fully masked): P = 0
+          attention_bwd_pair(p, attn_mask_score<float>(p, st[nt][e] * c, b, h, i, j), dpt[nt][e], lse[i] * log2e,
+                             delta[i], bh, i, j, pz, ds);
         st[nt][e] = pz;
         dpt[nt][e] = ds;
       }

@@ -68,4 +68,21 @@ __device__ __forceinline__ A attn_mask_score(const AttentionParams& p, A x, int6
   return x;
 }
 
+// The backward's terms of one (query i, key j) pair from its log2-domain masked score s and
+// dp = dO_i . V_j: pz = P_ij Z_ij (the weight of dO_i in dV_j) and dS_ij = P_ij (Z_ij dp - delta_i)
+// scale, where P_ij = 2^(s - lse2_i) and Z = keep / (1 - p) (1 without dropout).
+template <typename A>
+__device__ __forceinline__ void attention_bwd_pair(const AttentionParams& p, A s, A dp, A lse2, A delta,
+                                                   int64_t bh, int64_t i, int64_t j, A& pz, A& ds) {
+  const A pp = exp2_acc(s - lse2);
+  pz = pp;
+  if (p.dropout.enabled) {
+    const A zs = static_cast<A>(p.dropout.scale);
+    const bool keep = dropout_keep(p.dropout, attention_dropout_element(bh, i, j, p.len_q, p.len_k));
+    pz = keep ? pp * zs : A(0);
+    dp = keep ? dp * zs : A(0);
+  }
+  ds = pp * (dp - delta) * static_cast<A>(p.scale);
+}
+
 }  // namespace aiayn::cuda

@@ -200,8 +200,6 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attention_bwd_prep_kernel(Att
 }
 
 // dQ_i = sum_j dS_ij K_j, one warp per query row.
-// dS_ij = P_ij (Z_ij dP~_ij - delta_i) scale, P_ij = 2^(s_ij - lse_i log2 e), dP~ = dO_i . V_j,
-// Z = keep / (1 - p) (1 without dropout).
 template <typename T, typename A>
 __global__ void __launch_bounds__(kSimtWarps * 32) attention_bwd_dq_simt_kernel(AttentionParams p) {
   __shared__ A smem[kSimtWarps][2][kSimtMaxDim];
@@ -209,8 +207,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attention_bwd_dq_simt_kernel(
   A* qs = smem[warp][0];
   A* gs = smem[warp][1];
   const int D = p.dim;
-  const A c = static_cast<A>(p.scale * kAttnLog2e), scale = static_cast<A>(p.scale);
-  const A zs = static_cast<A>(p.dropout.scale);
+  const A c = static_cast<A>(p.scale * kAttnLog2e);
   const int64_t rows = p.batch * p.heads * p.len_q;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp; row < rows;
        row += static_cast<int64_t>(gridDim.x) * kSimtWarps) {
@@ -227,14 +224,10 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attention_bwd_dq_simt_kernel(
     const int64_t visible = p.causal ? (i + 1 < p.len_k ? i + 1 : p.len_k) : p.len_k;
     for (int64_t j0 = 0; j0 < visible; j0 += 32) {
       const int64_t j = j0 + lane;
-      A ds = A(0);
+      A pz, ds = A(0);
       if (j < visible) {
         const A s = attn_mask_score<A>(p, dot(qs, attn_row<T>(p.k, p.k_stride, b, h, j), D), b, h, i, j);
-        A dp = dot(gs, attn_row<T>(p.v, p.v_stride, b, h, j), D);
-        const A pp = exp2_acc(s - lse2);
-        if (p.dropout.enabled)
-          dp = dropout_keep(p.dropout, attention_dropout_element(bh, i, j, p.len_q, p.len_k)) ? dp * zs : A(0);
-        ds = pp * (dp - dl) * scale;
+        attention_bwd_pair(p, s, dot(gs, attn_row<T>(p.v, p.v_stride, b, h, j), D), lse2, dl, bh, i, j, pz, ds);
       }
       accumulate_rows<T>(dq, ds, static_cast<int>(visible - j0 < 32 ? visible - j0 : 32), D,
                          [&](int u) { return attn_row<T>(p.k, p.k_stride, b, h, j0 + u); });
@@ -255,8 +248,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attention_bwd_dkdv_simt_kerne
   A* ks = smem[warp][0];
   A* vs = smem[warp][1];
   const int D = p.dim;
-  const A c = static_cast<A>(p.scale * kAttnLog2e), scale = static_cast<A>(p.scale);
-  const A zs = static_cast<A>(p.dropout.scale);
+  const A c = static_cast<A>(p.scale * kAttnLog2e);
   const int64_t rows = p.batch * p.heads * p.len_k;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kSimtWarps + warp; row < rows;
        row += static_cast<int64_t>(gridDim.x) * kSimtWarps) {
@@ -275,15 +267,8 @@ __global__ void __launch_bounds__(kSimtWarps * 32) attention_bwd_dkdv_simt_kerne
       A pz = A(0), ds = A(0);
       if (i < p.len_q) {
         const A s = attn_mask_score<A>(p, dot(ks, attn_row<T>(p.q, p.q_stride, b, h, i), D), b, h, i, j);
-        A dp = dot(vs, attn_row<T>(p.grad_out, p.grad_out_stride, b, h, i), D);
-        const A pp = exp2_acc(s - lse[i] * static_cast<A>(kAttnLog2e));
-        pz = pp;
-        if (p.dropout.enabled) {
-          const bool keep = dropout_keep(p.dropout, attention_dropout_element(bh, i, j, p.len_q, p.len_k));
-          pz = keep ? pp * zs : A(0);
-          dp = keep ? dp * zs : A(0);
-        }
-        ds = pp * (dp - delta[i]) * scale;
+        attention_bwd_pair(p, s, dot(vs, attn_row<T>(p.grad_out, p.grad_out_stride, b, h, i), D),
+                           lse[i] * static_cast<A>(kAttnLog2e), delta[i], bh, i, j, pz, ds);
       }
       const int n = static_cast<int>(p.len_q - i0 < 32 ? p.len_q - i0 : 32);
       accumulate_rows<T>(dv, pz, n, D, [&](int u) { return attn_row<T>(p.grad_out, p.grad_out_stride, b, h, i0 + u); });
