@@ -43,6 +43,25 @@ inline P gemm_cvt(T v) {
     return gemm_from<P>(gemm_to_float(v));
 }
 
+#ifdef AIAYN_GEMM_TRANSPOSE16
+// A full float panel of B = W^T from NR contiguous rows of W: 16 x 16 blocks transposed in
+// registers (~4x faster than one element at a time; this packing is ~10% of a 512-row forward GEMM).
+template <int NR>
+inline void gemm_pack_bt_f32(const float* const* src, int64_t K, float* dst) {
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    for (int h = 0; h < NR / 16; ++h) {
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(src[h * 16 + j] + k);
+      transpose16x16(r);
+      for (int kk = 0; kk < 16; ++kk) _mm512_storeu_ps(dst + (k + kk) * NR + h * 16, r[kk]);
+    }
+  }
+  for (; k < K; ++k)
+    for (int j = 0; j < NR; ++j) dst[k * NR + j] = src[j][k];
+}
+#endif
+
 // Packs B(k, n) for panels [p0, p1): element (k, j) of panel p at
 // p * Kp * NR + (k / KP) * NR * KP + j * KP + k % KP; zero outside K x N.
 template <typename T, typename P, int NR, int KP>
@@ -66,6 +85,14 @@ void gemm_pack_b_impl(const GemmPackB& g, int64_t p0, int64_t p1, P* out) {
       // the nn source rows are each read sequentially.
       const T* src[NR];
       for (int j = 0; j < NR; ++j) src[j] = b + (n0 + (j < nn ? j : 0)) * g.b_cs;
+#ifdef AIAYN_GEMM_TRANSPOSE16
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<P, float> && KP == 1 && NR % 16 == 0) {
+        if (nn == NR && g.b_rs == 1) {
+          gemm_pack_bt_f32<NR>(src, K, dst);
+          continue;
+        }
+      }
+#endif
       for (int64_t k = 0; k < K; ++k) {
         P* d = dst + (k / KP) * NR * KP + k % KP;
         const int64_t off = k * g.b_rs;
