@@ -162,7 +162,7 @@ struct Attention {
   bool decode() const { return Lq <= kDecodeRows; }
 
   struct FwdScratch {
-    S *kt, *vbuf, *qbuf, *sbuf, *obuf, *m, *l, *kbias;
+    S *kt, *vbuf, *qbuf, *sbuf, *obuf, *m, *m_new, *l, *kbias;
     uint64_t* bits;
   };
   FwdScratch fwd_scratch(Workspace& ws) const {
@@ -175,6 +175,7 @@ struct Attention {
     f.sbuf = ws.take<S>(decode() ? nkb * BK : BQ * BK);
     f.obuf = ws.take<S>(BQ * D);
     f.m = ws.take<S>(BQ);
+    f.m_new = ws.take<S>(BQ);
     f.l = ws.take<S>(BQ);
     f.bits = ws.take<uint64_t>(keep_bits_words(BK));
     return f;
@@ -220,13 +221,19 @@ struct Attention {
         if (key_block_all_padded(b, kb)) continue;
         const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0), np = padded(nk);
         Gemm::run(mq, np, D, f.qbuf, D, 1, f.kt + kb * D * BK, BK, f.sbuf, BK, false);
-        for (int64_t r = 0; r < mq; ++r) {
+        // Three passes over the rows, each short and independent per row, so the out-of-order
+        // core overlaps rows (one long chain per row, max -> exp -> sum -> 1 / l, stalls on
+        // latency at short lengths).
+        for (int64_t r = 0; r < mq; ++r) {  // masks and running maxima
           S* srow = f.sbuf + r * BK;
-          const int64_t i = i0 + r;
-          mask_row(srow, b, h, i, j0, kbias);
+          mask_row(srow, b, h, i0 + r, j0, kbias);
           V mx = V::load(srow);
           for (int64_t j = W; j < np; j += W) mx = V::max(mx, V::load(srow + j));
-          const S m_new = imax_s(f.m[r], mx.reduce_max());
+          f.m_new[r] = imax_s(f.m[r], mx.reduce_max());
+        }
+        for (int64_t r = 0; r < mq; ++r) {  // exponentials, sums, rescaling
+          S* srow = f.sbuf + r * BK;
+          const S m_new = f.m_new[r];
           if (m_new == neg_inf) {  // nothing visible yet in this row
             // unless a score is NaN (a NaN or Inf input; the max skips NaN): the row is NaN, as torch's
             if (any_nan(srow, np)) f.l[r] = nan_s();
@@ -246,10 +253,14 @@ struct Attention {
           }
           f.l[r] = f.l[r] * alpha + sum.reduce_add();
           f.m[r] = m_new;
-          if (in_out) scale_row(srow, S(1) / f.l[r], np);
-          else if (alpha != S(1) && alpha != S(0)) scale_row(f.obuf + r * D, alpha, D);
-          if (a.dropout.enabled) apply_dropout(srow, b, h, i, j0, nk, f.bits);
+          if (!in_out && alpha != S(1) && alpha != S(0)) scale_row(f.obuf + r * D, alpha, D);
         }
+        if (in_out || a.dropout.enabled)
+          for (int64_t r = 0; r < mq; ++r) {  // normalisation, dropout
+            S* srow = f.sbuf + r * BK;
+            if (in_out && f.m[r] != neg_inf) scale_row(srow, S(1) / f.l[r], np);
+            if (a.dropout.enabled) apply_dropout(srow, b, h, i0 + r, j0, nk, f.bits);
+          }
         const S* vrows = direct_v ? reinterpret_cast<const S*>(row(a.v, a.v_stride, b, h, j0)) : f.vbuf + j0 * D;
         const int64_t ldv = direct_v ? a.v_stride[2] : D;
         Gemm::run(mq, D, nk, f.sbuf, BK, 1, vrows, ldv, o, D, !single);
@@ -451,7 +462,13 @@ struct Attention {
       f.lse2[i] = lse[i] * static_cast<S>(kLog2e);  // +inf stays +inf
     }
     S* dq = static_cast<S*>(a.grad_q_partial) + ((b * H + h) * kc + chunk) * Lq * D;
-    for (int64_t x = 0; x < Lq * D; ++x) dq[x] = S(0);
+    // A task of one key block (short sequences) writes each dQ row at most once: it overwrites
+    // them and zeroes only the rows it does not reach; otherwise dQ accumulates from zero.
+    const bool one_kb = kb_end - kb_begin == 1;
+    if (!one_kb)
+      for (int64_t x = 0; x < Lq * D; ++x) dq[x] = S(0);
+    // dK and dV go straight into the output rows when those are S.
+    constexpr bool direct = sizeof(T) == sizeof(S);
 
     const S scale = static_cast<S>(a.scale);
     T* gk = static_cast<T*>(a.grad_k) + (b * H + h) * Lk * D;
@@ -461,15 +478,26 @@ struct Attention {
       // Keys past the last visible one get zero gradients without being computed.
       const int64_t j0 = kb * BK, nk_all = imin(BK, Lk - j0), nk = imax(0, imin(nk_all, nvis - j0));
       const int64_t np = padded(nk);
-      for (int64_t x = 0; x < BK * D; ++x) f.dk[x] = f.dv[x] = S(0);
       // Rows that can see these keys: all, or under the causal mask only i >= j0.
       const int64_t qb_begin = a.causal ? j0 / BQ : 0;
       const bool skip = nk == 0 || key_block_all_padded(b, kb) || qb_begin * BQ >= Lq;
+      if (one_kb)
+        for (int64_t x = 0, e = (skip ? Lq : qb_begin * BQ) * D; x < e; ++x) dq[x] = S(0);
+      S* dk = direct ? reinterpret_cast<S*>(gk + j0 * D) : f.dk;
+      S* dv = direct ? reinterpret_cast<S*>(gv + j0 * D) : f.dv;
+      const S* krows = f.krows;
+      int64_t ldk = D;
       if (!skip) {
         pack_keys_t(a.k, a.k_stride, b, h, j0, nk, f.kt);
         pack_keys_t(a.v, a.v_stride, b, h, j0, nk, f.vt);
-        load_rows(a.k, a.k_stride, b, h, j0, nk, f.krows);
+        if constexpr (direct) {
+          krows = reinterpret_cast<const S*>(row(a.k, a.k_stride, b, h, j0));
+          ldk = a.k_stride[2];
+        } else {
+          load_rows(a.k, a.k_stride, b, h, j0, nk, f.krows);
+        }
       }
+      bool first = true;  // dK, dV: the first query block overwrites
       for (int64_t qb = skip ? (Lq + BQ - 1) / BQ : qb_begin; qb * BQ < Lq; ++qb) {
         const int64_t i0 = qb * BQ, mq = imin(BQ, Lq - i0);
         const S* qblk = f.qf + i0 * D;
@@ -504,14 +532,17 @@ struct Attention {
           }
         }
         // dV += (P Z)^T dO;  dQ += dS K;  dK += dS^T Q  (dS already carries the scale).
-        Gemm::run(nk, D, mq, f.pz, 1, BK, doblk, D, f.dv, D, true);
-        Gemm::run(mq, D, nk, f.sbuf, BK, 1, f.krows, D, dq + i0 * D, D, true);
-        Gemm::run(nk, D, mq, f.sbuf, 1, BK, qblk, D, f.dk, D, true);
+        Gemm::run(nk, D, mq, f.pz, 1, BK, doblk, D, dv, D, !first);
+        Gemm::run(mq, D, nk, f.sbuf, BK, 1, krows, ldk, dq + i0 * D, D, !one_kb);
+        Gemm::run(nk, D, mq, f.sbuf, 1, BK, qblk, D, dk, D, !first);
+        first = false;
       }
-      for (int64_t j = 0; j < nk_all; ++j)
+      // Rows [0, done) hold dK, dV; the rest (padded or unreached keys) are zero.
+      const int64_t done = first ? 0 : nk;
+      for (int64_t j = direct ? done : 0; j < nk_all; ++j)
         for (int64_t d = 0; d < D; ++d) {
-          gk[(j0 + j) * D + d] = from_s(f.dk[j * D + d]);
-          gv[(j0 + j) * D + d] = from_s(f.dv[j * D + d]);
+          gk[(j0 + j) * D + d] = from_s(j < done ? f.dk[j * D + d] : S(0));
+          gv[(j0 + j) * D + d] = from_s(j < done ? f.dv[j * D + d] : S(0));
         }
     }
   }
