@@ -171,6 +171,74 @@ def test_backward_matches_reference(isa, rng_seed, dtype, kind, causal, p):
         assert torch.equal(leaves[0].grad[:, :, ::3], torch.zeros_like(leaves[0].grad[:, :, ::3]))
 
 
+def _tail_padding(B, Lk, lengths):
+    """Key padding as batches of sentences have it: batch b's keys past lengths[b] padded."""
+    pad = torch.zeros(B, Lk, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        pad[b, n:] = True
+    return pad
+
+
+# Around the one-key-block path (Lk <= 64 keys: plain softmax, P normalised before P V, dK / dV /
+# dQ written in place) and the vector widths (16 / 8 / 1 lanes: 16 x 16 transposes of K).
+@pytest.mark.parametrize("Lq,Lk,D", [(5, 1, 7), (48, 48, 64), (33, 63, 17), (97, 64, 16), (9, 65, 40), (70, 130, 33)])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("causal,p", [(False, 0.0), (True, 0.15)])
+def test_short_sequences_with_tail_padding(isa, rng_seed, Lq, Lk, D, dtype, causal, p):
+    # A row over one key has P = 1: torch's bf16 math gets its gradient exactly, while the backward
+    # reads the bf16-rounded output (delta = dO . O), as flash attention does.
+    one = 1 if dtype != torch.bfloat16 else 2
+    if Lk < one:
+        pytest.skip("bf16 rows over a single key: see above")
+    B, H = 4, 2
+    q, k, v = rand(B, H, Lq, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype)
+    # full length, a padded tail, one (bf16: two) visible keys, a hole before the tail
+    kpm = _tail_padding(B, Lk, [Lk, max(1, Lk * 4 // 5), one, Lk])
+    kpm[3, Lk // 2] = Lk > 2
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, keep = AF.scaled_dot_product_attention(*leaves, key_padding_mask=kpm, dropout_p=p, is_causal=causal,
+                                                return_dropout_mask=True)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.scaled_dot_product_attention(*ref_leaves, None, kpm, p, causal, None, keep)
+    ref.backward(grad.double())
+    t_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    theirs = reference.scaled_dot_product_attention(*t_leaves, None, kpm, p, causal, None, keep)
+    theirs.backward(grad)
+    slack = 1e-5 if dtype != torch.float64 else 1e-10
+    what = f"{isa} {dtype} Lq={Lq} Lk={Lk} D={D} causal={causal} p={p}"
+    assert_2x_rule(out, theirs, ref, what, seed=rng_seed, slack=slack)
+    for name, ours, r, t in zip("qkv", leaves, ref_leaves, t_leaves):
+        assert not torch.isnan(ours.grad).any()
+        assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} {what}", seed=rng_seed, slack=slack)
+    # padded keys get exactly zero gradients
+    assert torch.equal(leaves[1].grad[1, :, max(1, Lk * 4 // 5):], torch.zeros_like(leaves[1].grad[1, :, max(1, Lk * 4 // 5):]))
+    assert torch.equal(leaves[2].grad[2, :, one:], torch.zeros_like(leaves[2].grad[2, :, one:]))
+
+
+@pytest.mark.parametrize("L", [48, 200])
+def test_one_and_two_threads_give_the_same_bits(rng_seed, L):
+    """Tasks never share an output element and, with as many heads as here (one key chunk per
+    head at any thread count), every sum runs in the same order: identical results."""
+    B, H, D = 4, 8, 64
+    q, k, v = (rand(B, H, L, D).requires_grad_() for _ in range(3))
+    kpm = _tail_padding(B, L, [L, L - 7, L // 2, 3])
+    grad = torch.randn(B, H, L, D)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(7)  # the same dropout seed
+            out = AF.scaled_dot_product_attention(q, k, v, key_padding_mask=kpm, dropout_p=0.1, is_causal=True)
+            results.append((out,) + torch.autograd.grad(out, (q, k, v), grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_gradcheck_float64():
     q, k, v = (torch.randn(1, 2, s, 6, dtype=torch.float64, requires_grad=True) for s in (5, 7, 7))
     pad = torch.tensor([[False, False, True, False, False, True, False]])

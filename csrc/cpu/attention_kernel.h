@@ -67,13 +67,14 @@ struct Attention {
       for (int64_t j = n; j < np; ++j) dst[d * BK + j] = S(0);
     int64_t j = 0;
     if constexpr (sizeof(T) == sizeof(S)) {
-      // Whole groups of W keys: one gather per head-dim index.
-      const int64_t ks = stride[2];
-      if (W > 1 && ks > 0 && ks * W < (int64_t{1} << 31)) {
-        for (; j + W <= n; j += W) {
-          const S* src = reinterpret_cast<const S*>(row(base, stride, b, h, j0 + j));
-          for (int64_t d = 0; d < D; ++d) V::gather(src + d, ks).store(dst + d * BK + j);
-        }
+      // Whole groups of W keys: W x W blocks transposed in registers (contiguous loads), the
+      // head-dim tail one element at a time.
+      const int64_t ks = stride[2], dfull = D / W * W;
+      for (; j + W <= n; j += W) {
+        const S* src = reinterpret_cast<const S*>(row(base, stride, b, h, j0 + j));
+        for (int64_t d = 0; d < dfull; d += W) V::transpose(src + d, ks, dst + d * BK + j, BK);
+        for (int64_t d = dfull; d < D; ++d)
+          for (int64_t u = 0; u < W; ++u) dst[d * BK + j + u] = src[u * ks + d];
       }
     }
     for (; j < n; ++j) {
@@ -127,12 +128,18 @@ struct Attention {
   }
 
   // 0 for a visible key, -inf for a padded one, over every key block of batch b (nullptr when
-  // there is no key padding mask).
-  S* key_bias(int64_t b, S* buf) const {
+  // there is no key padding mask). `visible`: keys up to the last unpadded one, the only ones the
+  // kernels compute with (padded sentences end in padding: their tails cost nothing).
+  S* key_bias(int64_t b, S* buf, int64_t& visible) const {
+    visible = Lk;
     if (!a.key_padding) return nullptr;
     const bool* p = a.key_padding + b * a.key_padding_stride[0];
-    for (int64_t j = 0; j < nkb * BK; ++j)
-      buf[j] = j < Lk && p[j * a.key_padding_stride[1]] ? neg_inf : S(0);
+    visible = 0;
+    for (int64_t j = 0; j < nkb * BK; ++j) {
+      const bool pad = j >= Lk || p[j * a.key_padding_stride[1]];
+      buf[j] = pad ? neg_inf : S(0);
+      if (!pad) visible = j + 1;
+    }
     return buf;
   }
 
@@ -155,7 +162,7 @@ struct Attention {
   bool decode() const { return Lq <= kDecodeRows; }
 
   struct FwdScratch {
-    S *kt, *vbuf, *qbuf, *sbuf, *obuf, *m, *l, *kbias;
+    S *kt, *vbuf, *qbuf, *sbuf, *obuf, *m, *m_new, *l, *kbias;
     uint64_t* bits;
   };
   FwdScratch fwd_scratch(Workspace& ws) const {
@@ -168,6 +175,7 @@ struct Attention {
     f.sbuf = ws.take<S>(decode() ? nkb * BK : BQ * BK);
     f.obuf = ws.take<S>(BQ * D);
     f.m = ws.take<S>(BQ);
+    f.m_new = ws.take<S>(BQ);
     f.l = ws.take<S>(BQ);
     f.bits = ws.take<uint64_t>(keep_bits_words(BK));
     return f;
@@ -178,15 +186,17 @@ struct Attention {
     const int64_t b = task / (H * qc), h = task / qc % H, chunk = task % qc;
     Workspace ws{static_cast<char*>(workspace)};
     const FwdScratch f = fwd_scratch(ws);
-    const S* kbias = key_bias(b, f.kbias);
+    int64_t nvis = Lk;
+    const S* kbias = key_bias(b, f.kbias, nvis);
     if (decode()) return forward_decode(b, h, f, kbias);
     const int64_t nqb = (Lq + BQ - 1) / BQ;
+    const int64_t vis_blocks = (nvis + BK - 1) / BK;
 
     // This head's keys, packed transposed once (the key blocks its rows can see), and the values
     // as S rows unless they already are.
-    const int64_t kmax = key_blocks_for(0, Lq);
+    const int64_t kmax = imin(vis_blocks, key_blocks_for(0, Lq));
     for (int64_t kb = 0; kb < kmax; ++kb)
-      pack_keys_t(a.k, a.k_stride, b, h, kb * BK, imin(BK, Lk - kb * BK), f.kt + kb * D * BK);
+      pack_keys_t(a.k, a.k_stride, b, h, kb * BK, imin(BK, nvis - kb * BK), f.kt + kb * D * BK);
     const bool direct_v = sizeof(T) == sizeof(S);
     if (!direct_v) load_rows(a.v, a.v_stride, b, h, 0, Lk, f.vbuf);
 
@@ -198,20 +208,32 @@ struct Attention {
       const int64_t i0 = qb * BQ, mq = imin(BQ, Lq - i0);
       load_rows(a.q, a.q_stride, b, h, i0, mq, f.qbuf, c);  // pre-scaled: S comes out in log2 units
       for (int64_t r = 0; r < mq; ++r) f.m[r] = neg_inf, f.l[r] = S(0);
-      for (int64_t x = 0; x < mq * D; ++x) f.obuf[x] = S(0);
+      const int64_t kend = imin(vis_blocks, key_blocks_for(i0, mq));
+      // One key block (short sequences: L <= BK): a plain softmax, nothing to rescale; P is
+      // normalised before P V, which then writes the output rows directly when they are S.
+      const bool single = kend == 1;
+      const bool in_out = single && direct_v;
+      S* o = in_out ? static_cast<S*>(a.out) + ((b * H + h) * Lq + i0) * D : f.obuf;
+      if (!single)
+        for (int64_t x = 0; x < mq * D; ++x) f.obuf[x] = S(0);
 
-      const int64_t kend = key_blocks_for(i0, mq);
       for (int64_t kb = 0; kb < kend; ++kb) {
         if (key_block_all_padded(b, kb)) continue;
-        const int64_t j0 = kb * BK, nk = imin(BK, Lk - j0), np = padded(nk);
+        const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0), np = padded(nk);
         Gemm::run(mq, np, D, f.qbuf, D, 1, f.kt + kb * D * BK, BK, f.sbuf, BK, false);
-        for (int64_t r = 0; r < mq; ++r) {
+        // Three passes over the rows, each short and independent per row, so the out-of-order
+        // core overlaps rows (one long chain per row, max -> exp -> sum -> 1 / l, stalls on
+        // latency at short lengths).
+        for (int64_t r = 0; r < mq; ++r) {  // masks and running maxima
           S* srow = f.sbuf + r * BK;
-          const int64_t i = i0 + r;
-          mask_row(srow, b, h, i, j0, kbias);
+          mask_row(srow, b, h, i0 + r, j0, kbias);
           V mx = V::load(srow);
           for (int64_t j = W; j < np; j += W) mx = V::max(mx, V::load(srow + j));
-          const S m_new = imax_s(f.m[r], mx.reduce_max());
+          f.m_new[r] = imax_s(f.m[r], mx.reduce_max());
+        }
+        for (int64_t r = 0; r < mq; ++r) {  // exponentials, sums, rescaling
+          S* srow = f.sbuf + r * BK;
+          const S m_new = f.m_new[r];
           if (m_new == neg_inf) {  // nothing visible yet in this row
             // unless a score is NaN (a NaN or Inf input; the max skips NaN): the row is NaN, as torch's
             if (any_nan(srow, np)) f.l[r] = nan_s();
@@ -231,19 +253,26 @@ struct Attention {
           }
           f.l[r] = f.l[r] * alpha + sum.reduce_add();
           f.m[r] = m_new;
-          if (alpha != S(1) && alpha != S(0)) scale_row(f.obuf + r * D, alpha);
-          if (a.dropout.enabled) apply_dropout(srow, b, h, i, j0, nk, f.bits);
+          if (!in_out && alpha != S(1) && alpha != S(0)) scale_row(f.obuf + r * D, alpha, D);
         }
+        if (in_out || a.dropout.enabled)
+          for (int64_t r = 0; r < mq; ++r) {  // normalisation, dropout
+            S* srow = f.sbuf + r * BK;
+            if (in_out && f.m[r] != neg_inf) scale_row(srow, S(1) / f.l[r], np);
+            if (a.dropout.enabled) apply_dropout(srow, b, h, i0 + r, j0, nk, f.bits);
+          }
         const S* vrows = direct_v ? reinterpret_cast<const S*>(row(a.v, a.v_stride, b, h, j0)) : f.vbuf + j0 * D;
         const int64_t ldv = direct_v ? a.v_stride[2] : D;
-        Gemm::run(mq, D, nk, f.sbuf, BK, 1, vrows, ldv, f.obuf, D, true);
+        Gemm::run(mq, D, nk, f.sbuf, BK, 1, vrows, ldv, o, D, !single);
       }
-      finish_rows(b, h, i0, mq, f);
+      finish_rows(b, h, i0, mq, f, in_out);
     }
   }
 
   // out = O / l and the log-sum-exp, for rows [i0, i0 + mq) held in f.obuf, f.m, f.l.
-  void finish_rows(int64_t b, int64_t h, int64_t i0, int64_t mq, const FwdScratch& f) const {
+  // in_out: P was normalised and the rows are in `out` already (only the special rows change).
+  void finish_rows(int64_t b, int64_t h, int64_t i0, int64_t mq, const FwdScratch& f,
+                   bool in_out = false) const {
     T* out = static_cast<T*>(a.out) + ((b * H + h) * Lq + i0) * D;
     S* lse = static_cast<S*>(a.lse) + (b * H + h) * Lq + i0;
     for (int64_t r = 0; r < mq; ++r) {
@@ -253,6 +282,12 @@ struct Attention {
         lse[r] = __builtin_inf();
         continue;
       }
+      lse[r] = static_cast<S>((static_cast<double>(f.m[r]) + std::log2(static_cast<double>(lr))) * kLn2);
+      if (in_out) {
+        if (lr != lr)  // a NaN score: the row was zeroed, NaN as O / l gives it
+          for (int64_t d = 0; d < D; ++d) out[r * D + d] = from_s(lr);
+        continue;
+      }
       const V inv = V::set1(S(1) / lr);
       const int64_t full = D / W * W;
       for (int64_t d = 0; d < full; d += W) (V::load(f.obuf + r * D + d) * inv).store(out + r * D + d);
@@ -260,15 +295,14 @@ struct Attention {
         const int t = static_cast<int>(D - full);
         (V::load_partial(f.obuf + r * D + full, t) * inv).store_partial(out + r * D + full, t);
       }
-      lse[r] = static_cast<S>((static_cast<double>(f.m[r]) + std::log2(static_cast<double>(lr))) * kLn2);
     }
   }
 
-  void scale_row(S* x, S alpha) const {
+  static void scale_row(S* x, S alpha, int64_t n) {
     const V av = V::set1(alpha);
     int64_t d = 0;
-    for (; d + W <= D; d += W) (V::load(x + d) * av).store(x + d);
-    for (; d < D; ++d) x[d] *= alpha;
+    for (; d + W <= n; d += W) (V::load(x + d) * av).store(x + d);
+    for (; d < n; ++d) x[d] *= alpha;
   }
 
   // out[j] = q . k_{j0 + j} for j < n, four keys at a time (independent accumulator chains).
@@ -407,37 +441,63 @@ struct Attention {
     const int64_t kb_begin = nkb * chunk / kc, kb_end = nkb * (chunk + 1) / kc;
     Workspace ws{static_cast<char*>(workspace)};
     const BwdScratch f = bwd_scratch(ws);
-    const S* kbias = key_bias(b, f.kbias);
+    int64_t nvis = Lk;
+    const S* kbias = key_bias(b, f.kbias, nvis);
     // The whole head's queries, output gradients, row terms delta_i = dO_i . O_i and the
     // log2-domain log-sum-exp, as S: O(Lq) memory per task.
     load_rows(a.q, a.q_stride, b, h, 0, Lq, f.qf);
     load_rows(a.grad_out, a.grad_out_stride, b, h, 0, Lq, f.dof);
     const T* out = static_cast<const T*>(a.out) + (b * H + h) * Lq * D;
     const S* lse = static_cast<const S*>(a.lse) + (b * H + h) * Lq;
+    const int64_t full = D / W * W;
+    const int dtail = static_cast<int>(D - full);
     for (int64_t i = 0; i < Lq; ++i) {
-      double acc = 0;
-      for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(f.dof[i * D + d]) * to_s(out[i * D + d]);
-      f.delta[i] = static_cast<S>(acc);
+      // W partial sums (a vector accumulator) then a tree: as accurate as torch's float sum.
+      const S* dorow = f.dof + i * D;
+      const T* orow = out + i * D;
+      V acc = V::zero();
+      for (int64_t d = 0; d < full; d += W) acc = V::fma(V::load(dorow + d), V::load(orow + d), acc);
+      if (dtail) acc = V::fma(V::load_partial(dorow + full, dtail), V::load_partial(orow + full, dtail), acc);
+      f.delta[i] = acc.reduce_add();
       f.lse2[i] = lse[i] * static_cast<S>(kLog2e);  // +inf stays +inf
     }
     S* dq = static_cast<S*>(a.grad_q_partial) + ((b * H + h) * kc + chunk) * Lq * D;
-    for (int64_t x = 0; x < Lq * D; ++x) dq[x] = S(0);
+    // A task of one key block (short sequences) writes each dQ row at most once: it overwrites
+    // them and zeroes only the rows it does not reach; otherwise dQ accumulates from zero.
+    const bool one_kb = kb_end - kb_begin == 1;
+    if (!one_kb)
+      for (int64_t x = 0; x < Lq * D; ++x) dq[x] = S(0);
+    // dK and dV go straight into the output rows when those are S.
+    constexpr bool direct = sizeof(T) == sizeof(S);
 
     const S scale = static_cast<S>(a.scale);
     T* gk = static_cast<T*>(a.grad_k) + (b * H + h) * Lk * D;
     T* gv = static_cast<T*>(a.grad_v) + (b * H + h) * Lk * D;
 
     for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-      const int64_t j0 = kb * BK, nk = imin(BK, Lk - j0), np = padded(nk);
-      for (int64_t x = 0; x < BK * D; ++x) f.dk[x] = f.dv[x] = S(0);
+      // Keys past the last visible one get zero gradients without being computed.
+      const int64_t j0 = kb * BK, nk_all = imin(BK, Lk - j0), nk = imax(0, imin(nk_all, nvis - j0));
+      const int64_t np = padded(nk);
       // Rows that can see these keys: all, or under the causal mask only i >= j0.
       const int64_t qb_begin = a.causal ? j0 / BQ : 0;
-      const bool skip = key_block_all_padded(b, kb) || qb_begin * BQ >= Lq;
+      const bool skip = nk == 0 || key_block_all_padded(b, kb) || qb_begin * BQ >= Lq;
+      if (one_kb)
+        for (int64_t x = 0, e = (skip ? Lq : qb_begin * BQ) * D; x < e; ++x) dq[x] = S(0);
+      S* dk = direct ? reinterpret_cast<S*>(gk + j0 * D) : f.dk;
+      S* dv = direct ? reinterpret_cast<S*>(gv + j0 * D) : f.dv;
+      const S* krows = f.krows;
+      int64_t ldk = D;
       if (!skip) {
         pack_keys_t(a.k, a.k_stride, b, h, j0, nk, f.kt);
         pack_keys_t(a.v, a.v_stride, b, h, j0, nk, f.vt);
-        load_rows(a.k, a.k_stride, b, h, j0, nk, f.krows);
+        if constexpr (direct) {
+          krows = reinterpret_cast<const S*>(row(a.k, a.k_stride, b, h, j0));
+          ldk = a.k_stride[2];
+        } else {
+          load_rows(a.k, a.k_stride, b, h, j0, nk, f.krows);
+        }
       }
+      bool first = true;  // dK, dV: the first query block overwrites
       for (int64_t qb = skip ? (Lq + BQ - 1) / BQ : qb_begin; qb * BQ < Lq; ++qb) {
         const int64_t i0 = qb * BQ, mq = imin(BQ, Lq - i0);
         const S* qblk = f.qf + i0 * D;
@@ -472,14 +532,17 @@ struct Attention {
           }
         }
         // dV += (P Z)^T dO;  dQ += dS K;  dK += dS^T Q  (dS already carries the scale).
-        Gemm::run(nk, D, mq, f.pz, 1, BK, doblk, D, f.dv, D, true);
-        Gemm::run(mq, D, nk, f.sbuf, BK, 1, f.krows, D, dq + i0 * D, D, true);
-        Gemm::run(nk, D, mq, f.sbuf, 1, BK, qblk, D, f.dk, D, true);
+        Gemm::run(nk, D, mq, f.pz, 1, BK, doblk, D, dv, D, !first);
+        Gemm::run(mq, D, nk, f.sbuf, BK, 1, krows, ldk, dq + i0 * D, D, !one_kb);
+        Gemm::run(nk, D, mq, f.sbuf, 1, BK, qblk, D, dk, D, !first);
+        first = false;
       }
-      for (int64_t j = 0; j < nk; ++j)
+      // Rows [0, done) hold dK, dV; the rest (padded or unreached keys) are zero.
+      const int64_t done = first ? 0 : nk;
+      for (int64_t j = direct ? done : 0; j < nk_all; ++j)
         for (int64_t d = 0; d < D; ++d) {
-          gk[(j0 + j) * D + d] = from_s(f.dk[j * D + d]);
-          gv[(j0 + j) * D + d] = from_s(f.dv[j * D + d]);
+          gk[(j0 + j) * D + d] = from_s(j < done ? f.dk[j * D + d] : S(0));
+          gv[(j0 + j) * D + d] = from_s(j < done ? f.dv[j * D + d] : S(0));
         }
     }
   }

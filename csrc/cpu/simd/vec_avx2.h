@@ -23,6 +23,25 @@ struct Vec {
                                            _mm256_set1_epi32(static_cast<int>(stride)));
     return {_mm256_i32gather_ps(p, idx, 4)};
   }
+  // The 8 x 8 block at src (row stride ls) transposed into dst (row stride ld) (vec_avx512.h).
+  static void transpose(const float* src, int64_t ls, float* dst, int64_t ld) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ls);
+    for (int k = 0; k < 4; ++k) {
+      t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+      t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 2; ++k) {
+      r[4 * k + 0] = _mm256_shuffle_ps(t[4 * k + 0], t[4 * k + 2], 0x44);
+      r[4 * k + 1] = _mm256_shuffle_ps(t[4 * k + 0], t[4 * k + 2], 0xEE);
+      r[4 * k + 2] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+      r[4 * k + 3] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+      _mm256_storeu_ps(dst + c * ld, _mm256_permute2f128_ps(r[c], r[4 + c], 0x20));
+      _mm256_storeu_ps(dst + (4 + c) * ld, _mm256_permute2f128_ps(r[c], r[4 + c], 0x31));
+    }
+  }
   // Tails go through a small buffer: AVX2 has no 16-bit masked load/store.
   template <typename T>
   static Vec load_partial(const T* p, int n) {
