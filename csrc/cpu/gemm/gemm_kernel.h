@@ -43,24 +43,18 @@ inline P gemm_cvt(T v) {
     return gemm_from<P>(gemm_to_float(v));
 }
 
-#ifdef AIAYN_GEMM_TRANSPOSE16
-// A full float panel of B = W^T from NR contiguous rows of W: 16 x 16 blocks transposed in
-// registers (~4x faster than one element at a time; this packing is ~10% of a 512-row forward GEMM).
+// A full float panel of B = W^T from NR rows of W (row stride ws, k contiguous): Vec::N x Vec::N
+// blocks transposed in registers (on AVX-512 ~4x faster than one element at a time; this packing
+// was ~13% of a 512-row forward GEMM).
 template <int NR>
-inline void gemm_pack_bt_f32(const float* const* src, int64_t K, float* dst) {
+inline void gemm_pack_bt_f32(const float* w, int64_t ws, int64_t K, float* dst) {
+  constexpr int W = Vec::N;
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    for (int h = 0; h < NR / 16; ++h) {
-      __m512 r[16];
-      for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(src[h * 16 + j] + k);
-      transpose16x16(r);
-      for (int kk = 0; kk < 16; ++kk) _mm512_storeu_ps(dst + (k + kk) * NR + h * 16, r[kk]);
-    }
-  }
+  for (; k + W <= K; k += W)
+    for (int h = 0; h < NR / W; ++h) Vec::transpose(w + h * W * ws + k, ws, dst + k * NR + h * W, NR);
   for (; k < K; ++k)
-    for (int j = 0; j < NR; ++j) dst[k * NR + j] = src[j][k];
+    for (int j = 0; j < NR; ++j) dst[k * NR + j] = w[j * ws + k];
 }
-#endif
 
 // Packs B(k, n) for panels [p0, p1): element (k, j) of panel p at
 // p * Kp * NR + (k / KP) * NR * KP + j * KP + k % KP; zero outside K x N.
@@ -85,14 +79,12 @@ void gemm_pack_b_impl(const GemmPackB& g, int64_t p0, int64_t p1, P* out) {
       // the nn source rows are each read sequentially.
       const T* src[NR];
       for (int j = 0; j < NR; ++j) src[j] = b + (n0 + (j < nn ? j : 0)) * g.b_cs;
-#ifdef AIAYN_GEMM_TRANSPOSE16
-      if constexpr (std::is_same_v<T, float> && std::is_same_v<P, float> && KP == 1 && NR % 16 == 0) {
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<P, float> && KP == 1 && NR % Vec::N == 0) {
         if (nn == NR && g.b_rs == 1) {
-          gemm_pack_bt_f32<NR>(src, K, dst);
+          gemm_pack_bt_f32<NR>(b + n0 * g.b_cs, g.b_cs, K, dst);
           continue;
         }
       }
-#endif
       for (int64_t k = 0; k < K; ++k) {
         P* d = dst + (k / KP) * NR * KP + k % KP;
         const int64_t off = k * g.b_rs;

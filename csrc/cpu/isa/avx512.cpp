@@ -28,10 +28,8 @@ inline double peak_bf16_dot(int64_t iters) {
 constexpr Isa kIsa = Isa::avx512;
 constexpr double (*kPeakBf16)(int64_t) = peak_bf16_dot;
 #define AIAYN_GEMM_BF16_DOT 1  // gemm_kernel.h: bf16 on vdpbf16ps
-#define AIAYN_GEMM_TRANSPOSE16 1  // gemm_kernel.h: W^T panels packed by transpose16x16
 #include "kernels.inc"
 #undef AIAYN_GEMM_BF16_DOT
-#undef AIAYN_GEMM_TRANSPOSE16
 }  // namespace aiayn::cpu::avx512
 
 #pragma GCC pop_options

@@ -1,6 +1,41 @@
 // 16 float lanes in a zmm register (AVX-512F/BW/VL). Same interface as ScalarVec (vec_scalar.h).
 // Included inside namespace aiayn::cpu::avx512 by isa/avx512.cpp, under its target pragma.
 
+// r[i][j] <- r[j][i]: a 16 x 16 float block transposed in registers (unpacks within 128-bit lanes,
+// then two rounds of 128-bit lane shuffles): Vec::transpose, and the bf16 GEMM packers on 32-bit
+// pairs (shuffles move bits, so any 32-bit payload transposes exactly).
+inline void transpose16x16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  const auto lo = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  const auto hi = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = lo(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = hi(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = lo(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = hi(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
 struct Vec {
   using Scalar = float;
   static constexpr int N = 16;
@@ -28,27 +63,10 @@ struct Vec {
   // The 16 x 16 block at src (row stride ls) transposed into dst (row stride ld): contiguous
   // loads and 64 in-register shuffles, about twice as fast as 16 gathers of strided columns.
   static void transpose(const float* src, int64_t ls, float* dst, int64_t ld) {
-    __m512 r[16], t[16];
+    __m512 r[16];
     for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ls);
-    for (int k = 0; k < 8; ++k) {
-      t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
-      t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
-    }
-    for (int k = 0; k < 4; ++k) {
-      r[4 * k + 0] = _mm512_shuffle_ps(t[4 * k + 0], t[4 * k + 2], 0x44);
-      r[4 * k + 1] = _mm512_shuffle_ps(t[4 * k + 0], t[4 * k + 2], 0xEE);
-      r[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
-      r[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
-    }
-    for (int h = 0; h < 2; ++h)
-      for (int c = 0; c < 4; ++c) {
-        t[8 * h + c] = _mm512_shuffle_f32x4(r[8 * h + c], r[8 * h + 4 + c], 0x88);
-        t[8 * h + 4 + c] = _mm512_shuffle_f32x4(r[8 * h + c], r[8 * h + 4 + c], 0xDD);
-      }
-    for (int c = 0; c < 8; ++c) {
-      _mm512_storeu_ps(dst + c * ld, _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88));
-      _mm512_storeu_ps(dst + (8 + c) * ld, _mm512_shuffle_f32x4(t[c], t[8 + c], 0xDD));
-    }
+    transpose16x16(r);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ld, r[i]);
   }
   static Vec load_partial(const uint16_t* p, int n) {
     const __m256i h = _mm256_maskz_loadu_epi16(tail(n), p);
@@ -174,37 +192,3 @@ struct PhiloxLanes {
     lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
   }
 };
-
-// r[i][j] <- r[j][i]: a 16 x 16 float block transposed in registers (unpacks within 128-bit lanes,
-// then two rounds of 128-bit lane shuffles); used to pack W^T panels for the GEMM.
-inline void transpose16x16(__m512 (&r)[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  const auto lo = [](__m512 a, __m512 b) {
-    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
-  };
-  const auto hi = [](__m512 a, __m512 b) {
-    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
-  };
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = lo(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = hi(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = lo(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = hi(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
-    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
-  }
-}
