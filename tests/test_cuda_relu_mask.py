@@ -1,0 +1,27 @@
+"""Host check of feed_forward's CUDA ReLU bit-mask, no GPU needed: compiles tests/cpp/relu_mask_check.cpp
+(csrc/common/relu_mask.h and cuda/dropout.cuh with the host compiler) and runs it. It checks that the
+mask's leading dimension meets cuBLASLt's rule (bits, a multiple of 128), that element (t, j) of the
+row-major hidden activation sits at the bit cuBLASLt's column-major bit matrix gives it, and that the
+pass after GEMM1 (the same per-byte function the kernel runs) turns a RELU_AUX mask into exactly
+[pre-activation > 0] & keep with the CPU op's Philox keep mask. Whether cuBLASLt really writes and
+reads that layout is only checked on a GPU (test_cuda_feed_forward.py)."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_relu_mask_layout_and_dropout_fold_on_host(tmp_path):
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        pytest.skip("no C++ compiler (c++ / g++) to build the host check")
+    exe = tmp_path / "relu_mask_check"
+    src = os.path.join(ROOT, "tests", "cpp", "relu_mask_check.cpp")
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-I", os.path.join(ROOT, "csrc"), src, "-o", str(exe)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
