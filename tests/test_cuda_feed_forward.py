@@ -492,14 +492,16 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(x, w1, b1, w2, b2), f(x, w1, b1, w2, b2))
 
 
-def test_sanitizer_smoke():
-    """A few small calls over every path (fused and fallback GEMMs, vectorised and scalar element
-    passes, dropout on and off, float16 to float64): what scripts/cuda_check.sh runs under
-    compute-sanitizer."""
-    for dtype, tokens, d_model, d_ff, p in [(torch.float32, 7, 16, 40, 0.1), (torch.float16, 5, 24, 33, 0.5),
-                                            (torch.bfloat16, 3, 64, 128, 0.0), (torch.float64, 4, 6, 10, 0.2)]:
-        x, params = kink_free(tokens, d_model, d_ff, dtype)
-        check_ffn_backward(x.to(DEV), cuda(params), p, f"smoke {dtype}", None)
-        xl, w, b = make_linear(tokens, d_model, d_ff, dtype)
-        AF.linear(xl.requires_grad_(), w, b, "relu").sum().backward()
+def test_sanitizer_smoke(relu_epilogues):
+    """A few small calls over every path (fused and fallback GEMMs, the ReLU epilogues on and off,
+    vectorised and scalar element passes, bit-mask writer, dropout fold and gate, dropout on and
+    off, float16 to float64): what scripts/cuda_check.sh runs under compute-sanitizer."""
+    for fused in (True, False):
+        relu_epilogues(fused)
+        for dtype, tokens, d_model, d_ff, p in [(torch.float32, 7, 16, 40, 0.1), (torch.float16, 5, 24, 33, 0.5),
+                                                (torch.bfloat16, 3, 64, 128, 0.0), (torch.float64, 4, 6, 10, 0.2)]:
+            x, params = kink_free(tokens, d_model, d_ff, dtype)
+            check_ffn_backward(x.to(DEV), cuda(params), p, f"smoke {dtype} fused={fused}", None)
+            xl, w, b = make_linear(tokens, d_model, d_ff, dtype)
+            AF.linear(xl.requires_grad_(), w, b, "relu").sum().backward()
     torch.cuda.synchronize()

@@ -6,22 +6,8 @@ pass after GEMM1 (the same per-byte function the kernel runs) turns a RELU_AUX m
 [pre-activation > 0] & keep with the CPU op's Philox keep mask. Whether cuBLASLt really writes and
 reads that layout is only checked on a GPU (test_cuda_feed_forward.py)."""
 
-import os
-import shutil
-import subprocess
-
-import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_host_check
 
 
 def test_relu_mask_layout_and_dropout_fold_on_host(tmp_path):
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not cxx:
-        pytest.skip("no C++ compiler (c++ / g++) to build the host check")
-    exe = tmp_path / "relu_mask_check"
-    src = os.path.join(ROOT, "tests", "cpp", "relu_mask_check.cpp")
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-I", os.path.join(ROOT, "csrc"), src, "-o", str(exe)],
-                   check=True, capture_output=True, text=True, timeout=300)
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+    run_host_check(tmp_path, "relu_mask_check")

@@ -21,20 +21,9 @@
 
 #include "common/relu_mask.h"
 #include "cuda/dropout.cuh"
+#include "host_check.h"
 
 using namespace aiayn;
-
-static int failures = 0;
-#define CHECK(cond, ...)                                            \
-  do {                                                              \
-    if (!(cond)) {                                                  \
-      if (failures++ < 10) {                                        \
-        std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-        std::printf(__VA_ARGS__);                                   \
-        std::printf("\n");                                          \
-      }                                                             \
-    }                                                               \
-  } while (0)
 
 // cuBLASLt's RELU_AUX output as cublasLt.h describes it: a column-major bit matrix shaped like D
 // (cuBLAS's m = our cols rows, n = our rows columns) with leading dimension ld bits.
@@ -170,10 +159,5 @@ int main() {
   check_layout();
   check_keep_bytes();
   check_pass();
-  if (failures) {
-    std::printf("%d failures\n", failures);
-    return 1;
-  }
-  std::printf("ok\n");
-  return 0;
+  return check_report();
 }
