@@ -127,30 +127,38 @@ torch.library.register_autograd(f"{_lib}::linear_fwd", _linear_backward, setup_c
 # --- feed_forward ----------------------------------------------------------------------------
 
 
+def relu_mask_row_bytes(d_ff):
+    """Bytes per token of feed_forward's CUDA ReLU bit-mask (csrc/common/relu_mask.h): d_ff bits
+    rounded up to cuBLASLt's multiple of 128."""
+    return (d_ff + 127) // 128 * 16
+
+
 @torch.library.register_fake(f"{_lib}::feed_forward_fwd")
 def _feed_forward_fwd_fake(x, w1, b1, w2, b2, p, seed):
-    return x.new_empty(x.shape), x.new_empty((*x.shape[:-1], w1.shape[0]))
+    mask_shape = (*x.shape[:-1], relu_mask_row_bytes(w1.shape[0])) if x.device.type == "cuda" else (0,)
+    return x.new_empty(x.shape), x.new_empty((*x.shape[:-1], w1.shape[0])), x.new_empty(mask_shape, dtype=torch.uint8)
 
 
 @torch.library.register_fake(f"{_lib}::feed_forward_bwd")
-def _feed_forward_bwd_fake(grad_out, x, w1, w2, hidden, p):
+def _feed_forward_bwd_fake(grad_out, x, w1, w2, hidden, p, relu_mask=None):
     return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty((w1.shape[0],)),
             w2.new_empty(w2.shape), w2.new_empty((w2.shape[0],)))
 
 
 def _feed_forward_setup(ctx, inputs, output):
     x, w1, b1, w2, b2, p, seed = inputs
-    _, hidden = output
+    _, hidden, relu_mask = output
     ctx.p = p
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-    ctx.save_for_backward(x, w1, w2, hidden)
+    ctx.save_for_backward(x, w1, w2, hidden, relu_mask)
 
 
-def _feed_forward_backward(ctx, grad_out, _grad_hidden):
+def _feed_forward_backward(ctx, grad_out, _grad_hidden, _grad_mask):
     # The hidden output is an internal activation (saved for the backward); its gradient is not
-    # supported, and it is marked non-differentiable by the functional wrapper's use.
-    x, w1, w2, hidden = ctx.saved_tensors
-    gx, gw1, gb1, gw2, gb2 = torch.ops.aiayn.feed_forward_bwd(grad_out, x, w1, w2, hidden, ctx.p)
+    # supported, and it is marked non-differentiable by the functional wrapper's use. The bit-mask
+    # (CUDA) is the backward's ReLU-and-dropout gate.
+    x, w1, w2, hidden, relu_mask = ctx.saved_tensors
+    gx, gw1, gb1, gw2, gb2 = torch.ops.aiayn.feed_forward_bwd(grad_out, x, w1, w2, hidden, ctx.p, relu_mask)
     return gx, gw1, gb1 if ctx.has_b1 else None, gw2, gb2 if ctx.has_b2 else None, None, None
 
 

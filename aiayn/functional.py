@@ -103,8 +103,9 @@ def linear(x, w, b=None, activation=None):
     ``F.linear``; the same holds for ``feed_forward`` and ``scaled_dot_product_attention``).
     bfloat16 is multiplied with float32 accumulation (``vdpbf16ps`` on AVX-512 BF16) and rounded once
     at the end. Packed weights can be cached across calls (``aiayn.packed_weight_cache``, see
-    ``feed_forward``). On CUDA: cuBLASLt with the bias in its epilogue (TF32 for float32 only where
-    ``torch.backends.cuda.matmul.allow_tf32`` allows it), ReLU in a pass of ours.
+    ``feed_forward``). On CUDA: cuBLASLt with the bias and ReLU in its epilogue (TF32 for float32
+    only where ``torch.backends.cuda.matmul.allow_tf32`` allows it); cuBLASLt's ReLU maps NaN to 0
+    (the CPU and the CUDA fallback keep NaN).
     """
     if activation not in (None, "relu"):
         raise ValueError(f"linear: argument 'activation' must be None or 'relu', got {activation!r}")
@@ -138,9 +139,11 @@ def feed_forward(x, w1, b1, w2, b2, dropout_p=0.0, training=True, seed=None, ret
     and dropout are applied in the first one's epilogue while the tile is in registers. The backward
     needs no stored mask: the saved hidden activation is > 0 exactly where the unit was active and
     kept. Bias gradients are summed while the weight-gradient GEMMs pack their operand. On CUDA the
-    GEMMs run on cuBLASLt with bias / bias-gradient epilogues and one pass of ours applies ReLU and
-    dropout (same Philox mask as the CPU for the same seed); torch's matmul takes over any GEMM
-    cuBLASLt declines (and all of them with ``AIAYN_CUBLASLT=0``).
+    GEMMs run on cuBLASLt with fused epilogues: bias + ReLU writing a ReLU bit-mask in the first,
+    into which one pass of ours folds the dropout mask (same Philox mask as the CPU for the same
+    seed); the backward's first GEMM applies that mask and sums the bias gradient in its epilogue.
+    torch's matmul plus passes of ours take over any GEMM cuBLASLt declines (all of them with
+    ``AIAYN_CUBLASLT=0``). cuBLASLt's ReLU maps NaN to 0 (the CPU and that fallback keep NaN).
 
     Packed weights: each call packs ``w1`` and ``w2`` into the GEMM's panel layout (O(d_model *
     d_ff), small next to the GEMMs for many tokens). Inside ``aiayn.packed_weight_cache()`` (or with
@@ -153,7 +156,7 @@ def feed_forward(x, w1, b1, w2, b2, dropout_p=0.0, training=True, seed=None, ret
     p, seed = _dropout_args("feed_forward", "dropout_p", dropout_p, training, seed)
     _check_devices("feed_forward", x, w1=w1, b1=b1, w2=w2, b2=b2)
     x, w1, b1, w2, b2 = _autocast(x, w1, b1, w2, b2)
-    out, hidden = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, p, seed)
+    out, hidden, _ = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, p, seed)
     if return_dropout_mask:
         return out, dropout_mask(hidden, p, seed)
     return out

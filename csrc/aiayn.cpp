@@ -23,11 +23,15 @@ TORCH_LIBRARY(aiayn, m) {
   // Returns (grad_x, grad_w, grad_b); `out` (the forward's result) is read only when relu.
   m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor w, Tensor? out, bool relu) -> (Tensor, Tensor, Tensor)");
   // FFN(x) = dropout(relu(x w1^T + b1), p) w2^T + b2 (paper §3.3; dropout on the hidden activation,
-  // hidden element (t, j) is dropout element number t * d_ff + j). Returns (out, hidden), hidden
-  // being the activation after ReLU and dropout (the backward's mask is hidden > 0).
-  m.def("feed_forward_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, float p, Tensor seed) -> (Tensor, Tensor)");
-  // Returns (grad_x, grad_w1, grad_b1, grad_w2, grad_b2).
-  m.def("feed_forward_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor hidden, float p) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // hidden element (t, j) is dropout element number t * d_ff + j). Returns (out, hidden, relu_mask),
+  // hidden being the activation after ReLU and dropout. relu_mask is the backward's gate as a
+  // bit-mask (common/relu_mask.h), uint8 (..., ceil(d_ff / 128) * 16), on CUDA (cuBLASLt's RELU_AUX
+  // output with the dropout keep mask ANDed in); on the CPU an empty (0,) tensor (the gate is
+  // hidden > 0 there).
+  m.def("feed_forward_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, float p, Tensor seed) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_w1, grad_b1, grad_w2, grad_b2). Without relu_mask (None or empty) the
+  // gate is hidden > 0; the CPU always reads it there.
+  m.def("feed_forward_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor hidden, float p, Tensor? relu_mask=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // softmax(q k^T * scale + mask) v over (B, H, L, D) tensors (paper §3.2.1); attn_mask bool
   // (True = takes part) or additive, broadcastable to (B, H, Lq, Lk); key_padding_mask (B, Lk)
   // bool (True = padding); is_causal: key j takes part in query i iff j <= i. Returns (out, lse):
@@ -60,6 +64,7 @@ TORCH_LIBRARY(aiayn, m) {
 #ifdef AIAYN_WITH_CUDA
 namespace aiayn::cuda {
 int64_t gemm_fallback_count();  // cuda/cublaslt_gemm.cu
+bool set_relu_epilogues(bool enabled);  // cuda/cublaslt_gemm.cu
 }
 #endif
 
@@ -146,6 +151,9 @@ PYBIND11_MODULE(_C, m) {
 #ifdef AIAYN_WITH_CUDA
   m.def("cuda_gemm_fallbacks", [] { return aiayn::cuda::gemm_fallback_count(); },
         "How many linear / feed_forward GEMMs on CUDA took torch's matmul instead of cuBLASLt (for tests).");
+  m.def("cuda_set_relu_epilogues", [](bool enabled) { return aiayn::cuda::set_relu_epilogues(enabled); },
+        "Let the ReLU epilogues of linear / feed_forward run on cuBLASLt (True, the default) or send those GEMMs "
+        "to the fallback (False, for tests comparing the paths); returns the previous setting.");
 #endif
   m.def("peak_bf16_dot", [](int64_t iters) { return run_peak(cpu::kernels().peak_bf16_dot, iters); },
         "(seconds, flops) of a bf16 dot-product loop on every thread (AVX-512 BF16 only).");

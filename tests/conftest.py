@@ -1,8 +1,11 @@
-"""Shared test helpers: the ISA variants this CPU can run, fresh random inputs, and the
-flash-attention style "2x rule" for comparing against a float64 reference."""
+"""Shared test helpers: the ISA variants this CPU can run, fresh random inputs, the
+flash-attention style "2x rule" for comparing against a float64 reference, and the host check
+programs of tests/cpp."""
 
 import os
 import random
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -61,3 +64,18 @@ def assert_2x_rule(ours, theirs, ref, what, slack=1e-6, seed=None):
     assert not torch.isnan(ours).any(), f"{what}: NaN in output (seed {seed})"
     assert err_ours <= 2 * err_torch + slack, (
         f"{what}: max error {err_ours:.3e} > 2 x torch's {err_torch:.3e} + {slack:g} (seed {seed})")
+
+
+def run_host_check(tmp_path, name):
+    """Compiles tests/cpp/<name>.cpp with the host compiler (C++17, csrc/ on the include path; see
+    tests/cpp/host_check.h) and runs it; it must print "ok". Skips without a C++ compiler."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        pytest.skip("no C++ compiler (c++ / g++) to build the host check")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = tmp_path / name
+    src = os.path.join(root, "tests", "cpp", f"{name}.cpp")
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-I", os.path.join(root, "csrc"), src, "-o", str(exe)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr

@@ -447,7 +447,7 @@ def test_linear_and_feed_forward_backward_ops_bad_arguments():
     with pytest.raises(ValueError, match="'out'"):
         torch.ops.aiayn.linear_bwd(out, x, w, None, True)
     a = ffn_args()
-    y, hidden = torch.ops.aiayn.feed_forward_fwd(a["x"], a["w1"], a["b1"], a["w2"], a["b2"], 0.0, torch.tensor([0]))
+    y, hidden, _ = torch.ops.aiayn.feed_forward_fwd(a["x"], a["w1"], a["b1"], a["w2"], a["b2"], 0.0, torch.tensor([0]))
     bwd = torch.ops.aiayn.feed_forward_bwd
     with pytest.raises(ValueError, match="'grad_out' has shape"):
         bwd(y[:2], a["x"], a["w1"], a["w2"], hidden, 0.0)
@@ -457,6 +457,10 @@ def test_linear_and_feed_forward_backward_ops_bad_arguments():
         bwd(y, a["x"], a["w1"], a["w2"], hidden[..., :5], 0.0)
     with pytest.raises(TypeError, match="'hidden' has dtype"):
         bwd(y, a["x"], a["w1"], a["w2"], hidden.double(), 0.0)
+    with pytest.raises(ValueError, match="'relu_mask' must be a uint8 tensor of shape"):
+        bwd(y, a["x"], a["w1"], a["w2"], hidden, 0.0, torch.ones(3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="'relu_mask' must be a uint8 tensor of shape"):
+        bwd(y, a["x"], a["w1"], a["w2"], hidden, 0.0, torch.ones(*hidden.shape[:-1], 16))
 
 
 # --- the backward ops' own arguments, and mixed devices ------------------------------------------

@@ -1,8 +1,11 @@
-"""CUDA linear and feed_forward (the paper's position-wise FFN, §3.3) on cuBLASLt with fused bias /
-bias-gradient epilogues and our ReLU + Philox dropout pass: the CPU test matrices with the 2x rule,
-the same dropout mask and results as the CPU op for one seed, gradients, gradcheck, opcheck,
-torch.compile, and the fallback to torch's matmul (forced with AIAYN_CUBLASLT=0, and misaligned
-operands). Needs a CUDA GPU; skipped elsewhere (the kernels still compile there).
+"""CUDA linear and feed_forward (the paper's position-wise FFN, §3.3) on cuBLASLt with fused
+epilogues (bias + ReLU writing the ReLU bit-mask, DRELU + bias gradient reading it, bias gradients)
+and our Philox dropout pass folding the keep mask into the bit-mask: the CPU test matrices with the
+2x rule, the same dropout mask and results as the CPU op for one seed, the bit-mask's layout against
+cuBLASLt's own output, gradients, gradcheck, opcheck, torch.compile, and the fallbacks (the ReLU
+epilogues switched off with aiayn._C.cuda_set_relu_epilogues(False), every GEMM with
+AIAYN_CUBLASLT=0, misaligned operands). Needs a CUDA GPU; skipped elsewhere (the kernels still
+compile there; tests/test_cuda_relu_mask.py checks the bit-mask handling on the host).
 
 Accuracy rule ("2x rule"): our max error against the float64 reference is at most twice torch's
 own in the same dtype (reference.* run by torch's kernels), plus a slack: half an ulp of the largest
@@ -53,6 +56,25 @@ def slack(dtype, ref, ulps=0.5):
     if dtype in (torch.float16, torch.bfloat16):
         return ulps * torch.finfo(dtype).eps * amax + 1e-6
     return 1e-5 * max(1.0, amax)
+
+
+def unpack_relu_mask(mask, d_ff):
+    """The (..., d_ff) bool gate held by feed_forward's CUDA bit-mask (csrc/common/relu_mask.h):
+    element (t, j) is bit j % 8 (least significant first) of byte j // 8 of token t's
+    ceil(d_ff / 128) * 16 bytes -- cuBLASLt's column-major bit matrix with a leading dimension of
+    d_ff rounded up to 128 bits, read from our row-major side."""
+    assert mask.dtype == torch.uint8 and mask.shape[-1] == (d_ff + 127) // 128 * 16
+    shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
+    bits = (mask.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*mask.shape[:-1], -1)[..., :d_ff].bool()
+
+
+@pytest.fixture
+def relu_epilogues():
+    """Call with False to send the ReLU-epilogue GEMMs to their fallback; restored after."""
+    before = aiayn._C.cuda_set_relu_epilogues(True)
+    yield aiayn._C.cuda_set_relu_epilogues
+    aiayn._C.cuda_set_relu_epilogues(before)
 
 
 def check_ffn_forward(x, params, p, what, seed):
@@ -147,22 +169,25 @@ def test_ffn_same_mask_and_results_as_cpu(tokens, d_model, d_ff, p):
     # pattern of the hidden activation is then exactly ReLU x the Philox mask, on both devices.
     x, params = kink_free(tokens, d_model, d_ff, torch.float32)
     seed = seed_of(987654321 + d_ff)
-    out_cpu, h_cpu = torch.ops.aiayn.feed_forward_fwd(x, *params, p, seed)
-    out_cuda, h_cuda = torch.ops.aiayn.feed_forward_fwd(x.to(DEV), *cuda(params), p, seed)
+    out_cpu, h_cpu, _ = torch.ops.aiayn.feed_forward_fwd(x, *params, p, seed)
+    out_cuda, h_cuda, m_cuda = torch.ops.aiayn.feed_forward_fwd(x.to(DEV), *cuda(params), p, seed)
     mask = R.dropout_mask((tokens, d_ff), p, seed)
     pre = x.double() @ params[0].double().t() + params[1].double()
     h_ref = torch.relu(pre) * mask / (1 - p)
     assert torch.equal(h_cuda.cpu() == 0, h_ref == 0), "CUDA hidden zeros are not ReLU x the Philox mask"
     assert torch.equal(h_cuda.cpu() == 0, h_cpu == 0)
+    assert torch.equal(unpack_relu_mask(m_cuda, d_ff).cpu(), h_ref > 0), "bit-mask is not ReLU x the Philox mask"
     torch.testing.assert_close(h_cuda.cpu(), h_cpu, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_cuda.cpu(), out_cpu, rtol=1e-5, atol=1e-5)
     # The backward on both devices.
     dy = torch.randn(tokens, d_model)
     g_cpu = torch.ops.aiayn.feed_forward_bwd(dy, x, params[0], params[2], h_cpu, p)
-    g_cuda = torch.ops.aiayn.feed_forward_bwd(dy.to(DEV), x.to(DEV), params[0].to(DEV), params[2].to(DEV), h_cuda, p)
-    for name, a, b in zip(("dx", "dw1", "db1", "dw2", "db2"), g_cpu, g_cuda):
-        tol = 1e-5 * max(1.0, a.abs().max().item())
-        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+    args = (dy.to(DEV), x.to(DEV), params[0].to(DEV), params[2].to(DEV), h_cuda, p)
+    for relu_mask in (m_cuda, None):  # the DRELU epilogue's gate, and the gate read off hidden
+        g_cuda = torch.ops.aiayn.feed_forward_bwd(*args, relu_mask)
+        for name, a, b in zip(("dx", "dw1", "db1", "dw2", "db2"), g_cpu, g_cuda):
+            tol = 1e-5 * max(1.0, a.abs().max().item())
+            torch.testing.assert_close(b.cpu(), a, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
 def test_ffn_dropout_reproducible_and_p_one(rng_seed):
@@ -267,6 +292,90 @@ def test_fused_path_is_taken_and_fallback_agrees(monkeypatch, dtype_name):
         torch.testing.assert_close(a, b, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("fused", [True, False])
+def test_relu_mask_is_relu_and_dropout(relu_epilogues, dtype_name, p, fused):
+    """The bit-mask the forward returns is [pre-activation > 0] & keep bit for bit, both as cuBLASLt's
+    RELU_AUX_BIAS writes it (the layout of common/relu_mask.h is cuBLASLt's: this is the check on a
+    real cuBLASLt) with our dropout pass ANDing the CPU's Philox mask in, and as the fallback writes it."""
+    dtype = DTYPES[dtype_name]
+    relu_epilogues(fused)
+    for tokens, d_model, d_ff in [(64, 512, 2048), (33, 40, 72), (5, 24, 200)]:
+        x, params = kink_free(tokens, d_model, d_ff, dtype)
+        seed = seed_of(77 + d_ff)
+        before = aiayn._C.cuda_gemm_fallbacks()
+        out, hidden, mask = torch.ops.aiayn.feed_forward_fwd(x.to(DEV), *cuda(params), p, seed)
+        if fused and dtype != torch.float32 and d_ff % 8 == 0 and d_model % 8 == 0:
+            assert aiayn._C.cuda_gemm_fallbacks() == before, "cuBLASLt turned down an aligned RELU_AUX_BIAS GEMM"
+        pre = x.double() @ params[0].double().t() + params[1].double()  # exact (kink_free), never 0
+        keep = R.dropout_mask((tokens, d_ff), p, seed) if p > 0 else torch.ones(tokens, d_ff, dtype=torch.bool)
+        assert mask.shape == (tokens, (d_ff + 127) // 128 * 16) and mask.device.type == "cuda"
+        assert torch.equal(unpack_relu_mask(mask, d_ff).cpu(), (pre > 0) & keep), f"{dtype} {d_ff} fused={fused}"
+        assert torch.equal(hidden.cpu() > 0, (pre > 0) & keep)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_relu_epilogues_match_their_fallback(relu_epilogues, dtype_name, p):
+    """RELU_AUX_BIAS + DRELU_BGRAD (fused) against the same FFN with those GEMMs on the fallback
+    (torch's matmul + our passes): forward, every gradient, and the linear(relu) forward. The fused
+    path takes no fallback for aligned 16-bit shapes; the forced one takes 2 per forward + backward
+    (GEMM1 and the backward's dh GEMM)."""
+    dtype = DTYPES[dtype_name]
+    x, params = kink_free(64, 256, 1024, dtype)
+    x, params, seed = x.to(DEV), cuda(params), seed_of(9)
+    before = aiayn._C.cuda_gemm_fallbacks()
+    fused = ffn_fwd_bwd(x, params, p, seed)
+    lin_fused = AF.linear(x, params[0], params[1], "relu")
+    if dtype != torch.float32:
+        assert aiayn._C.cuda_gemm_fallbacks() == before, "cuBLASLt turned down an aligned fused-ReLU GEMM"
+    relu_epilogues(False)
+    before = aiayn._C.cuda_gemm_fallbacks()
+    plain = ffn_fwd_bwd(x, params, p, seed)
+    assert aiayn._C.cuda_gemm_fallbacks() - before >= 2
+    lin_plain = AF.linear(x, params[0], params[1], "relu")
+    for name, a, b in zip(("out", "x", "w1", "b1", "w2", "b2", "linear"), fused + [lin_fused], plain + [lin_plain]):
+        tol = 4 * torch.finfo(dtype).eps * max(1.0, b.abs().max().item()) if dtype != torch.float32 else 1e-4
+        torch.testing.assert_close(a, b, rtol=0, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_relu_epilogue_unaligned_shapes_fall_back_correctly(relu_epilogues, rng_seed):
+    """Shapes and views cuBLASLt's fused epilogues may decline (odd d_ff: 2-byte aligned rows and a
+    bias of odd length in 16-bit types; a misaligned x view): whichever path runs, the output, the
+    gradients and the bit-mask are right."""
+    for dtype in DTYPES.values():
+        for tokens, d_model, d_ff in [(7, 13, 37), (9, 24, 129), (1, 8, 1)]:
+            x, params = kink_free(tokens, d_model, d_ff, dtype)
+            check_ffn_backward(x.to(DEV), cuda(params), 0.3, f"unaligned {dtype} {d_ff}", rng_seed)
+            _, _, mask = torch.ops.aiayn.feed_forward_fwd(x.to(DEV), *cuda(params), 0.0, seed_of(0))
+            pre = x.double() @ params[0].double().t() + params[1].double()
+            assert torch.equal(unpack_relu_mask(mask, d_ff).cpu(), pre > 0)
+        x, params = kink_free(33, 40, 72, dtype)
+        xo = torch.cat([torch.zeros(33, 1, dtype=dtype), x], 1).to(DEV)[:, 1:]  # 2/4-byte aligned rows
+        check_ffn_forward(xo, cuda(params), 0.3, f"misaligned view {dtype}", rng_seed)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_relu_gate_at_exactly_zero(relu_epilogues, fused):
+    """A pre-activation of exactly 0 is inactive: zero gradient through it, as torch.relu's backward
+    and the CPU op give (the bit-mask is [pre > 0]; cuBLASLt's RELU_AUX bits mark where the ReLU's
+    input is positive)."""
+    relu_epilogues(fused)
+    x, (w1, b1, w2, b2) = kink_free(6, 16, 128, torch.float32)
+    x[2] = 0.0
+    b1[::3] = 0.0  # token 2's pre-activations are exactly 0 for every third unit
+    dy = torch.randn(6, 16)
+    out_cpu, h_cpu, _ = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, 0.0, seed_of(0))
+    g_cpu = torch.ops.aiayn.feed_forward_bwd(dy, x, w1, w2, h_cpu, 0.0)
+    d = cuda((dy, x, w1, b1, w2, b2))
+    out, hidden, mask = torch.ops.aiayn.feed_forward_fwd(d[1], *d[2:], 0.0, seed_of(0))
+    assert not unpack_relu_mask(mask, 128)[2, ::3].any(), "cuBLASLt marks ReLU(0) as active"
+    g = torch.ops.aiayn.feed_forward_bwd(d[0], d[1], d[2], d[4], hidden, 0.0, mask)
+    for name, a, b in zip(("dx", "dw1", "db1", "dw2", "db2"), g_cpu, g):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("forced", [False, True])
 def test_fallback_matches_reference(monkeypatch, rng_seed, forced):
     if forced:
@@ -331,7 +440,7 @@ def test_errors_name_the_argument():
         AF.feed_forward(x, w1[:, :8], b1, w2, b2)
     with pytest.raises(RuntimeError, match="'seed'"):
         AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.1, seed=seed_of(1).to(DEV))
-    _, hidden = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, 0.0, seed_of(0))
+    _, hidden, _ = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, 0.0, seed_of(0))
     with pytest.raises(ValueError, match="'hidden'"):
         torch.ops.aiayn.feed_forward_bwd(x, x, w1, w2, hidden[:, :3], 0.0)
     with pytest.raises(ValueError, match="'out'"):
@@ -348,9 +457,12 @@ def test_opcheck(dtype_name, p):
     torch.library.opcheck(torch.ops.aiayn.feed_forward_fwd.default, (x, w1, b1, w2, b2, p, seed))
     torch.library.opcheck(torch.ops.aiayn.feed_forward_fwd.default, (x, w1, None, w2, None, p, seed))
     d = [t.detach() for t in (x, w1, b1, w2, b2)]
-    _, hidden = torch.ops.aiayn.feed_forward_fwd(*d, p, seed)
+    _, hidden, _ = torch.ops.aiayn.feed_forward_fwd(*d, p, seed)
     torch.library.opcheck(torch.ops.aiayn.feed_forward_bwd.default,
                           (torch.randn_like(d[0]), d[0], d[1], d[3], hidden, p))
+    _, hidden, mask = torch.ops.aiayn.feed_forward_fwd(*d, p, seed)
+    torch.library.opcheck(torch.ops.aiayn.feed_forward_bwd.default,
+                          (torch.randn_like(d[0]), d[0], d[1], d[3], hidden, p, mask))
     for relu in (False, True):
         torch.library.opcheck(torch.ops.aiayn.linear_fwd.default, (x, w1, b1, relu))
     out = torch.ops.aiayn.linear_fwd(d[0], d[1], d[2], True)
@@ -380,14 +492,16 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(x, w1, b1, w2, b2), f(x, w1, b1, w2, b2))
 
 
-def test_sanitizer_smoke():
-    """A few small calls over every path (fused and fallback GEMMs, vectorised and scalar element
-    passes, dropout on and off, float16 to float64): what scripts/cuda_check.sh runs under
-    compute-sanitizer."""
-    for dtype, tokens, d_model, d_ff, p in [(torch.float32, 7, 16, 40, 0.1), (torch.float16, 5, 24, 33, 0.5),
-                                            (torch.bfloat16, 3, 64, 128, 0.0), (torch.float64, 4, 6, 10, 0.2)]:
-        x, params = kink_free(tokens, d_model, d_ff, dtype)
-        check_ffn_backward(x.to(DEV), cuda(params), p, f"smoke {dtype}", None)
-        xl, w, b = make_linear(tokens, d_model, d_ff, dtype)
-        AF.linear(xl.requires_grad_(), w, b, "relu").sum().backward()
+def test_sanitizer_smoke(relu_epilogues):
+    """A few small calls over every path (fused and fallback GEMMs, the ReLU epilogues on and off,
+    vectorised and scalar element passes, bit-mask writer, dropout fold and gate, dropout on and
+    off, float16 to float64): what scripts/cuda_check.sh runs under compute-sanitizer."""
+    for fused in (True, False):
+        relu_epilogues(fused)
+        for dtype, tokens, d_model, d_ff, p in [(torch.float32, 7, 16, 40, 0.1), (torch.float16, 5, 24, 33, 0.5),
+                                                (torch.bfloat16, 3, 64, 128, 0.0), (torch.float64, 4, 6, 10, 0.2)]:
+            x, params = kink_free(tokens, d_model, d_ff, dtype)
+            check_ffn_backward(x.to(DEV), cuda(params), p, f"smoke {dtype} fused={fused}", None)
+            xl, w, b = make_linear(tokens, d_model, d_ff, dtype)
+            AF.linear(xl.requires_grad_(), w, b, "relu").sum().backward()
     torch.cuda.synchronize()

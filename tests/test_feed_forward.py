@@ -136,7 +136,7 @@ def test_opcheck(dtype, p):
     seed = torch.tensor([3], dtype=torch.int64)
     torch.library.opcheck(torch.ops.aiayn.feed_forward_fwd.default, (x, w1, b1, w2, b2, p, seed))
     torch.library.opcheck(torch.ops.aiayn.feed_forward_fwd.default, (x, w1, None, w2, None, p, seed))
-    _, hidden = torch.ops.aiayn.feed_forward_fwd(x.detach(), w1.detach(), b1.detach(), w2.detach(), b2.detach(), p, seed)
+    _, hidden, _ = torch.ops.aiayn.feed_forward_fwd(x.detach(), w1.detach(), b1.detach(), w2.detach(), b2.detach(), p, seed)
     torch.library.opcheck(torch.ops.aiayn.feed_forward_bwd.default,
                           (torch.randn(5, 19).to(dtype), x.detach(), w1.detach(), w2.detach(), hidden, p))
 
@@ -157,7 +157,7 @@ def test_dropout_is_exact_and_reproducible(isa, gemm_path):
     _, mask = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.3, seed=seed, return_dropout_mask=True)
     assert torch.equal(mask, reference.dropout_mask((37, 129), 0.3, seed))
     # The hidden activation is exactly relu(x W1^T + b1) * mask / (1 - p) (same float32 products).
-    _, hidden = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, 0.3, seed)
+    _, hidden, _ = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, 0.3, seed)
     h_ref = torch.relu(x.double() @ w1.double().t() + b1.double()) * mask / 0.7
     assert (hidden.double() - h_ref).abs().max().item() < 1e-5
     assert torch.equal(hidden == 0, (h_ref == 0))
@@ -292,7 +292,7 @@ def test_bad_inputs_name_the_argument():
         op(x, w1, b1, w2, b2, dropout_p=0.5, seed=torch.tensor([1.5]))
     with pytest.raises(ValueError, match="'x'.*dimension"):
         op(torch.tensor(1.0), w1, b1, w2, b2)
-    _, hidden = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, 0.0, torch.tensor([0]))
+    _, hidden, _ = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, 0.0, torch.tensor([0]))
     with pytest.raises(ValueError, match="'grad_out'"):
         torch.ops.aiayn.feed_forward_bwd(x[:2], x, w1, w2, hidden, 0.0)
     with pytest.raises(ValueError, match="'hidden'"):

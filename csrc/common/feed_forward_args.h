@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "relu_mask.h"
 
 namespace aiayn {
 
@@ -129,6 +130,20 @@ inline void check_feed_forward_bwd_args(const at::Tensor& grad_out, const at::Te
   const std::vector<int64_t> shape = with_last(x, w1.size(0));
   TORCH_CHECK_VALUE(hidden.sizes() == at::IntArrayRef(shape), kFeedForward, ": argument 'hidden' must have shape ",
                     at::IntArrayRef(shape), ", got ", hidden.sizes());
+}
+
+// feed_forward_bwd's relu_mask: None or empty (the gate is then read off hidden's sign, as the CPU
+// does), or the CUDA forward's ReLU-and-dropout bit-mask (common/relu_mask.h): uint8
+// (..., relu_mask_row_bytes(d_ff)) on x's device. Returns whether there is one.
+inline bool check_relu_mask(const std::optional<at::Tensor>& relu_mask, const at::Tensor& x, int64_t d_ff) {
+  if (!relu_mask.has_value() || !relu_mask->defined() || relu_mask->numel() == 0) return false;
+  const at::Tensor& m = *relu_mask;
+  check_same_device(kFeedForward, "relu_mask", m, "x", x);
+  const std::vector<int64_t> shape = with_last(x, relu_mask_row_bytes(d_ff));
+  TORCH_CHECK_VALUE(m.scalar_type() == at::kByte && m.sizes() == at::IntArrayRef(shape), kFeedForward,
+                    ": argument 'relu_mask' must be a uint8 tensor of shape ", at::IntArrayRef(shape),
+                    " (the forward's bit-mask), got ", m.scalar_type(), " ", m.sizes());
+  return true;
 }
 
 }  // namespace aiayn

@@ -29,7 +29,7 @@ GemmArgs gemm_args(const at::Tensor& like, int64_t M, int64_t N, int64_t K) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> feed_forward_fwd_cpu(const at::Tensor& x, const at::Tensor& w1,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feed_forward_fwd_cpu(const at::Tensor& x, const at::Tensor& w1,
                                                         const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                                         const std::optional<at::Tensor>& b2, double p,
                                                         const at::Tensor& seed) {
@@ -38,7 +38,9 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd_cpu(const at::Tensor& x, con
   at::Tensor hidden = at::empty(with_last(x, d_ff), x.options());
   at::Tensor out = at::empty(x.sizes(), x.options());
   const int64_t tokens = leading_elements(x);
-  if (tokens == 0) return {out, hidden};
+  // No bit-mask here: the backward reads its gate off hidden's sign.
+  at::Tensor relu_mask = at::empty({0}, x.options().dtype(at::kByte));
+  if (tokens == 0) return {out, hidden, relu_mask};
   const at::Tensor x2 = gemm_rows(x, d_model);
   const at::Tensor w1c = gemm_weight(w1), w2c = gemm_weight(w2);
   const at::Tensor bias1 = gemm_bias(b1, x.scalar_type()), bias2 = gemm_bias(b2, x.scalar_type());
@@ -63,13 +65,14 @@ std::tuple<at::Tensor, at::Tensor> feed_forward_fwd_cpu(const at::Tensor& x, con
   g2.c = out.data_ptr();
   g2.c_rs = d_model;
   gemm_run_weight_t(g2, w2c);
-  return {out, hidden};
+  return {out, hidden, relu_mask};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forward_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
-    const at::Tensor& hidden, double p) {
+    const at::Tensor& hidden, double p, const std::optional<at::Tensor>& relu_mask) {
   check_feed_forward_bwd_args(grad_out, x, w1, w2, hidden, p, {at::kFloat, at::kBFloat16, at::kDouble});
+  check_relu_mask(relu_mask, x, w1.size(0));  // checked, not needed: hidden > 0 is the same gate
   const int64_t d_model = x.size(-1), d_ff = w1.size(0);
   const int64_t tokens = leading_elements(x);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

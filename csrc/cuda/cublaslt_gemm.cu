@@ -4,6 +4,8 @@
 // row-major (rows, cols) buffer with row stride ld is a column-major (cols, rows) matrix with the
 // same ld. So m = N, n = M, k = K; the BIAS epilogue's vector runs along cuBLAS's rows (our N) and
 // BGRADB reduces cuBLAS's B (our A) over k into a vector along cuBLAS's columns (our M).
+// DRELU_BGRAD's bias gradient runs along D's rows too (our N: summed over our M), and the ReLU
+// bit-mask is a column-major bit matrix like D (common/relu_mask.h has the layout).
 //
 // The handle is torch's (one per device and thread), the workspace comes from torch's caching
 // allocator on the current stream, and every status is checked: a call that cuBLASLt turns down
@@ -23,13 +25,20 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../common/relu_mask.h"
 #include "../common/tensor_layout.h"
 #include "cublaslt_gemm.h"
+#include "relu_dropout.h"
 
 namespace aiayn::cuda {
 namespace {
 
 std::atomic<int64_t> g_fallbacks{0};
+std::atomic<bool> g_relu_epilogues{true};
+
+bool is_relu_epilogue(GemmEpilogue e) {
+  return e == GemmEpilogue::kRelu || e == GemmEpilogue::kReluAux || e == GemmEpilogue::kDReluBiasGrad;
+}
 
 // Hopper's recommended cuBLAS workspace; a cached block after the first call.
 constexpr int64_t kWorkspaceBytes = int64_t{32} << 20;
@@ -108,7 +117,9 @@ bool run_cublaslt(const GemmCall& g, const at::Tensor& a, const at::Tensor& b, i
                   int64_t K) {
   cudaDataType_t type;
   if (!lt_dtype(g.c.scalar_type(), &type)) return false;
-  if (g.epilogue == GemmEpilogue::kBias && g.alpha != 1.0) return false;  // BIAS adds after alpha: keep it simple
+  const bool adds_bias =
+      g.epilogue == GemmEpilogue::kBias || g.epilogue == GemmEpilogue::kRelu || g.epilogue == GemmEpilogue::kReluAux;
+  if (adds_bias && g.alpha != 1.0) return false;  // BIAS adds after alpha: keep it simple
 
   const bool fp32 = g.c.scalar_type() == at::kFloat;
   // TF32 only where torch.backends.cuda.matmul.allow_tf32 (float32_matmul_precision) allows it.
@@ -125,14 +136,31 @@ bool run_cublaslt(const GemmCall& g, const at::Tensor& a, const at::Tensor& b, i
   // The bias (gradient) vector is in C's type: CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE's default. The
   // heuristic reads the pointer's value for its alignment.
   uint32_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-  if (g.epilogue == GemmEpilogue::kBias) {
-    epilogue = CUBLASLT_EPILOGUE_BIAS;
+  const bool has_bias = g.bias.defined();
+  switch (g.epilogue) {
+    case GemmEpilogue::kNone: break;
+    case GemmEpilogue::kBias: epilogue = CUBLASLT_EPILOGUE_BIAS; break;
+    case GemmEpilogue::kBiasGradA: epilogue = CUBLASLT_EPILOGUE_BGRADB; break;  // our A is cuBLAS's B
+    case GemmEpilogue::kRelu: epilogue = has_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU; break;
+    case GemmEpilogue::kReluAux:
+      epilogue = has_bias ? CUBLASLT_EPILOGUE_RELU_AUX_BIAS : CUBLASLT_EPILOGUE_RELU_AUX;
+      break;
+    case GemmEpilogue::kDReluBiasGrad: epilogue = CUBLASLT_EPILOGUE_DRELU_BGRAD; break;
+  }
+  if (adds_bias && has_bias) {
     const void* p = g.bias.data_ptr();
     AIAYN_LT_TRY(set_attr(desc.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, p));
-  } else if (g.epilogue == GemmEpilogue::kBiasGradA) {
-    epilogue = CUBLASLT_EPILOGUE_BGRADB;  // our A is cuBLAS's B
+  } else if (g.epilogue == GemmEpilogue::kBiasGradA || g.epilogue == GemmEpilogue::kDReluBiasGrad) {
     void* p = g.bias_grad.data_ptr();
     AIAYN_LT_TRY(set_attr(desc.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, p));
+  }
+  if (g.epilogue == GemmEpilogue::kReluAux || g.epilogue == GemmEpilogue::kDReluBiasGrad) {
+    // The bit-mask: ld in bits, a multiple of 128 (relu_mask_ld_bits); the heuristic reads the
+    // pointer's value for its alignment (a fresh allocation: 256 bytes).
+    void* p = g.relu_mask.data_ptr();
+    const int64_t ld = relu_mask_ld_bits(N);
+    AIAYN_LT_TRY(set_attr(desc.d, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, p));
+    AIAYN_LT_TRY(set_attr(desc.d, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, ld));
   }
   AIAYN_LT_TRY(set_attr(desc.d, CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue));
 
@@ -186,20 +214,31 @@ bool run_cublaslt(const GemmCall& g, const at::Tensor& a, const at::Tensor& b, i
 
 #undef AIAYN_LT_TRY
 
-// The same GEMM through torch's matmul (cuBLAS), plus a separate bias-gradient sum.
+// The same GEMM through torch's matmul (cuBLAS), plus separate passes for what the epilogue does:
+// bias-gradient sums, and our ReLU / bit-mask kernels (cuda/relu_dropout.h).
 void run_fallback(const GemmCall& g, const at::Tensor& a, const at::Tensor& b) {
   const at::Tensor am = g.a_trans ? a.t() : a;  // (M, K)
   const at::Tensor bm = g.b_trans ? b.t() : b;  // (K, N)
   at::Tensor c = g.c;
-  if (g.epilogue == GemmEpilogue::kBias) {
+  if (g.bias.defined()) {
     at::addmm_out(c, g.bias, am, bm, /*beta=*/1, /*alpha=*/g.alpha);
   } else {
     at::mm_out(c, am, bm);
     if (g.alpha != 1.0) c.mul_(g.alpha);
   }
-  if (g.epilogue == GemmEpilogue::kBiasGradA) {
-    const int64_t k_dim = 1;
-    g.bias_grad.copy_(at::sum(am, at::IntArrayRef(&k_dim, 1), /*keepdim=*/false, acc_type(am)));
+  const auto sum_dim = [](const at::Tensor& t, int64_t dim) {
+    return at::sum(t, at::IntArrayRef(&dim, 1), /*keepdim=*/false, acc_type(t));
+  };
+  switch (g.epilogue) {
+    case GemmEpilogue::kNone:
+    case GemmEpilogue::kBias: break;
+    case GemmEpilogue::kBiasGradA: g.bias_grad.copy_(sum_dim(am, 1)); break;
+    case GemmEpilogue::kRelu: relu_dropout_(c, /*relu=*/true, DropoutParams{}); break;
+    case GemmEpilogue::kReluAux: relu_mask_dropout_(c, g.relu_mask, /*from_aux=*/false, DropoutParams{}); break;
+    case GemmEpilogue::kDReluBiasGrad:
+      relu_mask_gate_(c, g.relu_mask);
+      g.bias_grad.copy_(sum_dim(c, 0));
+      break;
   }
 }
 
@@ -212,13 +251,19 @@ bool gemm(const GemmCall& g) {
                         b.scalar_type() == g.c.scalar_type());
   TORCH_INTERNAL_ASSERT((g.a_trans ? a.size(1) : a.size(0)) == M && (g.b_trans ? b.size(0) : b.size(1)) == N &&
                         (g.b_trans ? b.size(1) : b.size(0)) == K);
+  TORCH_INTERNAL_ASSERT(!(g.epilogue == GemmEpilogue::kReluAux || g.epilogue == GemmEpilogue::kDReluBiasGrad) ||
+                        (g.relu_mask.scalar_type() == at::kByte && g.relu_mask.is_contiguous() &&
+                         g.relu_mask.numel() == M * relu_mask_row_bytes(N)));
   const bool empty = M == 0 || N == 0 || K == 0;  // torch's mm and sum get these right
-  if (!empty && cublaslt_enabled() && run_cublaslt(g, a, b, M, N, K)) return true;
+  const bool allowed = cublaslt_enabled() && (!is_relu_epilogue(g.epilogue) || g_relu_epilogues.load());
+  if (!empty && allowed && run_cublaslt(g, a, b, M, N, K)) return true;
   if (!empty) g_fallbacks.fetch_add(1, std::memory_order_relaxed);
   run_fallback(g, a, b);
   return false;
 }
 
 int64_t gemm_fallback_count() { return g_fallbacks.load(std::memory_order_relaxed); }
+
+bool set_relu_epilogues(bool enabled) { return g_relu_epilogues.exchange(enabled); }
 
 }  // namespace aiayn::cuda

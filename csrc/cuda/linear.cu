@@ -1,7 +1,12 @@
 // CUDA entry points of linear: out = act(x W^T + b), act = identity or ReLU (the building block of
 // the paper's feed-forward network, §3.3). Same checks and results as cpu/linear.cpp, plus
-// float16. The GEMMs run on cuBLASLt with the bias add (forward) and the bias gradient (backward)
-// fused into their epilogues (cuda/cublaslt_gemm.h); ReLU and its gate are cuda/relu_dropout.h.
+// float16. The GEMMs run on cuBLASLt with the bias add and ReLU (forward: BIAS or RELU_BIAS) and
+// the bias gradient (backward: BGRADB) fused into their epilogues (cuda/cublaslt_gemm.h). The
+// backward's ReLU gate is a pass of ours reading the output's sign (cuda/relu_dropout.h): no GEMM of
+// linear's backward produces the gated gradient (grad_out comes from the caller), so cuBLASLt's
+// DRELU epilogue has nothing to attach to and a bit-mask would have no reader (feed_forward, whose
+// backward GEMM dY W2 does produce it, uses one). cuBLASLt's ReLU maps NaN to 0; the fallback keeps
+// NaN as the CPU does.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -32,8 +37,8 @@ at::Tensor linear_fwd_cuda(const at::Tensor& x, const at::Tensor& w, const std::
   g.b_trans = true;
   g.c = out2;
   set_bias(g, b);
+  if (relu) g.epilogue = GemmEpilogue::kRelu;
   gemm(g);
-  if (relu) relu_dropout_(out2, /*relu=*/true, DropoutParams{});
   return out;
 }
 

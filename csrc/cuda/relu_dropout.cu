@@ -8,6 +8,7 @@
 
 #include "dispatch_dtype.h"
 #include "dropout.cuh"
+#include "../common/relu_mask.h"
 #include "launch.h"
 #include "relu_dropout.h"
 #include "type_convert.cuh"
@@ -71,6 +72,49 @@ __global__ void relu_gate_kernel(T* out, const T* g, const T* __restrict__ gate,
   }
 }
 
+// The keep bits of mask byte b of row r (common/relu_mask.h): one Philox call per 4 elements when
+// the byte's 8 elements start at a multiple of 8 (cols % 8 == 0, the usual d_ff), else per element.
+__device__ __forceinline__ uint32_t keep_byte(const DropoutParams& d, int64_t r, int64_t b, int64_t cols) {
+  if (!d.enabled) return 0xFFu;
+  if (cols % 8 == 0) return dropout_keep_bits<8>(d, static_cast<uint64_t>(r * cols + 8 * b));
+  return relu_mask_keep_byte(d, r, b, cols);
+}
+
+// One thread per mask byte: the byte's 8 elements of h and the byte itself.
+template <typename T, typename A>
+__global__ void relu_mask_dropout_kernel(T* __restrict__ h, uint8_t* __restrict__ mask, int64_t rows, int64_t cols,
+                                         bool from_aux, DropoutParams d, A scale) {
+  const int64_t row_bytes = relu_mask_row_bytes(cols), n = rows * row_bytes;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < n; k += step) {
+    const int64_t r = k / row_bytes, b = k % row_bytes, c0 = 8 * b;
+    const int64_t byte = relu_mask_byte(r, c0, cols);  // == k: the threads walk the mask in order
+    if (c0 >= cols) {
+      mask[byte] = 0;
+      continue;
+    }
+    const int count = static_cast<int>(cols - c0 < 8 ? cols - c0 : 8);
+    const uint32_t keep = keep_byte(d, r, b, cols);
+    T* row = h + r * cols + c0;
+    A v[8];
+    for (int i = 0; i < count; ++i) v[i] = convert<A>(row[i]);
+    mask[byte] = static_cast<uint8_t>(
+        relu_mask_dropout_byte<A>(v, count, from_aux ? mask[byte] : 0u, from_aux, keep, d.enabled, scale));
+    if (!from_aux || d.enabled)
+      for (int i = 0; i < count; ++i) row[i] = convert<T>(v[i]);
+  }
+}
+
+template <typename T, typename A>
+__global__ void relu_mask_gate_kernel(T* __restrict__ g, const uint8_t* __restrict__ mask, int64_t rows, int64_t cols) {
+  const int64_t n = rows * cols;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += step) {
+    const int64_t r = e / cols, c = e % cols;
+    if (!((mask[relu_mask_byte(r, c, cols)] >> relu_mask_bit(c)) & 1u)) g[e] = convert<T>(A(0));
+  }
+}
+
 unsigned grid_for(int64_t groups) {
   const int64_t blocks = (groups + kThreads - 1) / kThreads;
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{sm_count()} * 16)));
@@ -117,6 +161,44 @@ void relu_gate(const at::Tensor& out, const at::Tensor& g, const at::Tensor& gat
     } else {
       relu_gate_kernel<T, A, 1><<<grid_for(n), kThreads, 0, stream>>>(o, gp, mp, n, static_cast<A>(scale));
     }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+namespace {
+
+void check_mask(const at::Tensor& t, const at::Tensor& mask) {
+  TORCH_INTERNAL_ASSERT(t.is_cuda() && t.is_contiguous() && t.dim() == 2 && mask.is_contiguous() &&
+                        mask.scalar_type() == at::kByte && mask.numel() == t.size(0) * relu_mask_row_bytes(t.size(1)));
+}
+
+}  // namespace
+
+void relu_mask_dropout_(const at::Tensor& h, const at::Tensor& mask, bool from_aux, const DropoutParams& d) {
+  check_mask(h, mask);
+  const int64_t rows = h.size(0), cols = h.size(1), n = mask.numel();
+  if (n == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_storage(h.scalar_type(), "relu_mask_dropout", [&](auto t, auto acc) {
+    using T = decltype(t);
+    using A = decltype(acc);
+    const A scale = d.enabled ? static_cast<A>(d.scale) : A(1);
+    relu_mask_dropout_kernel<T, A><<<grid_for(n), kThreads, 0, stream>>>(
+        static_cast<T*>(h.data_ptr()), static_cast<uint8_t*>(mask.data_ptr()), rows, cols, from_aux, d, scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void relu_mask_gate_(const at::Tensor& g, const at::Tensor& mask) {
+  check_mask(g, mask);
+  const int64_t rows = g.size(0), cols = g.size(1), n = g.numel();
+  if (n == 0) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_storage(g.scalar_type(), "relu_mask_gate", [&](auto t, auto acc) {
+    using T = decltype(t);
+    using A = decltype(acc);
+    relu_mask_gate_kernel<T, A><<<grid_for(n), kThreads, 0, stream>>>(
+        static_cast<T*>(g.data_ptr()), static_cast<const uint8_t*>(mask.data_ptr()), rows, cols);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -14,20 +14,9 @@
 #include <vector>
 
 #include "common/attention_index.h"
+#include "host_check.h"
 
 using namespace aiayn;
-
-static int failures = 0;
-#define CHECK(cond, ...)                                   \
-  do {                                                     \
-    if (!(cond)) {                                         \
-      if (failures++ < 10) {                               \
-        std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-        std::printf(__VA_ARGS__);                          \
-        std::printf("\n");                                 \
-      }                                                    \
-    }                                                      \
-  } while (0)
 
 static void check_dropout_pair() {
   const double ps[] = {0.0, 0.1, 0.5, 0.9, 1.0};
@@ -163,10 +152,5 @@ int main() {
   check_causal_blocks();
   for (int D : {32, 64, 128}) check_fragments(D);
   check_accumulator_to_a();
-  if (failures) {
-    std::printf("%d failures\n", failures);
-    return 1;
-  }
-  std::printf("ok\n");
-  return 0;
+  return check_report();
 }
