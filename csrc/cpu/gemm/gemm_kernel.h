@@ -44,10 +44,10 @@ inline P gemm_cvt(T v) {
 }
 
 // Packs B(k, n) for panels [p0, p1): element (k, j) of panel p at
-// p * Kp * NR + (k / KP) * NR * KP + j * KP + k % KP; zero outside K x N.
-template <typename T, typename P, int NR, int KP>
+// p * Kp * NR + (k / KP) * NR * KP + j * KP + k % KP, Kp = round_up(K, KPAD); zero outside K x N.
+template <typename T, typename P, int NR, int KP, int KPAD = KP>
 void gemm_pack_b_impl(const GemmPackB& g, int64_t p0, int64_t p1, P* out) {
-  const int64_t K = g.K, N = g.N, Kp = gemm_round_up(K, KP);
+  const int64_t K = g.K, N = g.N, Kp = gemm_round_up(K, KPAD);
   const T* b = static_cast<const T*>(g.b);
   for (int64_t p = p0; p < p1; ++p) {
     P* dst = out + p * Kp * NR;
@@ -302,6 +302,106 @@ inline void gemm_epilogue(const GemmArgs& g, V (&acc)[ROWS][NV], int64_t m0, int
   }
 }
 
+#ifdef AIAYN_GEMM_AMX
+// --- bf16 on Intel AMX (tdpbf16ps) ---
+//
+// A C block of 32 x 32 float32 is 4 accumulator tiles (tmm0..3, 16 x 16 each) over the whole K:
+// per 32-k step, two A tiles (tmm4, tmm5: 16 rows x 32 bf16 each) and two B tiles (tmm6, tmm7:
+// 16 k-pairs x 16 columns x 2) feed 4 tdpbf16ps. Layouts (K padded to Kp = round_up(K, 32)):
+// - B: panels of 32 columns in k-pairs, (k, j) at (k / 2) * 64 + j * 2 + k % 2 (vdpbf16ps's
+//   layout with NR = 32): a B tile is 16 pair rows of 64 bytes at stride 128, columns 16..31 at
+//   +64 bytes;
+// - A: micro-panels of 16 rows, each 32-k block a contiguous 16 x 32 tile (gemm_pack_a with
+//   MR = 16, KP = 32).
+// The finished tiles are stored to a 32 x 32 float buffer and go row by row through the same
+// epilogue as every other path (so the dropout numbering is the same). Each output's k order is
+// fixed by K alone (32-k steps in order), so neither the task split nor the thread count changes
+// a result. Tile registers are configured at the start of each call (per thread: the
+// configuration is thread state) and released at its end.
+constexpr int kAmxMR = 16, kAmxNR = 32, kAmxKP = 32;
+
+// The asm of GCC's tile intrinsics declares no memory operands: barriers keep the packing stores
+// before the tile loads and the tile stores before the epilogue reads them.
+inline void gemm_amx_barrier() { asm volatile("" ::: "memory"); }
+
+inline void gemm_amx_configure() {
+  alignas(64) unsigned char cfg[64] = {};
+  cfg[0] = 1;  // palette 1
+  for (int t = 0; t < 8; ++t) {
+    const uint16_t colsb = 64;  // every tile: 16 rows x 64 bytes
+    std::memcpy(cfg + 16 + 2 * t, &colsb, 2);
+    cfg[48 + t] = 16;
+  }
+  gemm_amx_barrier();
+  _tile_loadconfig(cfg);
+}
+
+// The 16 (TWO: 32) rows x 32 columns of C from A micro-panel(s) a0 (a1) and a B panel.
+template <bool TWO>
+inline void gemm_amx_block(const uint16_t* a0, const uint16_t* a1, const uint16_t* b, int64_t Kp,
+                           float (*out)[kAmxNR]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (TWO) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t kb = 0; kb < Kp / kAmxKP; ++kb) {
+    const uint16_t* bk = b + kb * kAmxKP * kAmxNR;
+    _tile_loadd(6, bk, 128);
+    _tile_loadd(7, bk + 32, 128);
+    _tile_loadd(4, a0 + kb * kAmxMR * kAmxKP, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (TWO) {
+      _tile_loadd(5, a1 + kb * kAmxMR * kAmxKP, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, &out[0][0], kAmxNR * sizeof(float));
+  _tile_stored(1, &out[0][16], kAmxNR * sizeof(float));
+  if (TWO) {
+    _tile_stored(2, &out[16][0], kAmxNR * sizeof(float));
+    _tile_stored(3, &out[16][16], kAmxNR * sizeof(float));
+  }
+  gemm_amx_barrier();
+}
+
+// One task: rows [m0, m1) x panels [p0, p1) of 32 columns.
+inline void gemm_run_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const int64_t Kp = gemm_round_up(g.K, kAmxKP), rows = m1 - m0;
+  const bool sums = g.a_row_sums != nullptr && p0 == 0;
+  if (rows <= 0 || (p1 <= p0 && !sums)) return;
+  const int64_t panels = (rows + kAmxMR - 1) / kAmxMR;
+  Buffer<uint16_t> ap(panels * Kp * kAmxMR);
+  gemm_pack_a<uint16_t, uint16_t, float, kAmxMR, kAmxKP>(g, m0, rows, ap.data(), sums);
+  if (p1 <= p0) return;
+  gemm_amx_configure();
+  const uint16_t* bpacked = static_cast<const uint16_t*>(g.packed_b);
+  alignas(64) float tile[2 * kAmxMR][kAmxNR];
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint16_t* bp = bpacked + (p - g.b_first_panel) * (g.b_panel_stride ? g.b_panel_stride : Kp * kAmxNR);
+    const int64_t n0 = p * kAmxNR;
+    const int nn = static_cast<int>(g.N - n0 < kAmxNR ? g.N - n0 : kAmxNR);
+    for (int64_t q = 0; q < panels; q += 2) {
+      const uint16_t* a0 = ap.data() + q * Kp * kAmxMR;
+      const bool two = q + 1 < panels;
+      if (two)
+        gemm_amx_block<true>(a0, a0 + Kp * kAmxMR, bp, Kp, tile);
+      else
+        gemm_amx_block<false>(a0, a0, bp, Kp, tile);
+      const int64_t r_end = rows - q * kAmxMR < 2 * kAmxMR ? rows - q * kAmxMR : 2 * kAmxMR;
+      for (int64_t r = 0; r < r_end; ++r) {
+        Vec acc[1][2] = {{Vec::load(tile[r]), Vec::load(tile[r] + 16)}};
+        gemm_epilogue<Vec, uint16_t, 2, 1>(g, acc, m0 + q * kAmxMR + r, n0, nn);
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
+
 // Calls f(std::integral_constant<int, rows>) for 1 <= rows <= R.
 template <int R, typename F>
 inline void gemm_dispatch_rows(int rows, F&& f) {
@@ -491,14 +591,17 @@ constexpr GemmInfo gemm_info_of() {
 
 using GemmF64 = ScalarVec<double>;
 
-inline GemmInfo gemm_info(DType dtype, bool bf16_dot) {
+inline GemmInfo gemm_info(DType dtype, Bf16Gemm bf16) {
   switch (dtype) {
     case DType::f32: return gemm_info_of<Vec, 1, float>();
     case DType::bf16:
-#ifdef AIAYN_GEMM_BF16_DOT
-      if (bf16_dot) return gemm_info_of<Vec, 2, uint16_t>();
+#ifdef AIAYN_GEMM_AMX
+      if (bf16 == Bf16Gemm::amx) return GemmInfo{kAmxMR, kAmxNR, kAmxKP, 2, GemmDotTile<Vec>::CB};
 #endif
-      (void)bf16_dot;
+#ifdef AIAYN_GEMM_BF16_DOT
+      if (bf16 == Bf16Gemm::dot) return gemm_info_of<Vec, 2, uint16_t>();
+#endif
+      (void)bf16;
       return gemm_info_of<Vec, 1, float>();
     case DType::f64: return gemm_info_of<GemmF64, 1, double>();
   }
@@ -511,8 +614,14 @@ inline void gemm_pack_b(const GemmPackB& b, int64_t p0, int64_t p1, void* packed
       gemm_pack_b_impl<float, float, GemmTile<Vec>::NR, 1>(b, p0, p1, static_cast<float*>(packed));
       break;
     case DType::bf16:
+#ifdef AIAYN_GEMM_AMX
+      if (b.bf16 == Bf16Gemm::amx) {
+        gemm_pack_b_impl<uint16_t, uint16_t, kAmxNR, 2, kAmxKP>(b, p0, p1, static_cast<uint16_t*>(packed));
+        break;
+      }
+#endif
 #ifdef AIAYN_GEMM_BF16_DOT
-      if (b.bf16_dot) {
+      if (b.bf16 == Bf16Gemm::dot) {
         gemm_pack_b_impl<uint16_t, uint16_t, GemmTile<Vec>::NR, 2>(b, p0, p1, static_cast<uint16_t*>(packed));
         break;
       }
@@ -539,8 +648,14 @@ inline void gemm_run(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int6
       gemm_run_impl<Vec, float, float, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 1>(g, m0, m1, p0, p1);
       break;
     case DType::bf16:
+#ifdef AIAYN_GEMM_AMX
+      if (g.bf16 == Bf16Gemm::amx) {
+        gemm_run_amx(g, m0, m1, p0, p1);
+        break;
+      }
+#endif
 #ifdef AIAYN_GEMM_BF16_DOT
-      if (g.bf16_dot) {
+      if (g.bf16 == Bf16Gemm::dot) {
         gemm_run_impl<Vec, uint16_t, uint16_t, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 2>(g, m0, m1, p0, p1);
         break;
       }
