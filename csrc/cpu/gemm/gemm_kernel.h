@@ -43,6 +43,82 @@ inline P gemm_cvt(T v) {
     return gemm_from<P>(gemm_to_float(v));
 }
 
+#ifdef AIAYN_GEMM_BF16_DOT
+// --- bf16 packing in vectors (the vdpbf16ps / AMX layouts; AVX-512 only) ---
+
+// Transposes 16 x 16 32-bit elements: z[r] element c becomes z[c] element r.
+inline void gemm_transpose16x16_epi32(__m512i (&z)[16]) {
+  __m512i t[16], u[16];
+  for (int p = 0; p < 8; ++p) {
+    t[2 * p] = _mm512_unpacklo_epi32(z[2 * p], z[2 * p + 1]);
+    t[2 * p + 1] = _mm512_unpackhi_epi32(z[2 * p], z[2 * p + 1]);
+  }
+  // u[4p + c], 128-bit lane l: column 4l + c of rows 4p .. 4p + 3.
+  for (int p = 0; p < 4; ++p) {
+    u[4 * p] = _mm512_unpacklo_epi64(t[4 * p], t[4 * p + 2]);
+    u[4 * p + 1] = _mm512_unpackhi_epi64(t[4 * p], t[4 * p + 2]);
+    u[4 * p + 2] = _mm512_unpacklo_epi64(t[4 * p + 1], t[4 * p + 3]);
+    u[4 * p + 3] = _mm512_unpackhi_epi64(t[4 * p + 1], t[4 * p + 3]);
+  }
+  // Then a 4 x 4 transpose of 128-bit lanes for each c.
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44), v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    z[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    z[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    z[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    z[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+}
+
+// Pair rows (k, k + 1) of 32 columns of B = W^T, read from 16 rows of W, 32 k each: dst[(k / 2)
+// * row_stride + j * 2 + k % 2] = w[j][k] for j < 16, k < 32.
+inline void gemm_pack_pairs_from_rows(const uint16_t* const* w, int64_t k0, uint16_t* dst, int64_t row_stride) {
+  __m512i z[16];
+  for (int j = 0; j < 16; ++j) z[j] = _mm512_loadu_si512(w[j] + k0);  // 16 pairs of row j
+  gemm_transpose16x16_epi32(z);                                      // z[p]: pair p of the 16 rows
+  for (int p = 0; p < 16; ++p) _mm512_storeu_si512(dst + p * row_stride, z[p]);
+}
+
+// Interleaves rows k and k + 1 (32 columns each) into one pair row of 64 values.
+inline void gemm_pack_pair_row(const uint16_t* r0, const uint16_t* r1, uint16_t* dst) {
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const __m512i a = _mm512_loadu_si512(r0), b = _mm512_loadu_si512(r1);
+  _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo, b));
+  _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(a, hi, b));
+}
+
+// A transposed (A(m, k) = a[k * a_cs + m], rows [0, rows) from `a`) into AMX micro-panels of 16
+// rows, each 32-k block a 16 x 32 tile: out[q * Kp * 16 + (k / 32) * 512 + (i % 16) * 32 + k % 32].
+// Padding must be zero already.
+inline void gemm_pack_a_t_tiles(const uint16_t* a, int64_t a_cs, int64_t rows, int64_t K, int64_t Kp, uint16_t* out) {
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(kLo);
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    uint16_t* panel = out + (i0 / 16) * Kp * 16;
+    const int n = static_cast<int>(rows - i0 < 16 ? rows - i0 : 16);
+    int64_t k = 0;
+    if (n == 16) {
+      for (; k + 32 <= K; k += 32) {
+        __m512i z[16];
+        for (int j = 0; j < 16; ++j) {
+          const uint16_t* r0 = a + (k + 2 * j) * a_cs + i0;
+          z[j] = _mm512_permutex2var_epi16(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0))), lo,
+                                           _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + a_cs))));
+        }
+        gemm_transpose16x16_epi32(z);  // z[i]: the 32 k of row i
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(panel + k * 16 + i * 32, z[i]);
+      }
+    }
+    for (; k < K; ++k)
+      for (int i = 0; i < n; ++i) panel[(k / 32) * 512 + i * 32 + k % 32] = a[k * a_cs + i0 + i];
+  }
+}
+#endif
+
 // Packs B(k, n) for panels [p0, p1): element (k, j) of panel p at
 // p * Kp * NR + (k / KP) * NR * KP + j * KP + k % KP, Kp = round_up(K, KPAD); zero outside K x N.
 template <typename T, typename P, int NR, int KP, int KPAD = KP>
@@ -55,6 +131,30 @@ void gemm_pack_b_impl(const GemmPackB& g, int64_t p0, int64_t p1, P* out) {
     const int nn = static_cast<int>(N - n0 < NR ? N - n0 : NR);
     if (nn < NR || Kp != K)
       for (int64_t i = 0; i < Kp * NR; ++i) dst[i] = P(0);
+#ifdef AIAYN_GEMM_BF16_DOT
+    // bf16 pairs of 32 columns (vdpbf16ps, AMX): whole vectors where the panel is full.
+    if constexpr (std::is_same_v<T, uint16_t> && std::is_same_v<P, uint16_t> && NR == 32 && KP == 2) {
+      if (nn == NR && g.b_cs == 1) {
+        int64_t k = 0;
+        for (; k + 1 < K; k += 2) gemm_pack_pair_row(b + k * g.b_rs + n0, b + (k + 1) * g.b_rs + n0, dst + k * NR);
+        for (; k < K; ++k)
+          for (int j = 0; j < NR; ++j) dst[(k / 2) * NR * 2 + j * 2 + k % 2] = b[k * g.b_rs + n0 + j];
+        continue;
+      }
+      if (nn == NR && g.b_rs == 1) {
+        const uint16_t* rows[NR];
+        for (int j = 0; j < NR; ++j) rows[j] = b + (n0 + j) * g.b_cs;
+        int64_t k = 0;
+        for (; k + 32 <= K; k += 32) {
+          gemm_pack_pairs_from_rows(rows, k, dst + k * NR, NR * 2);
+          gemm_pack_pairs_from_rows(rows + 16, k, dst + k * NR + 32, NR * 2);
+        }
+        for (; k < K; ++k)
+          for (int j = 0; j < NR; ++j) dst[(k / 2) * NR * 2 + j * 2 + k % 2] = rows[j][k];
+        continue;
+      }
+    }
+#endif
     if (g.b_cs == 1) {
       for (int64_t k = 0; k < K; ++k) {
         const T* src = b + k * g.b_rs + n0;
@@ -100,6 +200,33 @@ void gemm_pack_a(const GemmArgs& g, int64_t m0, int64_t rows, P* out, bool want_
     for (int64_t i = 0; i < rows; ++i) at(i, k) = P(0);
   const F gscale = static_cast<F>(g.a_gate_scale);
   Acc* sums_out = static_cast<Acc*>(g.a_row_sums);
+#ifdef AIAYN_GEMM_BF16_DOT
+  if constexpr (std::is_same_v<T, uint16_t> && std::is_same_v<P, uint16_t> && MR == 16 && KP == 32) {
+    // AMX tiles: a row's 32 k of a block are contiguous, so rows copy in 64-byte pieces and a
+    // transposed A is transposed a 16 x 32 block at a time.
+    if (!gate && !want_sums && g.a_cs == 1) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const T* src = a + (m0 + i) * g.a_rs;
+        P* d = out + (i / MR) * Kp * MR + (i % MR) * KP;
+        for (int64_t k = 0; k < K; k += KP) std::memcpy(d + k * MR, src + k, (K - k < KP ? K - k : KP) * sizeof(T));
+      }
+      return;
+    }
+    if (!gate && g.a_rs == 1 && g.a_cs != 1) {
+      gemm_pack_a_t_tiles(a + m0, g.a_cs, rows, K, Kp, out);
+      if (want_sums) {
+        Buffer<double> sums(rows);
+        for (int64_t i = 0; i < rows; ++i) sums.p[i] = 0.0;
+        for (int64_t k = 0; k < K; ++k) {
+          const T* src = a + k * g.a_cs + m0;
+          for (int64_t i = 0; i < rows; ++i) sums.p[i] += static_cast<F>(gemm_to_float(src[i]));
+        }
+        for (int64_t i = 0; i < rows; ++i) sums_out[m0 + i] = static_cast<Acc>(sums.p[i]);
+      }
+      return;
+    }
+  }
+#endif
   if (g.a_cs == 1 || g.a_rs != 1) {
     // Rows contiguous in k (x, dY). Plain copies: a panel at a time, k outer, so that the packed
     // panel is written contiguously from MR row streams.
