@@ -98,6 +98,11 @@ py::dict build_info() {
   info["cpu_isa"] = cpu::isa_name(cpu::kernels().isa);
   info["gemm_bf16"] = bf16_mode_name();
   info["amx_bf16"] = cpu::amx_supported();
+#ifdef AIAYN_AMX_COMPILED
+  info["amx_compiled"] = true;
+#else
+  info["amx_compiled"] = false;
+#endif
 #ifdef AIAYN_WITH_CUDA
   info["cuda"] = true;
 #else

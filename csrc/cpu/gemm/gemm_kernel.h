@@ -2,7 +2,8 @@
 // the fused epilogue (bias, ReLU, Philox dropout, ReLU/dropout gate), written once over `Vec`.
 // Included inside the ISA namespace by isa/*.cpp, after simd/*.h and dropout_kernel.h.
 // isa/avx512.cpp defines AIAYN_GEMM_BF16_DOT first: bf16 then runs on vdpbf16ps (pairs of k per
-// 32-bit lane); elsewhere bf16 is widened to float32 while packing.
+// 32-bit lane) and, with AIAYN_GEMM_AMX, on AMX tiles (gemm_run_amx) where GemmArgs::bf16 says so;
+// elsewhere bf16 is widened to float32 while packing.
 //
 // Blocking (see kernels.h, GemmArgs): B is packed once into panels of NR columns x round_up(K, KP)
 // rows. A task (rows [m0, m1) x a range of panels, chosen by gemm/gemm.cpp so that the packed A
