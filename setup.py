@@ -153,7 +153,7 @@ def main():
     class Build(cpp_extension.BuildExtension):
         def run(self):
             super().run()
-            log(f"built aiayn._C {VERSION} for torch {torch.__version__}: CPU ISAs avx512(+bf16), avx2, generic "
+            log(f"built aiayn._C {VERSION} for torch {torch.__version__}: CPU ISAs avx512(+bf16, +amx), avx2, generic "
                 f"(chosen at run time), OpenMP on; {summary_cuda}" + (f"; sanitizers: {sanitize}" if sanitize else ""))
 
     setup(ext_modules=[ext], cmdclass={"build_ext": Build.with_options(use_ninja=True)})

@@ -71,14 +71,23 @@ bool set_relu_epilogues(bool enabled);  // cuda/cublaslt_gemm.cu
 namespace aiayn::cpu {
 void gemm_clear_pack_cache();  // cpu/gemm/gemm.cpp
 bool gemm_set_pack_cache(bool enabled);
-bool gemm_bf16_dot();
-int gemm_set_bf16_dot(int mode);
+Bf16Gemm gemm_bf16_mode();
+int gemm_set_bf16_mode(int mode);
 int gemm_set_rows_path(int mode);
 }
 
 namespace {
 
 namespace cpu = aiayn::cpu;
+
+const char* bf16_mode_name() {
+  switch (cpu::gemm_bf16_mode()) {
+    case cpu::Bf16Gemm::amx: return "amx";
+    case cpu::Bf16Gemm::dot: return "vdpbf16ps";
+    case cpu::Bf16Gemm::widened: break;
+  }
+  return "widened to float32";
+}
 
 py::dict build_info() {
   py::dict info;
@@ -92,7 +101,13 @@ py::dict build_info() {
     if (cpu::isa_supported(isa)) supported.append(isa);
   info["cpu_isas_supported"] = supported;
   info["cpu_isa"] = cpu::isa_name(cpu::kernels().isa);
-  info["gemm_bf16"] = cpu::gemm_bf16_dot() ? "vdpbf16ps" : "widened to float32";
+  info["gemm_bf16"] = bf16_mode_name();
+  info["amx_bf16"] = cpu::amx_supported();
+#ifdef AIAYN_AMX_COMPILED
+  info["amx_compiled"] = true;
+#else
+  info["amx_compiled"] = false;
+#endif
 #ifdef AIAYN_WITH_CUDA
   info["cuda"] = true;
 #else
@@ -132,10 +147,14 @@ PYBIND11_MODULE(_C, m) {
         "Drop every cached packed weight of linear / feed_forward (after writes that bypass the version counter).");
   m.def("set_pack_cache", [](bool enabled) { return cpu::gemm_set_pack_cache(enabled); },
         "Turn the packed-weight cache of linear / feed_forward on or off; returns the previous setting.");
-  m.def("gemm_bf16_dot", [] { return cpu::gemm_bf16_dot(); },
-        "Whether bf16 GEMMs (linear, feed_forward) run on vdpbf16ps (else widened to float32 FMAs).");
-  m.def("set_gemm_bf16_dot", [](int mode) { return cpu::gemm_set_bf16_dot(mode); },
-        "Force the bf16 GEMM mode: 1 vdpbf16ps, 0 widened to float32, -1 automatic (timed once); for tests.");
+  m.def("gemm_bf16", [] { return std::string(bf16_mode_name()); },
+        "How bf16 GEMMs (linear, feed_forward) run now: amx, vdpbf16ps or widened to float32.");
+  m.def("set_gemm_bf16", [](int mode) { return cpu::gemm_set_bf16_mode(mode); },
+        "Force the bf16 GEMM mode: 2 AMX (ValueError where unsupported), 1 vdpbf16ps, 0 widened to "
+        "float32, -1 automatic (AIAYN_BF16_GEMM, else AMX where supported, else the faster of the "
+        "other two, timed once); returns the previous setting; for tests.");
+  m.def("amx_supported", [] { return cpu::amx_supported(); },
+        "Whether the CPU has AMX-BF16 and the OS granted the tile state (the GEMMs may use AMX).");
   m.def("set_gemm_rows_path", [](int mode) { return cpu::gemm_set_rows_path(mode); },
         "Force the dot-product path of linear / feed_forward forwards (C = A W^T from W's rows, no "
         "packing): 1 on, 0 off, -1 by the number of rows (AIAYN_GEMM_DOT); returns the previous setting.");

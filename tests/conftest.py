@@ -22,18 +22,28 @@ def isa(request):
         yield request.param
 
 
-@pytest.fixture(params=[isa for isa in ("avx512", "avx512-bf16-widened", "avx2", "generic")
-                        if aiayn._C.cpu_isa_supported(isa.split("-")[0])])
+AMX_SKIP_REASON = None if aiayn._C.amx_supported() else "no AMX-BF16 here (CPU lacks it, or the OS refused the tile state)"
+
+# The bf16 GEMM modes of the AVX-512 kernels, as aiayn._C.set_gemm_bf16 takes them.
+BF16_MODES = {"avx512": 1, "avx512-bf16-widened": 0, "avx512-amx": 2}
+
+
+@pytest.fixture(params=[
+    pytest.param(isa, marks=pytest.mark.skipif(isa == "avx512-amx" and AMX_SKIP_REASON is not None,
+                                               reason=AMX_SKIP_REASON or ""))
+    for isa in ("avx512", "avx512-bf16-widened", "avx512-amx", "avx2", "generic")
+    if aiayn._C.cpu_isa_supported(isa.split("-")[0])])
 def isa_bf16(request):
-    """Like `isa`, plus AVX-512 with bf16 widened to float32 instead of vdpbf16ps (the GEMM picks
-    the faster of the two per CPU; both are tested)."""
+    """Like `isa`, with every bf16 GEMM mode of AVX-512: vdpbf16ps ("avx512"), widened to float32,
+    and AMX tiles (skipped where the CPU or OS lacks AMX). The automatic mode picks AMX where
+    supported, else the faster of the other two; all are tested."""
     name = request.param.split("-")[0]
-    previous = aiayn._C.set_gemm_bf16_dot(0 if request.param.endswith("widened") else 1)
+    previous = aiayn._C.set_gemm_bf16(BF16_MODES.get(request.param, 0))
     try:
         with aiayn.cpu_isa(name):
             yield request.param
     finally:
-        aiayn._C.set_gemm_bf16_dot(previous)
+        aiayn._C.set_gemm_bf16(previous)
 
 
 @pytest.fixture(params=["rows", "packed"])

@@ -17,6 +17,7 @@ def test_build_info_fields():
     assert info["torch_version"] == torch.__version__
     assert info["cpu_isas_compiled"] == ["avx512", "avx2", "generic"]
     assert info["cpu_isa"] in info["cpu_isas_supported"]
+    assert info["amx_compiled"] or not info["amx_bf16"]
     assert info["openmp_threads"] >= 1
     assert "OpenMP" in info["parallel_backend"]
     if torch.version.cuda is not None and os.environ.get("AIAYN_CUDA") != "0":
@@ -44,6 +45,26 @@ def test_env_var_lowers_isa(isa):
     if not aiayn._C.cpu_isa_supported(isa):
         pytest.skip(f"{isa} not supported on this CPU")
     assert run_python("import aiayn; print(aiayn.build_info()['cpu_isa'])", AIAYN_CPU_ISA=isa) == isa
+
+
+@pytest.mark.parametrize("mode", ["widened", "dot", "amx"])
+def test_env_var_sets_bf16_gemm_mode(mode):
+    """AIAYN_BF16_GEMM forces the bf16 GEMM mode of the AVX-512 kernels (amx only where the CPU and
+    OS allow it, else the automatic choice); below AVX-512 bf16 is always widened."""
+    if not aiayn._C.cpu_isa_supported("avx512"):
+        pytest.skip("the bf16 GEMM modes are AVX-512 only")
+    code = "import aiayn; print(aiayn._C.gemm_bf16())"
+    got = run_python(code, AIAYN_BF16_GEMM=mode)
+    if mode == "amx" and not aiayn._C.amx_supported():
+        assert got in ("vdpbf16ps", "widened to float32")
+    else:
+        assert got == {"widened": "widened to float32", "dot": "vdpbf16ps", "amx": "amx"}[mode]
+    assert run_python(code, AIAYN_BF16_GEMM=mode, AIAYN_CPU_ISA="avx2") == "widened to float32"
+    default = run_python(code)
+    if aiayn._C.amx_supported():
+        assert default == "amx"
+    else:
+        assert default in ("vdpbf16ps", "widened to float32")
 
 
 def test_cpu_isa_context_manager_restores():

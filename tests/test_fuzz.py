@@ -329,6 +329,10 @@ def kink_free(shape_x, shape_w, n_bias, dtype, gen):
     return x, w, b
 
 
+# bf16 GEMM modes of the AVX-512 kernels (aiayn._C.set_gemm_bf16): widened, vdpbf16ps, AMX where supported.
+bf16_modes = st.sampled_from([0, 1, 2] if aiayn._C.amx_supported() else [0, 1])
+
+
 @st.composite
 def linear_cases(draw):
     lead = draw(st.lists(st.integers(1, 5), min_size=0, max_size=2))
@@ -336,7 +340,7 @@ def linear_cases(draw):
     while math.prod(lead) * tokens * K * N > 150000:
         lead, tokens = [1] * len(lead), max(1, tokens // 2)
     return dict(lead=lead, tokens=tokens, K=K, N=N, dtype=draw(dtypes), isa=draw(isas),
-                bf16_dot=draw(st.booleans()), bias=draw(st.booleans()),
+                bf16_mode=draw(bf16_modes), bias=draw(st.booleans()),
                 activation=draw(st.sampled_from([None, "relu"])), x_layout=draw(layouts),
                 w_layout=draw(st.sampled_from(["contiguous", "column_slice", "transposed"])),
                 seed=draw(seeds), backward=draw(st.booleans()), rows_path=draw(gemm_paths))
@@ -393,7 +397,7 @@ def test_linear(c):
         x.retain_grad()
         w.retain_grad()
     grad = torch.randn(shape[:-1] + (N,), generator=gen, dtype=torch.float64).to(dtype) if bw else None
-    previous = aiayn._C.set_gemm_bf16_dot(1 if c["bf16_dot"] else 0)
+    previous = aiayn._C.set_gemm_bf16(c["bf16_mode"])
     previous_path = aiayn._C.set_gemm_rows_path(c["rows_path"])
     try:
         with aiayn.cpu_isa(c["isa"]):
@@ -402,7 +406,7 @@ def test_linear(c):
             if bw:
                 out.backward(grad)
     finally:
-        aiayn._C.set_gemm_bf16_dot(previous)
+        aiayn._C.set_gemm_bf16(previous)
         aiayn._C.set_gemm_rows_path(previous_path)
 
     def call(x, w, b, absolute=False):
@@ -418,7 +422,7 @@ def feed_forward_cases(draw):
     while math.prod(lead) * tokens * d_model * d_ff > 100000:
         lead, tokens = [1] * len(lead), max(1, tokens // 2)
     return dict(lead=lead, tokens=tokens, d_model=d_model, d_ff=d_ff, dtype=draw(dtypes), isa=draw(isas),
-                bf16_dot=draw(st.booleans()), b1=draw(st.booleans()), b2=draw(st.booleans()),
+                bf16_mode=draw(bf16_modes), b1=draw(st.booleans()), b2=draw(st.booleans()),
                 x_layout=draw(layouts), p=draw(st.sampled_from([0.0, 0.0, 0.1, 0.5, 1.0])),
                 training=draw(st.sampled_from([True, True, False])),
                 seed=draw(seeds), dropout_seed=draw(dropout_seeds), backward=draw(st.booleans()),
@@ -445,7 +449,7 @@ def test_feed_forward(c):
     grad = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) if bw else None
     seed = torch.tensor([c["dropout_seed"]], dtype=torch.int64)
     p = c["p"] if c["training"] else 0.0
-    previous = aiayn._C.set_gemm_bf16_dot(1 if c["bf16_dot"] else 0)
+    previous = aiayn._C.set_gemm_bf16(c["bf16_mode"])
     previous_path = aiayn._C.set_gemm_rows_path(c["rows_path"])
     try:
         with aiayn.cpu_isa(c["isa"]):
@@ -456,7 +460,7 @@ def test_feed_forward(c):
             if bw:
                 out.backward(grad)
     finally:
-        aiayn._C.set_gemm_bf16_dot(previous)
+        aiayn._C.set_gemm_bf16(previous)
         aiayn._C.set_gemm_rows_path(previous_path)
 
     def call(x, w1, b1, w2, b2, absolute=False):

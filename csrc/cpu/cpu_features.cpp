@@ -8,6 +8,14 @@
 
 #include "kernels.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace aiayn::cpu {
 
 const char* isa_name(Isa isa) {
@@ -81,6 +89,24 @@ const KernelTable& kernels() {
   static const KernelTable* initial = select_from_env();
   const KernelTable* t = g_table.load();
   return t ? *t : *initial;
+}
+
+bool amx_supported() {
+  static const bool ok = [] {
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && defined(SYS_arch_prctl) && defined(AIAYN_AMX_COMPILED)
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amx_bf16 = (edx >> 22) & 1u, amx_tile = (edx >> 24) & 1u;
+    if (!amx_tile || !amx_bf16 || !cpu_has(Isa::avx512)) return false;
+    // The tile data (8 KiB per thread) is off by default since Linux 5.16: a process asks once for
+    // permission (process-wide, for every thread); older kernels or a refusal mean no AMX.
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
 }
 
 bool isa_supported(const char* name) {

@@ -63,8 +63,20 @@ struct AddDropoutLayerNormBwd {
 // own rows of A (the full K) and runs the register-blocked micro-kernel over them, the whole
 // K-reduction staying in registers, then applies the epilogue to the tile before storing it.
 
+// How bf16 products run (AVX-512 only; elsewhere always widened): widened to float32 for the FMA
+// kernel, vdpbf16ps on pairs of k, or Intel AMX tiles (tdpbf16ps, where the CPU and the OS allow).
+enum class Bf16Gemm : int { widened = 0, dot = 1, amx = 2 };
+
+// Whether this compiler builds the AMX kernel into the AVX-512 unit (GCC >= 11, Clang >= 12 know
+// the amx-tile / amx-bf16 targets).
+#if defined(__x86_64__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define AIAYN_AMX_COMPILED 1
+#endif
+
 // The packed layout of one ISA and dtype: B panels of nr columns, A micro-panels of mr rows, K
-// padded to a multiple of kp (2 for the bf16 pairs of vdpbf16ps), elements of elem_bytes.
+// padded to a multiple of kp (2 for the bf16 pairs of vdpbf16ps, 32 for AMX tiles), elements of
+// elem_bytes.
 struct GemmInfo {
   int mr, nr, kp, elem_bytes;
   int dot_nr;  // columns per task unit of the dot-product path (GemmArgs::b_rows)
@@ -72,7 +84,7 @@ struct GemmInfo {
 
 struct GemmPackB {
   DType dtype;
-  bool bf16_dot;  // bf16 on vdpbf16ps (pairs, kp = 2) where the ISA has it, else widened to f32
+  Bf16Gemm bf16;  // how bf16 runs (ignored for other dtypes)
   int64_t K, N;
   const void* b;  // B(k, n) = b[k * b_rs + n * b_cs]
   int64_t b_rs, b_cs;
@@ -80,7 +92,7 @@ struct GemmPackB {
 
 struct GemmArgs {
   DType dtype;
-  bool bf16_dot;  // as GemmPackB::bf16_dot; must match the packing of packed_b
+  Bf16Gemm bf16;  // as GemmPackB::bf16; must match the packing of packed_b
   int64_t M, N, K;
   const void* a;  // A(m, k) = a[m * a_rs + k * a_cs]
   int64_t a_rs, a_cs;
@@ -174,10 +186,10 @@ struct KernelTable {
   // bit i of the result (bits[i / 64] >> (i % 64)) is element 4 * first_counter + i.
   void (*dropout_keep_bits)(const DropoutParams& d, uint64_t first_counter, int64_t num_counters,
                             uint64_t* bits);
-  // GEMM: the packed layout for a dtype (bf16_dot: vdpbf16ps pairs for bf16, where supported); pack B panels [panel_begin, panel_end) into `packed`
+  // GEMM: the packed layout for a dtype (and bf16 mode, where supported); pack B panels [panel_begin, panel_end) into `packed`
   // (gemm_info's layout: panel p at element offset p * round_up(K, kp) * nr); run the rows
   // [m_begin, m_end) x panels [panel_begin, panel_end) of C.
-  GemmInfo (*gemm_info)(DType dtype, bool bf16_dot);
+  GemmInfo (*gemm_info)(DType dtype, Bf16Gemm bf16);
   void (*gemm_pack_b)(const GemmPackB& b, int64_t panel_begin, int64_t panel_end, void* packed);
   void (*gemm_run)(const GemmArgs& g, int64_t m_begin, int64_t m_end, int64_t panel_begin,
                    int64_t panel_end);
@@ -195,6 +207,10 @@ const KernelTable* kernel_table_avx512();
 
 // The table to use: the best the CPU supports, lowered by AIAYN_CPU_ISA=avx2|generic (read once).
 const KernelTable& kernels();
+// Whether the AVX-512 kernels may use AMX bf16 tiles: the CPU has AMX-TILE and AMX-BF16 and the
+// OS granted this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, Linux >= 5.16;
+// requested once, on the first call). Only then is Bf16Gemm::amx used.
+bool amx_supported();
 // Whether this CPU can run the named ISA (avx512, avx2, generic).
 bool isa_supported(const char* name);
 // Forces an ISA from code (tests); throws std::invalid_argument for an unsupported one.

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <vector>
 
 namespace aiayn::cpu {
@@ -44,17 +45,17 @@ at::Tensor gemm_bias(const std::optional<at::Tensor>& b, at::ScalarType x_dtype)
 namespace {
 
 // Runs a small bf16 GEMM (96 x 256 x 512) in one mode on the calling thread; seconds, best of 3.
-double time_bf16_mode(const KernelTable& k, bool dot) {
+double time_bf16_mode(const KernelTable& k, Bf16Gemm mode) {
   constexpr int64_t M = 96, N = 256, K = 512;
   std::vector<uint16_t> a(M * K, 0x3F80), b(K * N, 0x3F80), c(M * N);
-  const GemmInfo info = k.gemm_info(DType::bf16, dot);
+  const GemmInfo info = k.gemm_info(DType::bf16, mode);
   const int64_t Kp = (K + info.kp - 1) / info.kp * info.kp;
   std::vector<unsigned char> packed((N + info.nr - 1) / info.nr * Kp * info.nr * info.elem_bytes + 64);
-  GemmPackB pb{DType::bf16, dot, K, N, b.data(), N, 1};
+  GemmPackB pb{DType::bf16, mode, K, N, b.data(), N, 1};
   k.gemm_pack_b(pb, 0, (N + info.nr - 1) / info.nr, packed.data());
   GemmArgs g{};
   g.dtype = DType::bf16;
-  g.bf16_dot = dot;
+  g.bf16 = mode;
   g.M = M;
   g.N = N;
   g.K = K;
@@ -75,43 +76,61 @@ double time_bf16_mode(const KernelTable& k, bool dot) {
   return best;
 }
 
-}  // namespace
+std::atomic<int> g_bf16_override{-1};
 
-namespace {
-std::atomic<int> g_bf16_dot_override{-1};
-}
-
-int gemm_set_bf16_dot(int mode) { return g_bf16_dot_override.exchange(mode); }
-
-bool gemm_bf16_dot() {
-  const int forced = g_bf16_dot_override.load(std::memory_order_relaxed);
-  if (forced >= 0) return forced == 1 && kernels().isa == Isa::avx512;
-  static const bool dot = [] {
-    const KernelTable& k = kernels();
-    if (k.isa != Isa::avx512) return false;
-    if (const char* e = std::getenv("AIAYN_BF16_DOT")) return std::strcmp(e, "1") == 0;
+// The automatic mode on the AVX-512 kernels.
+Bf16Gemm bf16_mode_auto() {
+  static const Bf16Gemm mode = [] {
+    if (const char* e = std::getenv("AIAYN_BF16_GEMM")) {
+      if (std::strcmp(e, "amx") == 0 && amx_supported()) return Bf16Gemm::amx;
+      if (std::strcmp(e, "dot") == 0) return Bf16Gemm::dot;
+      if (std::strcmp(e, "widened") == 0) return Bf16Gemm::widened;
+    }
+    // AMX's tdpbf16ps does 16 x 16 x 32 multiply-adds per instruction: 8x vdpbf16ps's rate.
+    if (amx_supported()) return Bf16Gemm::amx;
     // vdpbf16ps does 2x the multiply-adds of an fp32 FMA per instruction, but some cores (Intel's
     // Sapphire Rapids family) issue it on one port against two for FMAs, so widening bf16 to
     // float32 while packing is as fast or faster there. Measure both once and keep the faster.
+    const KernelTable& k = *kernel_table_avx512();
     double t_dot = 0, t_wide = 0;
     for (int i = 0; i < 2; ++i) {
-      t_dot += time_bf16_mode(k, true);
-      t_wide += time_bf16_mode(k, false);
+      t_dot += time_bf16_mode(k, Bf16Gemm::dot);
+      t_wide += time_bf16_mode(k, Bf16Gemm::widened);
     }
-    return t_dot <= t_wide;
+    return t_dot <= t_wide ? Bf16Gemm::dot : Bf16Gemm::widened;
   }();
-  return dot && kernels().isa == Isa::avx512;
+  return mode;
 }
+
+}  // namespace
+
+int gemm_set_bf16_mode(int mode) {
+  if (mode == static_cast<int>(Bf16Gemm::amx) && !amx_supported())
+    throw std::invalid_argument("bf16 GEMM mode amx (2) is not supported here: no AMX-BF16, or the OS refused the tile state");
+  if (mode < -1 || mode > 2) throw std::invalid_argument("bf16 GEMM mode must be -1, 0, 1 or 2");
+  return g_bf16_override.exchange(mode);
+}
+
+Bf16Gemm gemm_bf16_mode() {
+  if (kernels().isa != Isa::avx512) return Bf16Gemm::widened;
+  const int forced = g_bf16_override.load(std::memory_order_relaxed);
+  return forced >= 0 ? static_cast<Bf16Gemm>(forced) : bf16_mode_auto();
+}
+
+namespace {
+// The bf16 mode of a GEMM in `dtype` (the field is ignored for other dtypes; widened keeps it fixed).
+Bf16Gemm bf16_mode_for(DType dtype) { return dtype == DType::bf16 ? gemm_bf16_mode() : Bf16Gemm::widened; }
+}  // namespace
 
 at::Tensor gemm_pack_b(DType dtype, int64_t K, int64_t N, const void* b, int64_t b_rs, int64_t b_cs) {
   const KernelTable& k = kernels();
-  const bool dot = dtype == DType::bf16 && gemm_bf16_dot();
-  const GemmInfo info = k.gemm_info(dtype, dot);
+  const Bf16Gemm mode = bf16_mode_for(dtype);
+  const GemmInfo info = k.gemm_info(dtype, mode);
   const int64_t Kp = (K + info.kp - 1) / info.kp * info.kp;
   const int64_t panels = (N + info.nr - 1) / info.nr;
   at::Tensor packed = at::empty({std::max<int64_t>(1, panels * Kp * info.nr * info.elem_bytes) + 64},
                                 at::TensorOptions().dtype(at::kByte));
-  GemmPackB pb{dtype, dot, K, N, b, b_rs, b_cs};
+  GemmPackB pb{dtype, mode, K, N, b, b_rs, b_cs};
   // Panels per task: about 64K elements each.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, Kp * info.nr));
   void* out = packed.data_ptr();
@@ -132,7 +151,7 @@ struct PackEntry {
   at::ScalarType dtype;
   bool transpose;
   Isa isa;
-  bool bf16_dot;
+  Bf16Gemm bf16;
   uint32_t version;
   uint64_t last_use;
   at::Tensor packed;
@@ -170,12 +189,12 @@ at::Tensor gemm_pack_weight(const at::Tensor& w, bool transpose) {
   const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
   c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
   const Isa isa = kernels().isa;
-  const bool dot = w.scalar_type() == at::kBFloat16 && gemm_bf16_dot();
+  const Bf16Gemm mode = bf16_mode_for(gemm_dtype(w));
   {
     std::lock_guard<std::mutex> lock(g_pack_mutex);
     auto& cache = pack_cache();
     for (PackEntry& e : cache) {
-      if (e.data != w.data_ptr() || e.transpose != transpose || e.isa != isa || e.bf16_dot != dot || e.dtype != w.scalar_type() ||
+      if (e.data != w.data_ptr() || e.transpose != transpose || e.isa != isa || e.bf16 != mode || e.dtype != w.scalar_type() ||
           e.version != version || e.sizes != w.sizes().vec() || e.strides != w.strides().vec())
         continue;
       auto alive = e.storage.lock();
@@ -201,7 +220,7 @@ at::Tensor gemm_pack_weight(const at::Tensor& w, bool transpose) {
     cache.erase(lru);
   }
   cache.push_back(PackEntry{c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()),
-                            w.data_ptr(), w.sizes().vec(), w.strides().vec(), w.scalar_type(), transpose, isa, dot,
+                            w.data_ptr(), w.sizes().vec(), w.strides().vec(), w.scalar_type(), transpose, isa, mode,
                             version, ++g_pack_clock, packed});
   return packed;
 }
@@ -238,8 +257,8 @@ struct GemmPlan {
 GemmPlan make_plan(GemmArgs g, const at::Tensor& packed, int64_t threads) {
   GemmPlan pl;
   const KernelTable& k = kernels();
-  g.bf16_dot = g.dtype == DType::bf16 && gemm_bf16_dot();
-  const GemmInfo info = k.gemm_info(g.dtype, g.bf16_dot);
+  g.bf16 = bf16_mode_for(g.dtype);
+  const GemmInfo info = k.gemm_info(g.dtype, g.bf16);
   pl.info = info;
   if (g.b_rows) {
     // Dot-product path: every task takes all rows and a range of column groups; the split does not
@@ -411,7 +430,7 @@ void gemm_run_weight_t_chunked(GemmArgs g, const at::Tensor& w, const GemmInfo& 
     std::unique_ptr<unsigned char[]> buf(new unsigned char[(p1 - p0) * panel_bytes + 64]);
     // B = w^T from column p0 * nr on: panels 0 .. p1 - p0 of the shifted problem.
     const int64_t n0 = p0 * info.nr;
-    GemmPackB pb{g.dtype, g.bf16_dot, g.K, g.N - n0, wdata + n0 * w_rs * static_cast<int64_t>(w.element_size()), 1, w_rs};
+    GemmPackB pb{g.dtype, g.bf16, g.K, g.N - n0, wdata + n0 * w_rs * static_cast<int64_t>(w.element_size()), 1, w_rs};
     k.gemm_pack_b(pb, 0, p1 - p0, buf.get());
     GemmArgs gc = g;
     gc.packed_b = buf.get();
@@ -440,8 +459,8 @@ void gemm_run_weight_t(GemmArgs g, const at::Tensor& w) {
     return;
   }
   const bool cached = pack_cache_enabled() && !w.is_inference() && w.has_storage();
-  g.bf16_dot = g.dtype == DType::bf16 && gemm_bf16_dot();
-  const GemmInfo info = kernels().gemm_info(g.dtype, g.bf16_dot);
+  g.bf16 = bf16_mode_for(g.dtype);
+  const GemmInfo info = kernels().gemm_info(g.dtype, g.bf16);
   const int64_t Kp = (g.K + info.kp - 1) / info.kp * info.kp;
   if (!cached && g.M > 0 && g.N > 0 && Kp * g.N * info.elem_bytes > kChunkedPackBytes) {
     gemm_run_weight_t_chunked(g, w, info);

@@ -12,11 +12,14 @@ namespace aiayn::cpu {
 
 DType gemm_dtype(const at::Tensor& t);
 
-// Whether bf16 runs on vdpbf16ps (AVX-512 BF16) or is widened to float32 for the FMA kernel:
-// AIAYN_BF16_DOT=1/0 forces it, otherwise the faster of the two on this CPU (timed once).
-bool gemm_bf16_dot();
-// Forces the bf16 mode: 1 vdpbf16ps, 0 widened, -1 automatic; returns the previous setting.
-int gemm_set_bf16_dot(int mode);
+// How bf16 GEMMs run on the current ISA: AMX tiles where amx_supported(); else vdpbf16ps
+// (AVX-512 BF16) or widened to float32 for the FMA kernel, whichever is faster on this CPU (timed
+// once); always widened below AVX-512. AIAYN_BF16_GEMM=amx|dot|widened forces a mode (amx only
+// where supported).
+Bf16Gemm gemm_bf16_mode();
+// Forces the bf16 mode: 2 AMX, 1 vdpbf16ps, 0 widened, -1 automatic; returns the previous setting.
+// Throws std::invalid_argument for AMX where amx_supported() is false.
+int gemm_set_bf16_mode(int mode);
 
 // A tensor as (rows, cols) with unit column stride and one row stride, copying only when the
 // leading dims do not collapse or the last dim is strided.

@@ -2,7 +2,8 @@
 // the fused epilogue (bias, ReLU, Philox dropout, ReLU/dropout gate), written once over `Vec`.
 // Included inside the ISA namespace by isa/*.cpp, after simd/*.h and dropout_kernel.h.
 // isa/avx512.cpp defines AIAYN_GEMM_BF16_DOT first: bf16 then runs on vdpbf16ps (pairs of k per
-// 32-bit lane); elsewhere bf16 is widened to float32 while packing.
+// 32-bit lane) and, with AIAYN_GEMM_AMX, on AMX tiles (gemm_run_amx) where GemmArgs::bf16 says so;
+// elsewhere bf16 is widened to float32 while packing.
 //
 // Blocking (see kernels.h, GemmArgs): B is packed once into panels of NR columns x round_up(K, KP)
 // rows. A task (rows [m0, m1) x a range of panels, chosen by gemm/gemm.cpp so that the packed A
@@ -56,11 +57,71 @@ inline void gemm_pack_bt_f32(const float* w, int64_t ws, int64_t K, float* dst) 
     for (int j = 0; j < NR; ++j) dst[k * NR + j] = w[j * ws + k];
 }
 
+#ifdef AIAYN_GEMM_BF16_DOT
+// --- bf16 packing in vectors (the vdpbf16ps / AMX layouts; AVX-512 only) ---
+
+// vpermt2w indices interleaving the first 16 16-bit elements of two vectors: a0 b0 a1 b1 ...
+alignas(64) constexpr uint16_t kGemmInterleave16[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                        8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+
+// Transposes 16 x 16 32-bit elements (z[r] element c becomes z[c] element r) with the float
+// transpose: shuffles only move bits, so bf16 pairs come through exactly.
+inline void gemm_transpose16x16_epi32(__m512i (&z)[16]) {
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(z[i]);
+  transpose16x16(r);
+  for (int i = 0; i < 16; ++i) z[i] = _mm512_castps_si512(r[i]);
+}
+
+// Pair rows (k, k + 1) of 32 columns of B = W^T, read from 16 rows of W, 32 k each: dst[(k / 2)
+// * row_stride + j * 2 + k % 2] = w[j][k] for j < 16, k < 32.
+inline void gemm_pack_pairs_from_rows(const uint16_t* const* w, int64_t k0, uint16_t* dst, int64_t row_stride) {
+  __m512i z[16];
+  for (int j = 0; j < 16; ++j) z[j] = _mm512_loadu_si512(w[j] + k0);  // 16 pairs of row j
+  gemm_transpose16x16_epi32(z);                                      // z[p]: pair p of the 16 rows
+  for (int p = 0; p < 16; ++p) _mm512_storeu_si512(dst + p * row_stride, z[p]);
+}
+
+// Interleaves rows k and k + 1 (32 columns each) into one pair row of 64 values.
+inline void gemm_pack_pair_row(const uint16_t* r0, const uint16_t* r1, uint16_t* dst) {
+  const __m512i lo = _mm512_load_si512(kGemmInterleave16), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const __m512i a = _mm512_loadu_si512(r0), b = _mm512_loadu_si512(r1);
+  _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo, b));
+  _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(a, hi, b));
+}
+
+// A transposed (A(m, k) = a[k * a_cs + m], rows [0, rows) from `a`) into AMX micro-panels of 16
+// rows, each 32-k block a 16 x 32 tile: out[q * Kp * 16 + (k / 32) * 512 + (i % 16) * 32 + k % 32].
+// Padding must be zero already.
+inline void gemm_pack_a_t_tiles(const uint16_t* a, int64_t a_cs, int64_t rows, int64_t K, int64_t Kp, uint16_t* out) {
+  const __m512i lo = _mm512_load_si512(kGemmInterleave16);
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    uint16_t* panel = out + (i0 / 16) * Kp * 16;
+    const int n = static_cast<int>(rows - i0 < 16 ? rows - i0 : 16);
+    int64_t k = 0;
+    if (n == 16) {
+      for (; k + 32 <= K; k += 32) {
+        __m512i z[16];
+        for (int j = 0; j < 16; ++j) {
+          const uint16_t* r0 = a + (k + 2 * j) * a_cs + i0;
+          z[j] = _mm512_permutex2var_epi16(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0))), lo,
+                                           _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + a_cs))));
+        }
+        gemm_transpose16x16_epi32(z);  // z[i]: the 32 k of row i
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(panel + k * 16 + i * 32, z[i]);
+      }
+    }
+    for (; k < K; ++k)
+      for (int i = 0; i < n; ++i) panel[(k / 32) * 512 + i * 32 + k % 32] = a[k * a_cs + i0 + i];
+  }
+}
+#endif
+
 // Packs B(k, n) for panels [p0, p1): element (k, j) of panel p at
-// p * Kp * NR + (k / KP) * NR * KP + j * KP + k % KP; zero outside K x N.
-template <typename T, typename P, int NR, int KP>
+// p * Kp * NR + (k / KP) * NR * KP + j * KP + k % KP, Kp = round_up(K, KPAD); zero outside K x N.
+template <typename T, typename P, int NR, int KP, int KPAD = KP>
 void gemm_pack_b_impl(const GemmPackB& g, int64_t p0, int64_t p1, P* out) {
-  const int64_t K = g.K, N = g.N, Kp = gemm_round_up(K, KP);
+  const int64_t K = g.K, N = g.N, Kp = gemm_round_up(K, KPAD);
   const T* b = static_cast<const T*>(g.b);
   for (int64_t p = p0; p < p1; ++p) {
     P* dst = out + p * Kp * NR;
@@ -68,6 +129,30 @@ void gemm_pack_b_impl(const GemmPackB& g, int64_t p0, int64_t p1, P* out) {
     const int nn = static_cast<int>(N - n0 < NR ? N - n0 : NR);
     if (nn < NR || Kp != K)
       for (int64_t i = 0; i < Kp * NR; ++i) dst[i] = P(0);
+#ifdef AIAYN_GEMM_BF16_DOT
+    // bf16 pairs of 32 columns (vdpbf16ps, AMX): whole vectors where the panel is full.
+    if constexpr (std::is_same_v<T, uint16_t> && std::is_same_v<P, uint16_t> && NR == 32 && KP == 2) {
+      if (nn == NR && g.b_cs == 1) {
+        int64_t k = 0;
+        for (; k + 1 < K; k += 2) gemm_pack_pair_row(b + k * g.b_rs + n0, b + (k + 1) * g.b_rs + n0, dst + k * NR);
+        for (; k < K; ++k)
+          for (int j = 0; j < NR; ++j) dst[(k / 2) * NR * 2 + j * 2 + k % 2] = b[k * g.b_rs + n0 + j];
+        continue;
+      }
+      if (nn == NR && g.b_rs == 1) {
+        const uint16_t* rows[NR];
+        for (int j = 0; j < NR; ++j) rows[j] = b + (n0 + j) * g.b_cs;
+        int64_t k = 0;
+        for (; k + 32 <= K; k += 32) {
+          gemm_pack_pairs_from_rows(rows, k, dst + k * NR, NR * 2);
+          gemm_pack_pairs_from_rows(rows + 16, k, dst + k * NR + 32, NR * 2);
+        }
+        for (; k < K; ++k)
+          for (int j = 0; j < NR; ++j) dst[(k / 2) * NR * 2 + j * 2 + k % 2] = rows[j][k];
+        continue;
+      }
+    }
+#endif
     if (g.b_cs == 1) {
       for (int64_t k = 0; k < K; ++k) {
         const T* src = b + k * g.b_rs + n0;
@@ -119,6 +204,33 @@ void gemm_pack_a(const GemmArgs& g, int64_t m0, int64_t rows, P* out, bool want_
     for (int64_t i = 0; i < rows; ++i) at(i, k) = P(0);
   const F gscale = static_cast<F>(g.a_gate_scale);
   Acc* sums_out = static_cast<Acc*>(g.a_row_sums);
+#ifdef AIAYN_GEMM_BF16_DOT
+  if constexpr (std::is_same_v<T, uint16_t> && std::is_same_v<P, uint16_t> && MR == 16 && KP == 32) {
+    // AMX tiles: a row's 32 k of a block are contiguous, so rows copy in 64-byte pieces and a
+    // transposed A is transposed a 16 x 32 block at a time.
+    if (!gate && !want_sums && g.a_cs == 1) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const T* src = a + (m0 + i) * g.a_rs;
+        P* d = out + (i / MR) * Kp * MR + (i % MR) * KP;
+        for (int64_t k = 0; k < K; k += KP) std::memcpy(d + k * MR, src + k, (K - k < KP ? K - k : KP) * sizeof(T));
+      }
+      return;
+    }
+    if (!gate && g.a_rs == 1 && g.a_cs != 1) {
+      gemm_pack_a_t_tiles(a + m0, g.a_cs, rows, K, Kp, out);
+      if (want_sums) {
+        Buffer<double> sums(rows);
+        for (int64_t i = 0; i < rows; ++i) sums.p[i] = 0.0;
+        for (int64_t k = 0; k < K; ++k) {
+          const T* src = a + k * g.a_cs + m0;
+          for (int64_t i = 0; i < rows; ++i) sums.p[i] += static_cast<F>(gemm_to_float(src[i]));
+        }
+        for (int64_t i = 0; i < rows; ++i) sums_out[m0 + i] = static_cast<Acc>(sums.p[i]);
+      }
+      return;
+    }
+  }
+#endif
   if (g.a_cs == 1 || g.a_rs != 1) {
     // Rows contiguous in k (x, dY). Plain copies: a panel at a time, k outer, so that the packed
     // panel is written contiguously from MR row streams.
@@ -321,6 +433,107 @@ inline void gemm_epilogue(const GemmArgs& g, V (&acc)[ROWS][NV], int64_t m0, int
   }
 }
 
+#ifdef AIAYN_GEMM_AMX
+// --- bf16 on Intel AMX (tdpbf16ps) ---
+//
+// A C block of 32 x 32 float32 is 4 accumulator tiles (tmm0..3, 16 x 16 each) over the whole K:
+// per 32-k step, two A tiles (tmm4, tmm5: 16 rows x 32 bf16 each) and two B tiles (tmm6, tmm7:
+// 16 k-pairs x 16 columns x 2) feed 4 tdpbf16ps. Layouts (K padded to Kp = round_up(K, 32)):
+// - B: panels of 32 columns in k-pairs, (k, j) at (k / 2) * 64 + j * 2 + k % 2 (vdpbf16ps's
+//   layout with NR = 32): a B tile is 16 pair rows of 64 bytes at stride 128, columns 16..31 at
+//   +64 bytes;
+// - A: micro-panels of 16 rows, each 32-k block a contiguous 16 x 32 tile (gemm_pack_a with
+//   MR = 16, KP = 32).
+// The finished tiles are stored to a 32 x 32 float buffer and go row by row through the same
+// epilogue as every other path (so the dropout numbering is the same). Each output's k order is
+// fixed by K alone (32-k steps in order), so neither the task split nor the thread count changes
+// a result. Tile registers are configured at the start of each call (per thread: the
+// configuration is thread state) and released at its end.
+constexpr int kAmxMR = 16, kAmxNR = 32, kAmxKP = 32;
+
+// The asm of GCC's tile intrinsics declares no memory operands: barriers keep the packing stores
+// before the tile loads and the tile stores before the epilogue reads them.
+inline void gemm_amx_barrier() { asm volatile("" ::: "memory"); }
+
+inline void gemm_amx_configure() {
+  alignas(64) unsigned char cfg[64] = {};
+  cfg[0] = 1;  // palette 1
+  for (int t = 0; t < 8; ++t) {
+    const uint16_t colsb = 64;  // every tile: 16 rows x 64 bytes
+    std::memcpy(cfg + 16 + 2 * t, &colsb, 2);
+    cfg[48 + t] = 16;
+  }
+  gemm_amx_barrier();
+  _tile_loadconfig(cfg);
+}
+
+// The 16 (TWO: 32) rows x 32 columns of C from A micro-panel(s) a0 (a1) and a B panel.
+template <bool TWO>
+inline void gemm_amx_block(const uint16_t* a0, const uint16_t* a1, const uint16_t* b, int64_t Kp,
+                           float (*out)[kAmxNR]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (TWO) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t kb = 0; kb < Kp / kAmxKP; ++kb) {
+    // Each product issued as soon as its operands are loaded (~5% over loading all four first).
+    const uint16_t* bk = b + kb * kAmxKP * kAmxNR;
+    _tile_loadd(4, a0 + kb * kAmxMR * kAmxKP, 64);
+    _tile_loadd(6, bk, 128);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, bk + 32, 128);
+    _tile_dpbf16ps(1, 4, 7);
+    if (TWO) {
+      _tile_loadd(5, a1 + kb * kAmxMR * kAmxKP, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, &out[0][0], kAmxNR * sizeof(float));
+  _tile_stored(1, &out[0][16], kAmxNR * sizeof(float));
+  if (TWO) {
+    _tile_stored(2, &out[16][0], kAmxNR * sizeof(float));
+    _tile_stored(3, &out[16][16], kAmxNR * sizeof(float));
+  }
+  gemm_amx_barrier();
+}
+
+// One task: rows [m0, m1) x panels [p0, p1) of 32 columns.
+inline void gemm_run_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const int64_t Kp = gemm_round_up(g.K, kAmxKP), rows = m1 - m0;
+  const bool sums = g.a_row_sums != nullptr && p0 == 0;
+  if (rows <= 0 || (p1 <= p0 && !sums)) return;
+  const int64_t panels = (rows + kAmxMR - 1) / kAmxMR;
+  Buffer<uint16_t> ap(panels * Kp * kAmxMR);
+  gemm_pack_a<uint16_t, uint16_t, float, kAmxMR, kAmxKP>(g, m0, rows, ap.data(), sums);
+  if (p1 <= p0) return;
+  gemm_amx_configure();
+  const uint16_t* bpacked = static_cast<const uint16_t*>(g.packed_b);
+  alignas(64) float tile[2 * kAmxMR][kAmxNR];
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint16_t* bp = bpacked + (p - g.b_first_panel) * (g.b_panel_stride ? g.b_panel_stride : Kp * kAmxNR);
+    const int64_t n0 = p * kAmxNR;
+    const int nn = static_cast<int>(g.N - n0 < kAmxNR ? g.N - n0 : kAmxNR);
+    for (int64_t q = 0; q < panels; q += 2) {
+      const uint16_t* a0 = ap.data() + q * Kp * kAmxMR;
+      const bool two = q + 1 < panels;
+      if (two)
+        gemm_amx_block<true>(a0, a0 + Kp * kAmxMR, bp, Kp, tile);
+      else
+        gemm_amx_block<false>(a0, a0, bp, Kp, tile);
+      const int64_t r_end = rows - q * kAmxMR < 2 * kAmxMR ? rows - q * kAmxMR : 2 * kAmxMR;
+      for (int64_t r = 0; r < r_end; ++r) {
+        Vec acc[1][2] = {{Vec::load(tile[r]), Vec::load(tile[r] + 16)}};
+        gemm_epilogue<Vec, uint16_t, 2, 1>(g, acc, m0 + q * kAmxMR + r, n0, nn);
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
+
 // Calls f(std::integral_constant<int, rows>) for 1 <= rows <= R.
 template <int R, typename F>
 inline void gemm_dispatch_rows(int rows, F&& f) {
@@ -510,14 +723,17 @@ constexpr GemmInfo gemm_info_of() {
 
 using GemmF64 = ScalarVec<double>;
 
-inline GemmInfo gemm_info(DType dtype, bool bf16_dot) {
+inline GemmInfo gemm_info(DType dtype, Bf16Gemm bf16) {
   switch (dtype) {
     case DType::f32: return gemm_info_of<Vec, 1, float>();
     case DType::bf16:
-#ifdef AIAYN_GEMM_BF16_DOT
-      if (bf16_dot) return gemm_info_of<Vec, 2, uint16_t>();
+#ifdef AIAYN_GEMM_AMX
+      if (bf16 == Bf16Gemm::amx) return GemmInfo{kAmxMR, kAmxNR, kAmxKP, 2, GemmDotTile<Vec>::CB};
 #endif
-      (void)bf16_dot;
+#ifdef AIAYN_GEMM_BF16_DOT
+      if (bf16 == Bf16Gemm::dot) return gemm_info_of<Vec, 2, uint16_t>();
+#endif
+      (void)bf16;
       return gemm_info_of<Vec, 1, float>();
     case DType::f64: return gemm_info_of<GemmF64, 1, double>();
   }
@@ -530,8 +746,14 @@ inline void gemm_pack_b(const GemmPackB& b, int64_t p0, int64_t p1, void* packed
       gemm_pack_b_impl<float, float, GemmTile<Vec>::NR, 1>(b, p0, p1, static_cast<float*>(packed));
       break;
     case DType::bf16:
+#ifdef AIAYN_GEMM_AMX
+      if (b.bf16 == Bf16Gemm::amx) {
+        gemm_pack_b_impl<uint16_t, uint16_t, kAmxNR, 2, kAmxKP>(b, p0, p1, static_cast<uint16_t*>(packed));
+        break;
+      }
+#endif
 #ifdef AIAYN_GEMM_BF16_DOT
-      if (b.bf16_dot) {
+      if (b.bf16 == Bf16Gemm::dot) {
         gemm_pack_b_impl<uint16_t, uint16_t, GemmTile<Vec>::NR, 2>(b, p0, p1, static_cast<uint16_t*>(packed));
         break;
       }
@@ -558,8 +780,14 @@ inline void gemm_run(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int6
       gemm_run_impl<Vec, float, float, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 1>(g, m0, m1, p0, p1);
       break;
     case DType::bf16:
+#ifdef AIAYN_GEMM_AMX
+      if (g.bf16 == Bf16Gemm::amx) {
+        gemm_run_amx(g, m0, m1, p0, p1);
+        break;
+      }
+#endif
 #ifdef AIAYN_GEMM_BF16_DOT
-      if (g.bf16_dot) {
+      if (g.bf16 == Bf16Gemm::dot) {
         gemm_run_impl<Vec, uint16_t, uint16_t, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 2>(g, m0, m1, p0, p1);
         break;
       }

@@ -2,7 +2,13 @@
 #include "prelude.h"
 
 #pragma GCC push_options
+#ifdef AIAYN_AMX_COMPILED
+// amx-tile / amx-bf16 only enable the tile intrinsics of the AMX GEMM (gemm_kernel.h), which run
+// only where cpu_features' amx_supported() says so; no compiler generates AMX code by itself.
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2,popcnt,amx-tile,amx-bf16")
+#else
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2,popcnt")
+#endif
 
 namespace aiayn::cpu::avx512 {
 #include "simd.inc"
@@ -28,7 +34,11 @@ inline double peak_bf16_dot(int64_t iters) {
 constexpr Isa kIsa = Isa::avx512;
 constexpr double (*kPeakBf16)(int64_t) = peak_bf16_dot;
 #define AIAYN_GEMM_BF16_DOT 1  // gemm_kernel.h: bf16 on vdpbf16ps
+#ifdef AIAYN_AMX_COMPILED
+#define AIAYN_GEMM_AMX 1  // gemm_kernel.h: bf16 on AMX tiles (Bf16Gemm::amx)
+#endif
 #include "kernels.inc"
+#undef AIAYN_GEMM_AMX
 #undef AIAYN_GEMM_BF16_DOT
 }  // namespace aiayn::cpu::avx512
 
