@@ -12,6 +12,8 @@ own in the same dtype (reference.* run by torch's kernels), plus a slack: half a
 reference value for 16-bit dtypes (the rounding of the hidden activation and of the result, which
 nobody avoids), 1e-5 relative for float32."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -313,6 +315,20 @@ def test_relu_mask_is_relu_and_dropout(relu_epilogues, dtype_name, p, fused):
         assert mask.shape == (tokens, (d_ff + 127) // 128 * 16) and mask.device.type == "cuda"
         assert torch.equal(unpack_relu_mask(mask, d_ff).cpu(), (pre > 0) & keep), f"{dtype} {d_ff} fused={fused}"
         assert torch.equal(hidden.cpu() > 0, (pre > 0) & keep)
+
+
+def test_relu_mask_layout_probe_agrees_with_cublaslt(relu_epilogues):
+    """The run-time probe (relu_mask_layout_ok in cuda/cublaslt_gemm.cu) finds cuBLASLt's bit-mask
+    laid out as common/relu_mask.h assumes: no warning, and the fused RELU_AUX path runs."""
+    relu_epilogues(True)
+    x, params = kink_free(16, 64, 256, torch.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = aiayn._C.cuda_gemm_fallbacks()
+        torch.ops.aiayn.feed_forward_fwd(x.to(DEV), *cuda(params), 0.2, seed_of(3))
+        torch.cuda.synchronize()
+    assert not [w for w in caught if "bit-mask" in str(w.message)]
+    assert aiayn._C.cuda_gemm_fallbacks() == before
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))

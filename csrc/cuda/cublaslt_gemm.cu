@@ -18,12 +18,16 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cublasLt.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 #include "../common/relu_mask.h"
 #include "../common/tensor_layout.h"
@@ -242,6 +246,58 @@ void run_fallback(const GemmCall& g, const at::Tensor& a, const at::Tensor& b) {
   }
 }
 
+// cuBLASLt documents the ReLU bit-mask only as a matrix of bits with a leading dimension in bits;
+// the bit order within a byte (common/relu_mask.h assumes least significant first) matters where
+// our code reads or edits the mask (the dropout fold of feed_forward). Once per device, a small
+// RELU_AUX GEMM checks that bit (r, c) is set exactly where cuBLASLt's own output is positive. If
+// it is not, the mask-carrying epilogues stay on the fallback on that device, which writes and
+// reads the mask in our layout, so a wrong guess costs speed, never a wrong gradient.
+constexpr int kMaxDevices = 64;
+std::atomic<int8_t> g_mask_layout[kMaxDevices];  // 0: not checked yet, 1: as assumed, -1: not
+std::mutex g_mask_probe_mutex;
+
+bool relu_mask_layout_ok(const at::Tensor& like) {
+  const int dev = like.get_device();
+  if (dev < 0 || dev >= kMaxDevices) return false;
+  if (const int8_t known = g_mask_layout[dev].load()) return known > 0;
+  // The probe synchronises (it reads the result back): not inside a CUDA graph capture, where this
+  // call takes the fallback and the probe waits for a later call.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(dev).stream(), &capture));
+  if (capture != cudaStreamCaptureStatusNone) return false;
+  std::lock_guard<std::mutex> lock(g_mask_probe_mutex);
+  if (const int8_t known = g_mask_layout[dev].load()) return known > 0;
+  constexpr int64_t M = 8, N = 256, K = 16;
+  // Deterministic inputs of both signs (no draw from torch's generators).
+  at::Tensor a_host = at::empty({M, K}, at::kFloat), b_host = at::empty({N, K}, at::kFloat);
+  float* ap = a_host.data_ptr<float>();
+  float* bp = b_host.data_ptr<float>();
+  for (int64_t i = 0; i < M * K; ++i) ap[i] = std::sin(0.7f * static_cast<float>(i) + 0.3f);
+  for (int64_t i = 0; i < N * K; ++i) bp[i] = std::cos(1.3f * static_cast<float>(i));
+  GemmCall probe;
+  probe.a = a_host.to(like.options());
+  probe.b = b_host.to(like.options());
+  probe.b_trans = true;
+  probe.c = at::empty({M, N}, like.options());
+  probe.epilogue = GemmEpilogue::kReluAux;
+  probe.relu_mask = at::zeros({M, relu_mask_row_bytes(N)}, like.options().dtype(at::kByte));
+  if (!run_cublaslt(probe, probe.a, probe.b, M, N, K)) return false;  // turned down: decided by a later call
+  const at::Tensor c = probe.c.to(at::kCPU).to(at::kFloat), mask = probe.relu_mask.cpu();
+  const float* cp = c.data_ptr<float>();
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  bool ok = true;
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t col = 0; col < N; ++col) {
+      const bool bit = (mp[relu_mask_byte(r, col, N)] >> relu_mask_bit(col)) & 1u;
+      ok = ok && bit == (cp[r * N + col] > 0.f);
+    }
+  g_mask_layout[dev].store(ok ? 1 : -1);
+  if (!ok)
+    TORCH_WARN("aiayn: cuBLASLt's ReLU bit-mask on device ", dev, " is not laid out as common/relu_mask.h ",
+               "assumes; feed_forward's ReLU mask stays on the fallback path there (slower, same results)");
+  return ok;
+}
+
 }  // namespace
 
 bool gemm(const GemmCall& g) {
@@ -255,8 +311,10 @@ bool gemm(const GemmCall& g) {
                         (g.relu_mask.scalar_type() == at::kByte && g.relu_mask.is_contiguous() &&
                          g.relu_mask.numel() == M * relu_mask_row_bytes(N)));
   const bool empty = M == 0 || N == 0 || K == 0;  // torch's mm and sum get these right
-  const bool allowed = cublaslt_enabled() && (!is_relu_epilogue(g.epilogue) || g_relu_epilogues.load());
-  if (!empty && allowed && run_cublaslt(g, a, b, M, N, K)) return true;
+  bool allowed = !empty && cublaslt_enabled() && (!is_relu_epilogue(g.epilogue) || g_relu_epilogues.load());
+  if (allowed && (g.epilogue == GemmEpilogue::kReluAux || g.epilogue == GemmEpilogue::kDReluBiasGrad))
+    allowed = relu_mask_layout_ok(g.c);
+  if (allowed && run_cublaslt(g, a, b, M, N, K)) return true;
   if (!empty) g_fallbacks.fetch_add(1, std::memory_order_relaxed);
   run_fallback(g, a, b);
   return false;
