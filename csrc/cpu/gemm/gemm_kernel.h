@@ -624,86 +624,106 @@ struct GemmDotTile {
   static constexpr int NV = CB / V::N;
 };
 
-// acc[r * C + c] = sum over k of A(r, k) * W(c, k), k in blocks of kGemmKBlock vectors summed
-// two-level as in gemm_micro.
+// blk[r * C + c] = sum over k in [k0, k1) of A(r, k) * W(c, k): one block (at most kGemmKBlock
+// vectors) of the two-level sum of gemm_dot_run.
 template <typename V, typename T, int C>
-inline void gemm_dot_tile(const T* __restrict a0, const T* __restrict a1, const T* const* w, int64_t K,
-                          V (&acc)[2 * C]) {
+inline void gemm_dot_block(const T* __restrict a0, const T* __restrict a1, const T* const* w, int64_t k0, int64_t k1,
+                           V (&blk)[2 * C]) {
   constexpr int N = V::N;
-  constexpr int64_t kBlock = kGemmKBlock * N;
 #pragma GCC unroll 16
-  for (int i = 0; i < 2 * C; ++i) acc[i] = V::zero();
-  for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
-    const int64_t k1 = K - k0 < kBlock ? K : k0 + kBlock;
-    V blk[2 * C];
-#pragma GCC unroll 16
-    for (int i = 0; i < 2 * C; ++i) blk[i] = V::zero();
-    int64_t k = k0;
+  for (int i = 0; i < 2 * C; ++i) blk[i] = V::zero();
+  int64_t k = k0;
 #pragma GCC unroll 2
-    for (; k + N <= k1; k += N) {
-      const V x0 = V::load(a0 + k), x1 = V::load(a1 + k);
+  for (; k + N <= k1; k += N) {
+    const V x0 = V::load(a0 + k), x1 = V::load(a1 + k);
 #pragma GCC unroll 16
-      for (int c = 0; c < C; ++c) {
-        V wc = V::load(w[c] + k);
-        // One load per W vector: left alone, GCC folds it into both FMAs as a memory operand
-        // (two loads), and the loop becomes load-bound.
-        asm("" : "+v"(wc.v));
-        blk[c] = V::fma(x0, wc, blk[c]);
-        blk[C + c] = V::fma(x1, wc, blk[C + c]);
-      }
+    for (int c = 0; c < C; ++c) {
+      V wc = V::load(w[c] + k);
+      // One load per W vector: left alone, GCC folds it into both FMAs as a memory operand
+      // (two loads), and the loop becomes load-bound.
+      asm("" : "+v"(wc.v));
+      blk[c] = V::fma(x0, wc, blk[c]);
+      blk[C + c] = V::fma(x1, wc, blk[C + c]);
     }
-    if (k < k1) {
-      const int n = static_cast<int>(k1 - k);
-      const V x0 = V::load_partial(a0 + k, n), x1 = V::load_partial(a1 + k, n);
+  }
+  if (k < k1) {
+    const int n = static_cast<int>(k1 - k);
+    const V x0 = V::load_partial(a0 + k, n), x1 = V::load_partial(a1 + k, n);
 #pragma GCC unroll 16
-      for (int c = 0; c < C; ++c) {
-        const V wc = V::load_partial(w[c] + k, n);
-        blk[c] = V::fma(x0, wc, blk[c]);
-        blk[C + c] = V::fma(x1, wc, blk[C + c]);
-      }
+    for (int c = 0; c < C; ++c) {
+      const V wc = V::load_partial(w[c] + k, n);
+      blk[c] = V::fma(x0, wc, blk[c]);
+      blk[C + c] = V::fma(x1, wc, blk[C + c]);
     }
-#pragma GCC unroll 16
-    for (int i = 0; i < 2 * C; ++i) acc[i] = k0 == 0 ? blk[i] : acc[i] + blk[i];
   }
 }
 
 // One task of the dot-product path: rows [m0, m1) x column groups [p0, p1) of dot_nr = CB.
+// Each (row pair, C rows of W) tile sums over k in blocks of kGemmKBlock vectors, the block sums
+// added in order (two-level, as in gemm_micro), then reduced across lanes. Loop order: C rows of W,
+// one k block of them (C x 1024 floats = 32 KiB on AVX-512, in L1), every row pair; the tiles'
+// running sums wait in `state` between blocks. So W is read from L2 once per k block whatever K is
+// (the whole rows of W, 8 KiB each at K = 2048, would not stay in L1 across row pairs). The sum
+// order depends only on K and the ISA, never on the task split or the loop order.
 template <typename V, typename T>
 void gemm_dot_run(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   using S = typename V::Scalar;
   using D = GemmDotTile<V>;
   constexpr int N = V::N, C = D::C, CB = D::CB, NV = D::NV, kSums = 2 * C / N;
+  constexpr int64_t kBlock = kGemmKBlock * N;
   const T* a = static_cast<const T*>(g.a);
   const T* w = static_cast<const T*>(g.b_rows);
+  const int64_t K = g.K, pairs = (m1 - m0 + 1) / 2;
+  Buffer<S> tiles(pairs * 2 * CB);                            // (pair, row, column): finished dot products
+  Buffer<S> state(K > kBlock ? pairs * 2 * C * N : 1);        // (pair, accumulator, lane): running sums
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n0 = p * CB;
     const int nn = static_cast<int>(g.N - n0 < CB ? g.N - n0 : CB);
     const T* wr[CB];
     for (int j = 0; j < CB; ++j) wr[j] = w + (n0 + (j < nn ? j : 0)) * g.b_rows_rs;
-    for (int64_t m = m0; m < m1; m += 2) {
-      const bool two = m + 1 < m1;
-      const T* a0 = a + m * g.a_rs;
-      const T* a1 = two ? a0 + g.a_rs : a0;
-      alignas(64) S tile[2][CB];
-      for (int sub = 0; sub < CB / C; ++sub) {
-        V acc[2 * C];
-        gemm_dot_tile<V, T, C>(a0, a1, wr + sub * C, g.K, acc);
-        for (int q = 0; q < kSums; ++q) {
-          alignas(64) S lanes[N];
-          V::sum_lanes(acc + q * N).store(lanes);
-          for (int l = 0; l < N; ++l) {
-            const int i = q * N + l;
-            tile[i / C][sub * C + i % C] = lanes[l];
+    for (int sub = 0; sub < CB / C; ++sub) {
+      for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kBlock) {
+        const int64_t k1 = K - k0 < kBlock ? K : k0 + kBlock;
+        const bool first = k0 == 0, last = k1 >= K;
+        for (int64_t pr = 0; pr < pairs; ++pr) {
+          const int64_t m = m0 + 2 * pr;
+          const T* a0 = a + m * g.a_rs;
+          const T* a1 = m + 1 < m1 ? a0 + g.a_rs : a0;
+          V acc[2 * C];
+          gemm_dot_block<V, T, C>(a0, a1, wr + sub * C, k0, k1, acc);
+          S* st = state.data() + pr * 2 * C * N;
+          if (!first) {
+#pragma GCC unroll 16
+            for (int i = 0; i < 2 * C; ++i) acc[i] = V::load(st + i * N) + acc[i];
+          }
+          if (!last) {
+#pragma GCC unroll 16
+            for (int i = 0; i < 2 * C; ++i) acc[i].store(st + i * N);
+            continue;
+          }
+          S* tile = tiles.data() + pr * 2 * CB;
+          for (int q = 0; q < kSums; ++q) {
+            alignas(64) S lanes[N];
+            V::sum_lanes(acc + q * N).store(lanes);
+            for (int l = 0; l < N; ++l) {
+              const int i = q * N + l;
+              tile[(i / C) * CB + sub * C + i % C] = lanes[l];
+            }
           }
         }
+        if (K == 0) break;
       }
+    }
+    for (int64_t pr = 0; pr < pairs; ++pr) {
+      const int64_t m = m0 + 2 * pr;
+      const S* tile = tiles.data() + pr * 2 * CB;
       V out[2][NV];
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) {
-        out[0][j] = V::load(tile[0] + j * N);
-        out[1][j] = V::load(tile[1] + j * N);
+        out[0][j] = V::load(tile + j * N);
+        out[1][j] = V::load(tile + CB + j * N);
       }
-      if (two) {
+      if (m + 1 < m1) {
         gemm_epilogue<V, T, NV, 2>(g, out, m, n0, nn);
       } else {
         V one[1][NV];
