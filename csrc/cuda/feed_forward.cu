@@ -107,34 +107,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feed_forw
   gemm(g);
   if (!has_mask) relu_gate(dh, dh, h, 1.0);
 
-  // dX = dh W1.
-  g = GemmCall{};
-  g.a = dh;
-  g.b = w1;
-  g.c = dx.view({tokens, d_model});
-  gemm(g);
-
-  // dW1 = dh^T X (and db1 = column sums of dh when the first GEMM did not give it).
-  g = GemmCall{};
-  g.a = dh;
-  g.a_trans = true;
-  g.b = x2;
-  g.c = dw1;
-  if (!has_mask) {
-    g.epilogue = GemmEpilogue::kBiasGradA;
-    g.bias_grad = db1;
-  }
-  gemm(g);
-
-  // dW2 = dY^T hidden, db2 = column sums of dY.
-  g = GemmCall{};
-  g.a = dy;
-  g.a_trans = true;
-  g.b = h;
-  g.c = dw2;
-  g.epilogue = GemmEpilogue::kBiasGradA;
-  g.bias_grad = db2;
-  gemm(g);
+  // dX = dh W1; dW1 = dh^T X (with db1 where the first GEMM did not give it); dW2 = dY^T hidden, db2.
+  gemm_input_grad(dh, w1, dx.view({tokens, d_model}));
+  gemm_weight_grad(dh, x2, dw1, has_mask ? at::Tensor() : db1);
+  gemm_weight_grad(dy, h, dw2, db2);
   return {dx, dw1, db1, dw2, db2};
 }
 

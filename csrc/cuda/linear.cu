@@ -65,21 +65,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bwd_cuda(const at::Tensor&
     relu_gate(gated, g2, out->reshape({tokens, N}).contiguous(), 1.0);
     g2 = gated;
   }
-  // dx = G W.
-  GemmCall g;
-  g.a = g2;
-  g.b = w;
-  g.c = dx.view({tokens, K});
-  gemm(g);
-  // dW = G^T x, db = column sums of G (the epilogue's bias gradient).
-  g = GemmCall{};
-  g.a = g2;
-  g.a_trans = true;
-  g.b = token_rows(x, tokens, K);
-  g.c = dw;
-  g.epilogue = GemmEpilogue::kBiasGradA;
-  g.bias_grad = db;
-  gemm(g);
+  gemm_input_grad(g2, w, dx.view({tokens, K}));
+  gemm_weight_grad(g2, token_rows(x, tokens, K), dw, db);
   return {dx, dw, db};
 }
 

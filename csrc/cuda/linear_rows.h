@@ -23,4 +23,29 @@ inline void set_bias(GemmCall& g, const std::optional<at::Tensor>& b) {
   g.bias = b->contiguous();
 }
 
+// dX = G W: the input gradient of y = x W^T (+ b), G the gradient of y (or of the pre-activation)
+// as (tokens, out) rows, dX a (tokens, in) matrix.
+inline void gemm_input_grad(const at::Tensor& grad, const at::Tensor& w, const at::Tensor& dx) {
+  GemmCall g;
+  g.a = grad;
+  g.b = w;
+  g.c = dx;
+  gemm(g);
+}
+
+// dW = G^T X, and db = column sums of G in the same GEMM (BGRADB epilogue) when db is defined.
+inline void gemm_weight_grad(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dw,
+                             const at::Tensor& db = at::Tensor()) {
+  GemmCall g;
+  g.a = grad;
+  g.a_trans = true;
+  g.b = x;
+  g.c = dw;
+  if (db.defined()) {
+    g.epilogue = GemmEpilogue::kBiasGradA;
+    g.bias_grad = db;
+  }
+  gemm(g);
+}
+
 }  // namespace aiayn::cuda
