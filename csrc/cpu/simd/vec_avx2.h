@@ -17,12 +17,6 @@ struct Vec {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
   }
-  // Lanes p[0], p[stride], ..., p[7 * stride] (needs 7 * stride < 2^31).
-  static Vec gather(const float* p, int64_t stride) {
-    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                           _mm256_set1_epi32(static_cast<int>(stride)));
-    return {_mm256_i32gather_ps(p, idx, 4)};
-  }
   // The 8 x 8 block at src (row stride ls) transposed into dst (row stride ld) (vec_avx512.h).
   static void transpose(const float* src, int64_t ls, float* dst, int64_t ld) {
     __m256 r[8], t[8];

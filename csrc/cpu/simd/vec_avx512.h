@@ -53,12 +53,6 @@ struct Vec {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
   }
-  // Lanes p[0], p[stride], ..., p[15 * stride] (needs 15 * stride < 2^31).
-  static Vec gather(const float* p, int64_t stride) {
-    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32(static_cast<int>(stride)));
-    return {_mm512_i32gather_ps(idx, p, 4)};
-  }
   static Vec load_partial(const float* p, int n) { return {_mm512_maskz_loadu_ps(tail(n), p)}; }
   // The 16 x 16 block at src (row stride ls) transposed into dst (row stride ld): contiguous
   // loads and 64 in-register shuffles, about twice as fast as 16 gathers of strided columns.

@@ -9,7 +9,6 @@ struct ScalarVec {
   static constexpr int N = 1;
   static constexpr int kTileNV = 4, kTileR = 4, kStripR = 4;  // see vec_avx512.h
   static constexpr int rows_for(int) { return 4; }
-  static ScalarVec gather(const S* p, int64_t) { return {*p}; }
   static void transpose(const S* src, int64_t, S* dst, int64_t) { *dst = *src; }  // a 1 x 1 block
   S v;
 
