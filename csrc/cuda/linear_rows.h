@@ -1,4 +1,4 @@
-// Operands of the linear / feed_forward GEMMs on CUDA (host only).
+// Operands of the linear / feed_forward GEMMs on CUDA, and their shared backward GEMMs (host only).
 #pragma once
 #include <ATen/core/Tensor.h>
 
