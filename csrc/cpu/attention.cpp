@@ -10,6 +10,7 @@
 #include "../common/attention_args.h"
 #include "../common/dropout.h"
 #include "../common/tensor_layout.h"
+#include "gemm/gemm.h"
 #include "kernel_dtype.h"
 #include "kernels.h"
 
@@ -90,6 +91,7 @@ Prepared prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tenso
   }
   a.causal = is_causal;
   a.scale = scale;
+  a.amx = a.dtype == DType::bf16 && a.dim % 32 == 0 && gemm_bf16_mode() == Bf16Gemm::amx;
   a.dropout = make_dropout_params(dropout_p, dropout_p > 0.0 ? read_seed(kAttention, seed) : 0, 0);
   return p;
 }

@@ -161,16 +161,31 @@ struct Attention {
   static constexpr int64_t kDecodeRows = 4;
   bool decode() const { return Lq <= kDecodeRows; }
 
+  // bf16 on AMX tiles (attention_amx.h): Q K^T and P V as tdpbf16ps on bf16 blocks, the softmax
+  // in float32 as everywhere else. attention.cpp sets a.amx only for bf16 with D % 32 == 0 where
+  // the bf16 mode is AMX; the decode path keeps its dot products.
+  bool amx() const {
+#ifdef AIAYN_AMX_TILES
+    if constexpr (sizeof(T) == 2) return a.amx && !decode();
+#endif
+    return false;
+  }
+
   struct FwdScratch {
     S *kt, *vbuf, *qbuf, *sbuf, *obuf, *m, *m_new, *l, *kbias;
     uint64_t* bits;
+    uint16_t *k16, *v16, *q16, *p16;  // AMX: packed key / value blocks, bf16 Q rows and P rows
   };
   FwdScratch fwd_scratch(Workspace& ws) const {
     FwdScratch f{};
     f.kbias = ws.take<S>(a.key_padding ? nkb * BK : 0);
-    const bool direct_v = sizeof(T) == sizeof(S);
-    f.kt = ws.take<S>(decode() ? 0 : nkb * D * BK);
-    f.vbuf = ws.take<S>(decode() || direct_v ? 0 : Lk * D);
+    const bool direct_v = sizeof(T) == sizeof(S), tiles = amx();
+    f.kt = ws.take<S>(decode() || tiles ? 0 : nkb * D * BK);
+    f.vbuf = ws.take<S>(decode() || direct_v || tiles ? 0 : Lk * D);
+    f.k16 = ws.take<uint16_t>(tiles ? nkb * BK * D : 0);
+    f.v16 = ws.take<uint16_t>(tiles ? nkb * BK * D : 0);
+    f.q16 = ws.take<uint16_t>(tiles ? BQ * D : 0);
+    f.p16 = ws.take<uint16_t>(tiles ? BQ * BK : 0);
     f.qbuf = ws.take<S>(BQ * D);
     f.sbuf = ws.take<S>(decode() ? nkb * BK : BQ * BK);
     f.obuf = ws.take<S>(BQ * D);
@@ -195,10 +210,16 @@ struct Attention {
     // This head's keys, packed transposed once (the key blocks its rows can see), and the values
     // as S rows unless they already are.
     const int64_t kmax = imin(vis_blocks, key_blocks_for(0, Lq));
-    for (int64_t kb = 0; kb < kmax; ++kb)
-      pack_keys_t(a.k, a.k_stride, b, h, kb * BK, imin(BK, nvis - kb * BK), f.kt + kb * D * BK);
+    const bool tiles = amx();
+    if (tiles) {
+      amx_begin();
+      for (int64_t kb = 0; kb < kmax; ++kb) amx_pack_block(b, h, kb, imin(BK, nvis - kb * BK), f);
+    } else {
+      for (int64_t kb = 0; kb < kmax; ++kb)
+        pack_keys_t(a.k, a.k_stride, b, h, kb * BK, imin(BK, nvis - kb * BK), f.kt + kb * D * BK);
+    }
     const bool direct_v = sizeof(T) == sizeof(S);
-    if (!direct_v) load_rows(a.v, a.v_stride, b, h, 0, Lk, f.vbuf);
+    if (!direct_v && !tiles) load_rows(a.v, a.v_stride, b, h, 0, Lk, f.vbuf);
 
     // Query blocks of this chunk: chunk c takes blocks c and 2 qc - 1 - c of every 2 qc, so a
     // causal mask (later rows see more keys) costs every chunk about the same.
@@ -206,7 +227,9 @@ struct Attention {
       const int64_t pos = qb % (2 * qc);
       if (pos != chunk && pos != 2 * qc - 1 - chunk) continue;
       const int64_t i0 = qb * BQ, mq = imin(BQ, Lq - i0);
-      load_rows(a.q, a.q_stride, b, h, i0, mq, f.qbuf, c);  // pre-scaled: S comes out in log2 units
+      if (tiles) amx_load_queries(b, h, i0, mq, f);  // bf16 as given: mask_row scales S
+      else load_rows(a.q, a.q_stride, b, h, i0, mq, f.qbuf, c);  // pre-scaled: S comes out in log2 units
+      const S smul = tiles ? c : S(1);
       for (int64_t r = 0; r < mq; ++r) f.m[r] = neg_inf, f.l[r] = S(0);
       const int64_t kend = imin(vis_blocks, key_blocks_for(i0, mq));
       // One key block (short sequences: L <= BK): a plain softmax, nothing to rescale; P is
@@ -220,13 +243,14 @@ struct Attention {
       for (int64_t kb = 0; kb < kend; ++kb) {
         if (key_block_all_padded(b, kb)) continue;
         const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0), np = padded(nk);
-        Gemm::run(mq, np, D, f.qbuf, D, 1, f.kt + kb * D * BK, BK, f.sbuf, BK, false);
+        if (tiles) amx_scores(mq, np, kb, f);
+        else Gemm::run(mq, np, D, f.qbuf, D, 1, f.kt + kb * D * BK, BK, f.sbuf, BK, false);
         // Three passes over the rows, each short and independent per row, so the out-of-order
         // core overlaps rows (one long chain per row, max -> exp -> sum -> 1 / l, stalls on
         // latency at short lengths).
         for (int64_t r = 0; r < mq; ++r) {  // masks and running maxima
           S* srow = f.sbuf + r * BK;
-          mask_row(srow, b, h, i0 + r, j0, kbias);
+          mask_row(srow, b, h, i0 + r, j0, kbias, smul);
           V mx = V::load(srow);
           for (int64_t j = W; j < np; j += W) mx = V::max(mx, V::load(srow + j));
           f.m_new[r] = imax_s(f.m[r], mx.reduce_max());
@@ -261,12 +285,80 @@ struct Attention {
             if (in_out && f.m[r] != neg_inf) scale_row(srow, S(1) / f.l[r], np);
             if (a.dropout.enabled) apply_dropout(srow, b, h, i0 + r, j0, nk, f.bits);
           }
+        if (tiles) {
+          amx_pv(mq, nk, np, kb, f, !single);
+          continue;
+        }
         const S* vrows = direct_v ? reinterpret_cast<const S*>(row(a.v, a.v_stride, b, h, j0)) : f.vbuf + j0 * D;
         const int64_t ldv = direct_v ? a.v_stride[2] : D;
         Gemm::run(mq, D, nk, f.sbuf, BK, 1, vrows, ldv, o, D, !single);
       }
       finish_rows(b, h, i0, mq, f, in_out);
     }
+    if (tiles) amx_end();
+  }
+
+  // --- the AMX hooks of the forward (attention_amx.h); only called where amx() ---------------
+
+  static int64_t tiles_of(int64_t n) { return (n + 15) / 16; }
+
+  void amx_begin() const {
+#ifdef AIAYN_AMX_TILES
+    amx_configure();
+#endif
+  }
+  void amx_end() const {
+#ifdef AIAYN_AMX_TILES
+    _tile_release();
+#endif
+  }
+
+  // Key block kb (n keys) of this head into its Q K^T and P V tiles.
+  void amx_pack_block(int64_t b, int64_t h, int64_t kb, int64_t n, const FwdScratch& f) const {
+#ifdef AIAYN_AMX_TILES
+    const int64_t j0 = kb * BK;
+    attention_amx_pack_keys(reinterpret_cast<const uint16_t*>(row(a.k, a.k_stride, b, h, j0)), a.k_stride[2], n, D,
+                            f.k16 + kb * BK * D);
+    attention_amx_pack_values(reinterpret_cast<const uint16_t*>(row(a.v, a.v_stride, b, h, j0)), a.v_stride[2], n, D,
+                              f.v16 + kb * BK * D);
+#else
+    (void)b, (void)h, (void)kb, (void)n, (void)f;
+#endif
+  }
+
+  // Query rows [i0, i0 + m) as bf16 rows of D, zero rows up to whole tiles; P's rows past m zero.
+  void amx_load_queries(int64_t b, int64_t h, int64_t i0, int64_t m, const FwdScratch& f) const {
+    const int64_t rows = tiles_of(m) * 16;
+    for (int64_t r = 0; r < m; ++r)
+      std::memcpy(f.q16 + r * D, row(a.q, a.q_stride, b, h, i0 + r), D * sizeof(uint16_t));
+    std::memset(f.q16 + m * D, 0, (rows - m) * D * sizeof(uint16_t));
+    std::memset(f.p16 + m * BK, 0, (rows - m) * BK * sizeof(uint16_t));
+  }
+
+  // S rows [0, m) x keys [0, np) of key block kb into f.sbuf (unscaled).
+  void amx_scores(int64_t m, int64_t np, int64_t kb, const FwdScratch& f) const {
+#ifdef AIAYN_AMX_TILES
+    if constexpr (sizeof(T) == 2) attention_amx_scores(f.q16, D, tiles_of(m), f.k16 + kb * BK * D, np / 16, f.sbuf);
+#else
+    (void)m, (void)np, (void)kb, (void)f;
+#endif
+  }
+
+  // O (f.obuf) (+)= P V for key block kb: P's rows (f.sbuf) rounded to bf16, zero past np up to
+  // the 32-key chunks the product reads.
+  void amx_pv(int64_t m, int64_t nk, int64_t np, int64_t kb, const FwdScratch& f, bool accumulate) const {
+    const int64_t kc = (nk + 31) / 32;
+    for (int64_t r = 0; r < m; ++r) {
+      const S* srow = f.sbuf + r * BK;
+      uint16_t* prow = f.p16 + r * BK;
+      for (int64_t j = 0; j < np; j += W) V::load(srow + j).store(prow + j);
+      for (int64_t j = np; j < kc * 32; ++j) prow[j] = 0;
+    }
+#ifdef AIAYN_AMX_TILES
+    if constexpr (sizeof(T) == 2) attention_amx_pv(f.p16, tiles_of(m), f.v16 + kb * BK * D, D, kc, f.obuf, accumulate);
+#else
+    (void)kb, (void)accumulate;
+#endif
   }
 
   // out = O / l and the log-sum-exp, for rows [i0, i0 + mq) held in f.obuf, f.m, f.l.

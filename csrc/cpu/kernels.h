@@ -155,6 +155,9 @@ struct AttentionArgs {
   int64_t key_padding_stride[2];
   bool causal;  // key j takes part in query i only if j <= i (torch's top-left alignment)
   double scale;
+  // bf16 forward on AMX tiles (attention_amx.h): set for bf16 with dim % 32 == 0 where the bf16
+  // mode (gemm.h: gemm_bf16_mode) is AMX.
+  bool amx;
   // Dropout on the probabilities: element (b, h, i, j) has number ((b * H + h) * Lq + i) * Lk + j.
   DropoutParams dropout;
   void* out;

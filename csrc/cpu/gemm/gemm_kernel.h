@@ -2,7 +2,7 @@
 // the fused epilogue (bias, ReLU, Philox dropout, ReLU/dropout gate), written once over `Vec`.
 // Included inside the ISA namespace by isa/*.cpp, after simd/*.h and dropout_kernel.h.
 // isa/avx512.cpp defines AIAYN_GEMM_BF16_DOT first: bf16 then runs on vdpbf16ps (pairs of k per
-// 32-bit lane) and, with AIAYN_GEMM_AMX, on AMX tiles (gemm_run_amx) where GemmArgs::bf16 says so;
+// 32-bit lane) and, with AIAYN_AMX_TILES, on AMX tiles (gemm_run_amx) where GemmArgs::bf16 says so;
 // elsewhere bf16 is widened to float32 while packing.
 //
 // Blocking (see kernels.h, GemmArgs): B is packed once into panels of NR columns x round_up(K, KP)
@@ -433,7 +433,7 @@ inline void gemm_epilogue(const GemmArgs& g, V (&acc)[ROWS][NV], int64_t m0, int
   }
 }
 
-#ifdef AIAYN_GEMM_AMX
+#ifdef AIAYN_AMX_TILES
 // --- bf16 on Intel AMX (tdpbf16ps) ---
 //
 // A C block of 32 x 32 float32 is 4 accumulator tiles (tmm0..3, 16 x 16 each) over the whole K:
@@ -450,22 +450,6 @@ inline void gemm_epilogue(const GemmArgs& g, V (&acc)[ROWS][NV], int64_t m0, int
 // a result. Tile registers are configured at the start of each call (per thread: the
 // configuration is thread state) and released at its end.
 constexpr int kAmxMR = 16, kAmxNR = 32, kAmxKP = 32;
-
-// The asm of GCC's tile intrinsics declares no memory operands: barriers keep the packing stores
-// before the tile loads and the tile stores before the epilogue reads them.
-inline void gemm_amx_barrier() { asm volatile("" ::: "memory"); }
-
-inline void gemm_amx_configure() {
-  alignas(64) unsigned char cfg[64] = {};
-  cfg[0] = 1;  // palette 1
-  for (int t = 0; t < 8; ++t) {
-    const uint16_t colsb = 64;  // every tile: 16 rows x 64 bytes
-    std::memcpy(cfg + 16 + 2 * t, &colsb, 2);
-    cfg[48 + t] = 16;
-  }
-  gemm_amx_barrier();
-  _tile_loadconfig(cfg);
-}
 
 // The 16 (TWO: 32) rows x 32 columns of C from A micro-panel(s) a0 (a1) and a B panel.
 template <bool TWO>
@@ -497,7 +481,7 @@ inline void gemm_amx_block(const uint16_t* a0, const uint16_t* a1, const uint16_
     _tile_stored(2, &out[16][0], kAmxNR * sizeof(float));
     _tile_stored(3, &out[16][16], kAmxNR * sizeof(float));
   }
-  gemm_amx_barrier();
+  amx_barrier();
 }
 
 // One task: rows [m0, m1) x panels [p0, p1) of 32 columns.
@@ -509,7 +493,7 @@ inline void gemm_run_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, 
   Buffer<uint16_t> ap(panels * Kp * kAmxMR);
   gemm_pack_a<uint16_t, uint16_t, float, kAmxMR, kAmxKP>(g, m0, rows, ap.data(), sums);
   if (p1 <= p0) return;
-  gemm_amx_configure();
+  amx_configure();
   const uint16_t* bpacked = static_cast<const uint16_t*>(g.packed_b);
   alignas(64) float tile[2 * kAmxMR][kAmxNR];
   for (int64_t p = p0; p < p1; ++p) {
@@ -747,7 +731,7 @@ inline GemmInfo gemm_info(DType dtype, Bf16Gemm bf16) {
   switch (dtype) {
     case DType::f32: return gemm_info_of<Vec, 1, float>();
     case DType::bf16:
-#ifdef AIAYN_GEMM_AMX
+#ifdef AIAYN_AMX_TILES
       if (bf16 == Bf16Gemm::amx) return GemmInfo{kAmxMR, kAmxNR, kAmxKP, 2, GemmDotTile<Vec>::CB};
 #endif
 #ifdef AIAYN_GEMM_BF16_DOT
@@ -766,7 +750,7 @@ inline void gemm_pack_b(const GemmPackB& b, int64_t p0, int64_t p1, void* packed
       gemm_pack_b_impl<float, float, GemmTile<Vec>::NR, 1>(b, p0, p1, static_cast<float*>(packed));
       break;
     case DType::bf16:
-#ifdef AIAYN_GEMM_AMX
+#ifdef AIAYN_AMX_TILES
       if (b.bf16 == Bf16Gemm::amx) {
         gemm_pack_b_impl<uint16_t, uint16_t, kAmxNR, 2, kAmxKP>(b, p0, p1, static_cast<uint16_t*>(packed));
         break;
@@ -800,7 +784,7 @@ inline void gemm_run(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int6
       gemm_run_impl<Vec, float, float, GemmTile<Vec>::MR, GemmTile<Vec>::NV, 1>(g, m0, m1, p0, p1);
       break;
     case DType::bf16:
-#ifdef AIAYN_GEMM_AMX
+#ifdef AIAYN_AMX_TILES
       if (g.bf16 == Bf16Gemm::amx) {
         gemm_run_amx(g, m0, m1, p0, p1);
         break;

@@ -35,10 +35,10 @@ constexpr Isa kIsa = Isa::avx512;
 constexpr double (*kPeakBf16)(int64_t) = peak_bf16_dot;
 #define AIAYN_GEMM_BF16_DOT 1  // gemm_kernel.h: bf16 on vdpbf16ps
 #ifdef AIAYN_AMX_COMPILED
-#define AIAYN_GEMM_AMX 1  // gemm_kernel.h: bf16 on AMX tiles (Bf16Gemm::amx)
+#define AIAYN_AMX_TILES 1  // bf16 on AMX tiles (Bf16Gemm::amx): gemm_kernel.h, attention_amx.h
 #endif
 #include "kernels.inc"
-#undef AIAYN_GEMM_AMX
+#undef AIAYN_AMX_TILES
 #undef AIAYN_GEMM_BF16_DOT
 }  // namespace aiayn::cpu::avx512
 

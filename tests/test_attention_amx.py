@@ -1,0 +1,113 @@
+"""The bf16 attention forward on Intel AMX tiles (csrc/cpu/attention_amx.h): Q K^T and P V as
+tdpbf16ps where the bf16 mode is AMX and the head dim is a multiple of 32. Against the float64
+reference by the 2x rule (torch's bf16 SDPA, or its math path in bf16, as the baseline) and against
+the widened float32 path, over tile edges (lengths 1, 15, 16, 17, 33, 64, 65, 130), every head
+dim the path takes, masks, causal, dropout (exact, with the returned mask), strided views and
+fully masked rows. Skips where the CPU or the OS has no AMX."""
+
+import pytest
+import torch
+
+import aiayn
+from aiayn import functional as AF
+from aiayn import reference
+from conftest import AMX_SKIP_REASON, assert_2x_rule
+from test_attention import make_mask, rand, references
+
+pytestmark = pytest.mark.skipif(AMX_SKIP_REASON is not None, reason=AMX_SKIP_REASON or "")
+
+AMX, WIDENED = 2, 0
+
+
+@pytest.fixture(params=["amx", "widened"])
+def mode(request):
+    previous = aiayn._C.set_gemm_bf16(AMX if request.param == "amx" else WIDENED)
+    yield request.param
+    aiayn._C.set_gemm_bf16(previous)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(5, 1), (15, 16), (16, 17), (17, 33), (64, 64), (65, 65), (97, 130), (200, 129)])
+@pytest.mark.parametrize("D", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_tile_edges(mode, rng_seed, Lq, Lk, D, causal):
+    B, H = 2, 2
+    q, k, v = (rand(B, H, L, D, dtype=torch.bfloat16) for L in (Lq, Lk, Lk))
+    out = AF.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    ref, theirs = references(q, k, v, None, None, 0.0, causal, None, None)
+    if causal:
+        theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_2x_rule(out, theirs, ref, f"{mode} D={D} Lq={Lq} Lk={Lk} causal={causal}", seed=rng_seed, slack=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["key_padding", "bool", "float", "full_rows"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_masks(mode, rng_seed, kind, causal):
+    B, H, Lq, Lk, D = 2, 3, 70, 101, 64
+    q, k, v = (rand(B, H, L, D, dtype=torch.bfloat16) for L in (Lq, Lk, Lk))
+    attn_mask, kpm = make_mask(kind, B, H, Lq, Lk, torch.bfloat16)
+    out = AF.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, key_padding_mask=kpm, is_causal=causal)
+    ref, theirs = references(q, k, v, attn_mask, kpm, 0.0, causal, None, None)
+    assert not torch.isnan(out).any()
+    assert_2x_rule(out, theirs, ref, f"{mode} mask {kind} causal={causal}", seed=rng_seed, slack=2e-6)
+    if kind == "full_rows":
+        assert torch.equal(out[:, :, ::3], torch.zeros_like(out[:, :, ::3]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_exact(mode, rng_seed, causal):
+    B, H, Lq, Lk, D = 2, 2, 81, 150, 32
+    q, k, v = (rand(B, H, L, D, dtype=torch.bfloat16) for L in (Lq, Lk, Lk))
+    kpm = torch.rand(B, Lk) < 0.2
+    kpm[:, 0] = False
+    out, keep = AF.scaled_dot_product_attention(q, k, v, key_padding_mask=kpm, dropout_p=0.2, is_causal=causal,
+                                                return_dropout_mask=True)
+    ref, theirs = references(q, k, v, None, kpm, 0.2, causal, None, keep)
+    assert_2x_rule(out, theirs, ref, f"{mode} dropout causal={causal}", seed=rng_seed, slack=1e-6)
+
+
+def test_strided_views_and_odd_row_strides(mode, rng_seed):
+    B, L, H, D = 2, 45, 3, 64
+    qkv = rand(B, L, 3, H, D, dtype=torch.bfloat16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # views of a fused projection: no copy
+    out = AF.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_2x_rule(out, theirs, ref, f"{mode} fused qkv views", seed=rng_seed)
+    # An odd row stride (a 65-wide buffer sliced to 64) splits the keys' bf16 pairs across 32-bit
+    # words: the key packing takes its element-by-element route.
+    wide = rand(B, H, L, D + 1, dtype=torch.bfloat16)
+    k2 = wide[..., :D]
+    assert k2.stride(2) % 2 == 1
+    out2 = AF.scaled_dot_product_attention(q, k2, k2)
+    ref2 = reference.scaled_dot_product_attention(q.double(), k2.double(), k2.double())
+    assert_2x_rule(out2, torch.nn.functional.scaled_dot_product_attention(q, k2, k2), ref2, f"{mode} odd stride",
+                   seed=rng_seed)
+
+
+def test_amx_agrees_with_widened_path(rng_seed):
+    # Same softmax, only the products' rounding differs (P rounded to bf16 before P V).
+    q, k, v = (rand(2, 4, 300, 64, dtype=torch.bfloat16) for _ in range(3))
+    with_mode = []
+    for m in (AMX, WIDENED):
+        previous = aiayn._C.set_gemm_bf16(m)
+        try:
+            with_mode.append(AF.scaled_dot_product_attention(q, k, v).float())
+        finally:
+            aiayn._C.set_gemm_bf16(previous)
+    assert (with_mode[0] - with_mode[1]).abs().max().item() < 2e-2
+    assert not torch.equal(with_mode[0], with_mode[1]), "the AMX path did not run"
+
+
+def test_thread_count_does_not_change_bits(rng_seed):
+    q, k, v = (rand(1, 3, 200, 64, dtype=torch.bfloat16) for _ in range(3))
+    previous_mode = aiayn._C.set_gemm_bf16(AMX)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = AF.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.set_num_threads(2)
+        two = AF.scaled_dot_product_attention(q, k, v, is_causal=True)
+    finally:
+        torch.set_num_threads(previous)
+        aiayn._C.set_gemm_bf16(previous_mode)
+    assert torch.equal(one, two)
