@@ -111,3 +111,23 @@ def test_thread_count_does_not_change_bits(rng_seed):
         torch.set_num_threads(previous)
         aiayn._C.set_gemm_bf16(previous_mode)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fully_padded_batch_and_negative_scale(mode, rng_seed, causal):
+    # Key padding that hides every key of batch 1: zeros there, never NaN (the transposed tiles'
+    # path); a negative scale takes the row-wise tiles (the transposed softmax scales the max).
+    B, H, L, D = 3, 2, 77, 64
+    q, k, v = (rand(B, H, L, D, dtype=torch.bfloat16) for _ in range(3))
+    kpm = torch.rand(B, L) < 0.25
+    kpm[:, 0] = False
+    kpm[1] = True
+    out = AF.scaled_dot_product_attention(q, k, v, key_padding_mask=kpm, is_causal=causal)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    keep = ~kpm[[0, 2]]
+    ref, theirs = references(q[[0, 2]], k[[0, 2]], v[[0, 2]], None, ~keep, 0.0, causal, None, None)
+    assert_2x_rule(out[[0, 2]], theirs, ref, f"{mode} padded causal={causal}", seed=rng_seed, slack=1e-6)
+    out_neg = AF.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=-0.3)
+    # (torch's bf16 SDPA returns NaN for causal with a negative scale: the math path is the baseline)
+    ref, theirs = references(q, k, v, None, None, 0.0, causal, -0.3, None)
+    assert_2x_rule(out_neg, theirs, ref, f"{mode} negative scale causal={causal}", seed=rng_seed, slack=1e-6)

@@ -155,4 +155,224 @@ inline void attention_amx_pv(const uint16_t* p, int64_t rt, const uint16_t* vp, 
   amx_barrier();
 }
 
+// --- Transposed products (the fast path: no attention mask, no dropout, scale > 0) ----------
+//
+// Groups of 16 query rows work on S^T = K Q^T and O^T += V^T P^T, so that a vector holds one key's
+// (one head dim's) values for the group's 16 rows: the softmax's running max, sum and rescale
+// factor are vectors, with no horizontal reductions and no scalar exponentials, and P^T's bf16
+// pairs are two vectors interleaved. Layouts:
+// - K: A tiles straight from K's rows (16 keys x 32 head dims at stride ks), a partial last tile
+//   from a zero-padded copy;
+// - Q^T: B tiles per 32-dim chunk c at qt + c * 512: row p holds dims (2 p, 2 p + 1) of the 16 rows
+//   (the 16 x 16 transpose of the rows' 32-bit pairs);
+// - V^T: A tiles per (32-key chunk c, 16-dim tile t) at vt + (c * D / 16 + t) * 512: row d holds keys
+//   32 c .. 32 c + 31 of dim 16 t + d, zero past the keys;
+// - S^T: float, key j of the block at st + j * 16; P^T: B tiles per 32-key chunk at pt + c * 512;
+// - O^T: float, dim d at ot + d * 16.
+
+// (a0 b0 a1 b1 ... a15 b15) from a 512-bit register holding a = x[0..15], b = x[16..31].
+inline __m512i amx_interleave_halves(__m512i x) {
+  alignas(64) static constexpr uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kIdx), x);
+}
+
+// Values [0, n) of a block (rows of D bf16 at stride vs) into V^T tiles, zero keys up to 32 c.
+inline void attention_amx_pack_values_t(const uint16_t* v, int64_t vs, int64_t n, int64_t D, uint16_t* out) {
+  const int64_t ct = D / 16;
+  for (int64_t c = 0; c * 32 < n; ++c)
+    for (int64_t t = 0; t < ct; ++t) {
+      __m512 r[16];
+      for (int64_t p = 0; p < 16; ++p) {  // key pair p: (V[j][d], V[j + 1][d]) for the tile's 16 dims
+        const int64_t j = c * 32 + 2 * p;
+        const uint16_t* r0 = v + j * vs + t * 16;
+        const __m256i x0 = j < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0)) : _mm256_setzero_si256();
+        const __m256i x1 = j + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + vs)) : _mm256_setzero_si256();
+        r[p] = _mm512_castsi512_ps(amx_interleave_halves(_mm512_inserti64x4(_mm512_castsi256_si512(x0), x1, 1)));
+      }
+      transpose16x16(r);  // -> row d: the 16 key pairs of dim d
+      uint16_t* tile = out + (c * ct + t) * 512;
+      for (int d = 0; d < 16; ++d) _mm512_storeu_ps(reinterpret_cast<float*>(tile + d * 32), r[d]);
+    }
+}
+
+// 16 query rows (bf16 rows of D at stride D, zero rows past the group) into Q^T tiles.
+inline void attention_amx_queries_t(const uint16_t* q16, int64_t D, uint16_t* qt) {
+  for (int64_t c = 0; c < D / 32; ++c)
+    Vec::transpose(reinterpret_cast<const float*>(q16 + c * 32), D / 2, reinterpret_cast<float*>(qt + c * 512), 16);
+}
+
+// S^T of key tiles [0, kt): tile t reads 16 keys from k + 16 t * ks (stride ks), except the
+// last when `tail` is given (16 keys at stride D). Accumulators tmm0/1, K in tmm2, Q^T in tmm3.
+inline void attention_amx_scores_t(const uint16_t* k, int64_t ks, int64_t kt, const uint16_t* tail,
+                                   const uint16_t* qt, int64_t D, float* st) {
+  amx_barrier();
+  const int64_t chunks = D / 32;
+  auto key_tile = [&](int64_t t, int64_t c, int64_t& stride) {
+    if (tail && t == kt - 1) {
+      stride = D * 2;
+      return tail + c * 32;
+    }
+    stride = ks * 2;
+    return k + t * 16 * ks + c * 32;
+  };
+  for (int64_t t = 0; t < kt; t += 2) {
+    const bool t2 = t + 1 < kt;
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t c = 0; c < chunks; ++c) {
+      int64_t stride;
+      _tile_loadd(3, qt + c * 512, 64);
+      const uint16_t* a0 = key_tile(t, c, stride);
+      _tile_loadd(2, a0, stride);
+      _tile_dpbf16ps(0, 2, 3);
+      if (t2) {
+        const uint16_t* a1 = key_tile(t + 1, c, stride);
+        _tile_loadd(2, a1, stride);
+        _tile_dpbf16ps(1, 2, 3);
+      }
+    }
+    _tile_stored(0, st + t * 256, 64);
+    if (t2) _tile_stored(1, st + (t + 1) * 256, 64);
+  }
+  amx_barrier();
+}
+
+// O^T (+)= V^T P^T over key chunks [0, kc): accumulators tmm4..7 (four 16-dim tiles at a time),
+// P^T chunks in tmm0/1 (loaded once), V^T in tmm2/3. `resident`: D <= 64 and O^T stays in
+// tmm4..7 across the key blocks (amx_o_load / amx_o_store move it); else it is loaded from and
+// stored to ot per call.
+inline void attention_amx_pv_t(const uint16_t* pt, int64_t kc, const uint16_t* vt, int64_t D, float* ot, bool resident) {
+  amx_barrier();
+  const int64_t ct = D / 16;
+  _tile_loadd(0, pt, 64);
+  if (kc > 1) _tile_loadd(1, pt + 512, 64);
+  for (int64_t t = 0; t < ct; t += 4) {
+    const int64_t n = ct - t < 4 ? ct - t : 4;  // 2 or 4: D % 32 == 0
+    float* o = ot + t * 256;
+    if (!resident) {
+      _tile_loadd(4, o, 64);
+      _tile_loadd(5, o + 256, 64);
+      if (n > 2) {
+        _tile_loadd(6, o + 512, 64);
+        _tile_loadd(7, o + 768, 64);
+      }
+    }
+    for (int64_t c = 0; c < kc; ++c) {
+      const uint16_t* v = vt + (c * ct + t) * 512;
+      _tile_loadd(2, v, 64);
+      if (c == 0) _tile_dpbf16ps(4, 2, 0);
+      else _tile_dpbf16ps(4, 2, 1);
+      _tile_loadd(3, v + 512, 64);
+      if (c == 0) _tile_dpbf16ps(5, 3, 0);
+      else _tile_dpbf16ps(5, 3, 1);
+      if (n > 2) {
+        _tile_loadd(2, v + 1024, 64);
+        if (c == 0) _tile_dpbf16ps(6, 2, 0);
+        else _tile_dpbf16ps(6, 2, 1);
+        _tile_loadd(3, v + 1536, 64);
+        if (c == 0) _tile_dpbf16ps(7, 3, 0);
+        else _tile_dpbf16ps(7, 3, 1);
+      }
+    }
+    if (!resident) {
+      _tile_stored(4, o, 64);
+      _tile_stored(5, o + 256, 64);
+      if (n > 2) {
+        _tile_stored(6, o + 512, 64);
+        _tile_stored(7, o + 768, 64);
+      }
+    }
+  }
+  amx_barrier();
+}
+
+// A resident O^T (D <= 64) between the tiles tmm4..7 and ot.
+inline void amx_o_store(float* ot, int64_t D) {
+  amx_barrier();
+  _tile_stored(4, ot, 64);
+  _tile_stored(5, ot + 256, 64);
+  if (D > 32) {
+    _tile_stored(6, ot + 512, 64);
+    _tile_stored(7, ot + 768, 64);
+  }
+  amx_barrier();
+}
+inline void amx_o_load(const float* ot, int64_t D) {
+  amx_barrier();
+  _tile_loadd(4, ot, 64);
+  _tile_loadd(5, ot + 256, 64);
+  if (D > 32) {
+    _tile_loadd(6, ot + 512, 64);
+    _tile_loadd(7, ot + 768, 64);
+  }
+}
+
+// 2^x as Vec::exp2 with the Taylor polynomial cut at degree 5 (relative error < 2e-6): P is
+// rounded to bf16 (2^-9) right after, so the last two terms bought nothing; -inf and NaN as there.
+inline __m512 amx_exp2(__m512 x) {
+  const __m512 t = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
+  const __mmask16 live = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(kExp2C[5]);
+  for (int i = 4; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C[i]));
+  return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+// The online softmax of one key block for a group of 16 rows, on S^T (keys [0, nk), lanes =
+// rows; log2 units after the scale c > 0): key padding (kbias: 0 / -inf per key, or null) and the
+// causal mask (key j hidden from lanes below j + causal_shift, where causal) go in first; the
+// running max m and sum l (vectors) move, O^T (D dims; in tmm4..7 if resident) is rescaled where
+// the max moved, and P^T's
+// tiles are written, zero for keys past nk up to whole 32-key chunks.
+inline void attention_amx_softmax_t(float* st, int64_t nk, float c, const float* kbias, bool causal,
+                                    int64_t causal_shift, __m512& m, __m512& l, float* ot, int64_t D,
+                                    bool resident, uint16_t* pt) {
+  const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+  __m512 bmax = ninf;
+  for (int64_t j = 0; j < nk; ++j) {
+    __m512 s = _mm512_loadu_ps(st + j * 16);
+    bool masked = false;
+    if (kbias && kbias[j] != 0.0f) s = ninf, masked = true;
+    if (causal && j + causal_shift > 0) {
+      const int64_t hidden = j + causal_shift < 16 ? j + causal_shift : 16;
+      s = _mm512_mask_mov_ps(s, static_cast<__mmask16>((1u << hidden) - 1u), ninf);
+      masked = true;
+    }
+    if (masked) _mm512_storeu_ps(st + j * 16, s);
+    bmax = _mm512_max_ps(bmax, s);
+  }
+  const __m512 cv = _mm512_set1_ps(c);
+  const __m512 mb = _mm512_mul_ps(bmax, cv);
+  const __mmask16 moved = _mm512_cmp_ps_mask(mb, m, _CMP_GT_OQ) |
+                          _mm512_cmp_ps_mask(mb, mb, _CMP_UNORD_Q);
+  if (moved) {
+    const __m512 m_new = _mm512_mask_max_ps(m, moved, m, mb);
+    // alpha = 2^(m - m_new): 0 where nothing was visible before (m = -inf), 1 where m stayed.
+    const __m512 alpha = _mm512_mask_blend_ps(moved, _mm512_set1_ps(1.0f),
+                                              Vec::exp2(Vec{_mm512_sub_ps(m, m_new)}).v);
+    // O^T holds something only in rows that saw a key before (finite m).
+    if (moved & _mm512_cmp_ps_mask(m, ninf, _CMP_NEQ_UQ)) {
+      l = _mm512_mul_ps(l, alpha);
+      if (resident) amx_o_store(ot, D);
+      for (int64_t d = 0; d < D; ++d) _mm512_storeu_ps(ot + d * 16, _mm512_mul_ps(_mm512_loadu_ps(ot + d * 16), alpha));
+      if (resident) amx_o_load(ot, D);
+    }
+    m = m_new;
+  }
+  // Rows with nothing visible yet subtract 0: their scores are -inf, so P = 0.
+  const __m512 mc = _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(m, ninf, _CMP_EQ_OQ), _mm512_setzero_ps());
+  const int64_t pairs = (nk + 31) / 32 * 16;
+  for (int64_t pr = 0; pr < pairs; ++pr) {
+    const int64_t j = 2 * pr;
+    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+    if (j < nk) p0 = amx_exp2(_mm512_fmsub_ps(_mm512_loadu_ps(st + j * 16), cv, mc));
+    if (j + 1 < nk) p1 = amx_exp2(_mm512_fmsub_ps(_mm512_loadu_ps(st + (j + 1) * 16), cv, mc));
+    l = _mm512_add_ps(l, _mm512_add_ps(p0, p1));
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // p0 low, p1 high
+    _mm512_storeu_si512(pt + pr * 32, amx_interleave_halves(both));
+  }
+}
+
 #endif

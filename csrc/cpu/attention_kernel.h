@@ -170,11 +170,18 @@ struct Attention {
 #endif
     return false;
   }
+  // The transposed AMX path (attention_amx.h: groups of 16 rows on S^T and O^T, the softmax's
+  // state in vectors) where it applies: no attention mask, no dropout, a positive scale.
+  bool amx_transposed() const {
+    return amx() && a.mask.kind == AttentionMask::none && !a.dropout.enabled && a.scale > 0;
+  }
 
   struct FwdScratch {
     S *kt, *vbuf, *qbuf, *sbuf, *obuf, *m, *m_new, *l, *kbias;
     uint64_t* bits;
     uint16_t *k16, *v16, *q16, *p16;  // AMX: packed key / value blocks, bf16 Q rows and P rows
+    uint16_t *ktail, *qt16, *pt16;    // transposed AMX: last partial key tile, Q^T, P^T tiles
+    float *st, *ot;                   // transposed AMX: S^T of a block, O^T of a group
   };
   FwdScratch fwd_scratch(Workspace& ws) const {
     FwdScratch f{};
@@ -182,7 +189,13 @@ struct Attention {
     const bool direct_v = sizeof(T) == sizeof(S), tiles = amx();
     f.kt = ws.take<S>(decode() || tiles ? 0 : nkb * D * BK);
     f.vbuf = ws.take<S>(decode() || direct_v || tiles ? 0 : Lk * D);
-    f.k16 = ws.take<uint16_t>(tiles ? nkb * BK * D : 0);
+    const bool tr = amx_transposed();
+    f.k16 = ws.take<uint16_t>(tiles && !tr ? nkb * BK * D : 0);
+    f.ktail = ws.take<uint16_t>(tr ? 16 * D : 0);
+    f.qt16 = ws.take<uint16_t>(tr ? 16 * D : 0);
+    f.pt16 = ws.take<uint16_t>(tr ? 2 * 512 : 0);
+    f.st = ws.take<float>(tr ? BK * 16 : 0);
+    f.ot = ws.take<float>(tr ? D * 16 : 0);
     f.v16 = ws.take<uint16_t>(tiles ? nkb * BK * D : 0);
     f.q16 = ws.take<uint16_t>(tiles ? BQ * D : 0);
     f.p16 = ws.take<uint16_t>(tiles ? BQ * BK : 0);
@@ -211,9 +224,10 @@ struct Attention {
     // as S rows unless they already are.
     const int64_t kmax = imin(vis_blocks, key_blocks_for(0, Lq));
     const bool tiles = amx();
+    const bool transposed = tiles && amx_transposed();
     if (tiles) {
       amx_begin();
-      for (int64_t kb = 0; kb < kmax; ++kb) amx_pack_block(b, h, kb, imin(BK, nvis - kb * BK), f);
+      for (int64_t kb = 0; kb < kmax; ++kb) amx_pack_block(b, h, kb, imin(BK, nvis - kb * BK), f, transposed);
     } else {
       for (int64_t kb = 0; kb < kmax; ++kb)
         pack_keys_t(a.k, a.k_stride, b, h, kb * BK, imin(BK, nvis - kb * BK), f.kt + kb * D * BK);
@@ -227,6 +241,10 @@ struct Attention {
       const int64_t pos = qb % (2 * qc);
       if (pos != chunk && pos != 2 * qc - 1 - chunk) continue;
       const int64_t i0 = qb * BQ, mq = imin(BQ, Lq - i0);
+      if (transposed) {
+        for (int64_t g0 = i0; g0 < i0 + mq; g0 += 16) amx_rows_t(b, h, g0, imin(16, i0 + mq - g0), kbias, nvis, f);
+        continue;
+      }
       if (tiles) amx_load_queries(b, h, i0, mq, f);  // bf16 as given: mask_row scales S
       else load_rows(a.q, a.q_stride, b, h, i0, mq, f.qbuf, c);  // pre-scaled: S comes out in log2 units
       const S smul = tiles ? c : S(1);
@@ -313,16 +331,66 @@ struct Attention {
 #endif
   }
 
-  // Key block kb (n keys) of this head into its Q K^T and P V tiles.
-  void amx_pack_block(int64_t b, int64_t h, int64_t kb, int64_t n, const FwdScratch& f) const {
+  // Key block kb (n keys) of this head into its Q K^T and P V tiles (transposed: V^T tiles, and
+  // the keys of a partial last tile zero-padded; the other keys are read in place).
+  void amx_pack_block(int64_t b, int64_t h, int64_t kb, int64_t n, const FwdScratch& f, bool transposed) const {
 #ifdef AIAYN_AMX_TILES
     const int64_t j0 = kb * BK;
+    if (transposed) {
+      attention_amx_pack_values_t(reinterpret_cast<const uint16_t*>(row(a.v, a.v_stride, b, h, j0)), a.v_stride[2], n,
+                                  D, f.v16 + kb * BK * D);
+      if (n % 16) {
+        const int64_t t0 = n / 16 * 16;
+        for (int64_t j = 0; j < 16; ++j) {
+          uint16_t* dst = f.ktail + j * D;
+          if (t0 + j < n) std::memcpy(dst, row(a.k, a.k_stride, b, h, j0 + t0 + j), D * sizeof(uint16_t));
+          else std::memset(dst, 0, D * sizeof(uint16_t));
+        }
+      }
+      return;
+    }
     attention_amx_pack_keys(reinterpret_cast<const uint16_t*>(row(a.k, a.k_stride, b, h, j0)), a.k_stride[2], n, D,
                             f.k16 + kb * BK * D);
     attention_amx_pack_values(reinterpret_cast<const uint16_t*>(row(a.v, a.v_stride, b, h, j0)), a.v_stride[2], n, D,
                               f.v16 + kb * BK * D);
 #else
-    (void)b, (void)h, (void)kb, (void)n, (void)f;
+    (void)b, (void)h, (void)kb, (void)n, (void)f, (void)transposed;
+#endif
+  }
+
+  // Query rows [g0, g0 + m) (m <= 16) through every key block they see, on the transposed tiles;
+  // finishes the rows (out, lse) through finish_rows.
+  void amx_rows_t(int64_t b, int64_t h, int64_t g0, int64_t m, const S* kbias, int64_t nvis, const FwdScratch& f) const {
+#ifdef AIAYN_AMX_TILES
+    if constexpr (sizeof(T) == 2) {
+      for (int64_t r = 0; r < 16; ++r) {
+        if (r < m) std::memcpy(f.q16 + r * D, row(a.q, a.q_stride, b, h, g0 + r), D * sizeof(uint16_t));
+        else std::memset(f.q16 + r * D, 0, D * sizeof(uint16_t));
+      }
+      attention_amx_queries_t(f.q16, D, f.qt16);
+      std::memset(f.ot, 0, D * 16 * sizeof(float));
+      __m512 mv = _mm512_set1_ps(neg_inf), lv = _mm512_setzero_ps();
+      const int64_t kend = imin((nvis + BK - 1) / BK, key_blocks_for(g0, m));
+      const uint16_t* k0 = reinterpret_cast<const uint16_t*>(row(a.k, a.k_stride, b, h, 0));
+      const bool resident = D <= 64;  // O^T in tiles tmm4..7 across the key blocks
+      if (resident) amx_o_load(f.ot, D);
+      for (int64_t kb = 0; kb < kend; ++kb) {
+        if (key_block_all_padded(b, kb)) continue;
+        const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0);
+        attention_amx_scores_t(k0 + j0 * a.k_stride[2], a.k_stride[2], (nk + 15) / 16, nk % 16 ? f.ktail : nullptr,
+                               f.qt16, D, f.st);
+        attention_amx_softmax_t(f.st, nk, c, kbias ? kbias + j0 : nullptr, a.causal, j0 - g0, mv, lv, f.ot, D,
+                                resident, f.pt16);
+        attention_amx_pv_t(f.pt16, (nk + 31) / 32, f.v16 + kb * BK * D, D, f.ot, resident);
+      }
+      if (resident) amx_o_store(f.ot, D);
+      _mm512_storeu_ps(f.m, mv);
+      _mm512_storeu_ps(f.l, lv);
+      for (int64_t t = 0; t < D / 16; ++t) Vec::transpose(f.ot + t * 256, 16, f.obuf + t * 16, D);
+      finish_rows(b, h, g0, m, f);
+    }
+#else
+    (void)b, (void)h, (void)g0, (void)m, (void)kbias, (void)nvis, (void)f;
 #endif
   }
 
