@@ -308,15 +308,19 @@ inline void amx_o_load(const float* ot, int64_t D) {
   }
 }
 
-// 2^x as Vec::exp2 with the Taylor polynomial cut at degree 5 (relative error < 2e-6): P is
-// rounded to bf16 (2^-9) right after, so the last two terms bought nothing; -inf and NaN as there.
+// 2^x as Vec::exp2 computes it (x = n + f, |f| <= 1/2, 2^f by a Taylor polynomial, scalef; lanes
+// below 2^-125 exactly 0; NaN kept), cut at degree 4 (relative error < 1.5e-5): P is rounded to
+// bf16 (2^-9) right after, and the sum l sees the same values, so the error cancels in O / l to far
+// below bf16's. n comes from the 1.5 * 2^23 rounding trick (two adds) instead of vrndscaleps,
+// which is two uops on the port that scalef also needs.
 inline __m512 amx_exp2(__m512 x) {
   const __m512 t = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
   const __mmask16 live = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_add_ps(t, magic), magic);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(kExp2C[5]);
-  for (int i = 4; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C[i]));
+  __m512 p = _mm512_set1_ps(kExp2C[4]);
+  for (int i = 3; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C[i]));
   return _mm512_maskz_scalef_ps(live, p, n);
 }
 
