@@ -176,5 +176,11 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("peak_bf16_dot", [](int64_t iters) { return run_peak(cpu::kernels().peak_bf16_dot, iters); },
         "(seconds, flops) of a bf16 dot-product loop on every thread (AVX-512 BF16 only).");
+  m.def("peak_bf16_amx",
+        [](int64_t iters) {
+          TORCH_CHECK(cpu::amx_supported(), "no AMX-BF16 here (CPU lacks it, or the OS refused the tile state)");
+          return run_peak(cpu::kernels().peak_bf16_amx, iters);
+        },
+        "(seconds, flops) of an AMX tdpbf16ps loop on every thread (AVX-512 kernels with AMX only).");
 }
 #endif  // AIAYN_WITH_PYTHON

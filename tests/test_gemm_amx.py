@@ -179,3 +179,17 @@ def test_huge_weight_chunked_and_cached_packing(rng_seed):
     ref = reference.linear(x.double(), w.double(), None)
     assert_2x_rule(chunked, reference.linear(x, w, None), ref, "amx chunked", seed=rng_seed, slack=slack_for(ref))
     assert_2x_rule(dot, reference.linear(x, w, None), ref, "dot after amx cache", seed=rng_seed, slack=slack_for(ref))
+
+
+@needs_amx
+def test_amx_peak_probe_and_bench_peaks(tmp_path, monkeypatch):
+    # The benchmark's bf16 "% of peak" is of the instruction the kernels use: tdpbf16ps here.
+    seconds, flops = aiayn._C.peak_bf16_amx(1000)
+    assert seconds > 0 and flops == 4 * 2 * 16 * 16 * 32 * 1000 * torch.get_num_threads()
+    from aiayn.bench import peak
+
+    monkeypatch.setenv("AIAYN_CACHE_DIR", str(tmp_path))
+    with bf16_mode(AMX):
+        p = peak.peaks("cpu")
+    assert p["machine"]["bf16"] == "amx"
+    assert p["flops"]["bfloat16"] == p["flops"]["bfloat16_amx"] > p["flops"]["bfloat16_dot"] > 0

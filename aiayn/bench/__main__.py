@@ -75,7 +75,10 @@ class _Table:
 def _describe(peaks):
     m = peaks["machine"]
     where = f"{m['name']}, {m['threads']} threads, CPU ISA {m['cpu_isa']}" if m["device"] == "cpu" else m["name"]
-    flops = ", ".join(f"{dtype} {f / 1e9:.0f} GFLOP/s" for dtype, f in peaks["flops"].items() if f)
+    if m.get("bf16"):
+        where += f", bf16 on {m['bf16']}"
+    # "bfloat16" is the peak of the instruction bf16 runs on (bfloat16_amx or bfloat16_dot, in the JSON).
+    flops = ", ".join(f"{dtype} {f / 1e9:.0f} GFLOP/s" for dtype, f in peaks["flops"].items() if f and "_" not in dtype)
     how = f"cached in {peaks['cache']}" if peaks["cached"] else f"measured in {peaks['seconds']:.1f} s, cached in {peaks['cache']}"
     return (f"aiayn {aiayn.__version__}, torch {torch.__version__} on {where}\n"
             f"peaks: {flops}, memory {peaks['bandwidth'] / 1e9:.1f} GB/s ({how}; --remeasure to redo)")

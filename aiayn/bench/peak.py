@@ -5,7 +5,7 @@
 
 Measured once per machine and cached as JSON in $AIAYN_CACHE_DIR (default
 $XDG_CACHE_HOME/aiayn or ~/.cache/aiayn), in a file named after a hash of what determines the
-peaks: CPU model, thread count and CPU ISA variant (or the GPU's name). ``remeasure=True``
+peaks: CPU model, thread count, CPU ISA variant and bf16 mode (or the GPU's name). ``remeasure=True``
 (``--remeasure``) measures again.
 """
 
@@ -50,7 +50,8 @@ def machine(device):
                 "memory_bytes": props.total_memory}
     import aiayn
 
-    return {"device": "cpu", "name": cpu_model(), "threads": torch.get_num_threads(), "cpu_isa": aiayn._C.cpu_isa()}
+    return {"device": "cpu", "name": cpu_model(), "threads": torch.get_num_threads(), "cpu_isa": aiayn._C.cpu_isa(),
+            "bf16": aiayn._C.gemm_bf16()}
 
 
 def peaks(device="cpu", remeasure=False):
@@ -112,16 +113,20 @@ def _copy_bandwidth(device, nbytes, tries):
 
 
 def measure_cpu():
-    """fp32 FMA and bf16 dot-product throughput of aiayn's probes (csrc/cpu/peak_kernel.h) on all
-    threads, best of 3 runs of ~0.2 s each; bf16 is None where the CPU ISA has no bf16 dot
-    product. Bandwidth: best of 5 torch copies of a 256 MiB buffer."""
+    """fp32 FMA and bf16 throughput of aiayn's probes (csrc/cpu/peak_kernel.h, isa/avx512.cpp) on
+    all threads, best of 3 runs of ~0.2 s each. bfloat16 is the peak of the instruction the bf16
+    kernels use now: AMX's tdpbf16ps where they run on AMX tiles, else vdpbf16ps (None where the
+    CPU ISA has neither); both are kept, as "bfloat16_amx" and "bfloat16_dot". Bandwidth: best of 5
+    torch copies of a 256 MiB buffer."""
     from aiayn import _C
 
     flops = {"float32": _probe_flops(_C.peak_fp32_fma)}
-    try:
-        flops["bfloat16"] = _probe_flops(_C.peak_bf16_dot)
-    except RuntimeError:  # this ISA variant has no bf16 dot-product probe
-        flops["bfloat16"] = None
+    for name, probe in (("bfloat16_dot", _C.peak_bf16_dot), ("bfloat16_amx", _C.peak_bf16_amx)):
+        try:
+            flops[name] = _probe_flops(probe)
+        except RuntimeError:  # this ISA variant (or CPU) has no such probe
+            flops[name] = None
+    flops["bfloat16"] = flops["bfloat16_amx"] if _C.gemm_bf16() == "amx" else flops["bfloat16_dot"]
     return {"flops": flops, "bandwidth": _copy_bandwidth("cpu", _CPU_COPY_BYTES, tries=5)}
 
 

@@ -200,6 +200,9 @@ struct KernelTable {
   // product) loop on the calling thread; return the floating-point operations done.
   double (*peak_fp32_fma)(int64_t iters);
   double (*peak_bf16_dot)(int64_t iters);  // nullptr where the ISA has no bf16 dot product
+  // The same for AMX's tdpbf16ps (tiles configured and released inside); nullptr where AMX was
+  // not compiled in. Call only where amx_supported().
+  double (*peak_bf16_amx)(int64_t iters);
 };
 
 // The tables compiled into this library (avx512 / avx2 are null where the compiler could not

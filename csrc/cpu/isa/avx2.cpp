@@ -10,6 +10,7 @@ namespace aiayn::cpu::avx2 {
 
 constexpr Isa kIsa = Isa::avx2;
 constexpr double (*kPeakBf16)(int64_t) = nullptr;
+constexpr double (*kPeakBf16Amx)(int64_t) = nullptr;
 #include "kernels.inc"
 }  // namespace aiayn::cpu::avx2
 

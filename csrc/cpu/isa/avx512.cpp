@@ -31,6 +31,40 @@ inline double peak_bf16_dot(int64_t iters) {
   return 64.0 * kAcc * static_cast<double>(iters);
 }
 
+#ifdef AIAYN_AMX_COMPILED
+#include "../simd/amx_tiles.h"
+// bf16 peak on AMX tiles: four independent accumulators (tmm0..3) fed by two A and two B tiles
+// that stay loaded, 16 x 16 x 32 multiply-adds per tdpbf16ps.
+inline double peak_bf16_amx(int64_t iters) {
+  alignas(64) static const uint16_t ones[16 * 32] = {};  // zeros: the probe measures the rate only
+  amx_configure();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  for (int64_t it = 0; it < iters; ++it) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  alignas(64) float sink[16 * 16];
+  _tile_stored(0, sink, 64);
+  amx_barrier();
+  _tile_release();
+  volatile float keep = sink[0];
+  (void)keep;
+  return 4.0 * 2 * 16 * 16 * 32 * static_cast<double>(iters);
+}
+constexpr double (*kPeakBf16Amx)(int64_t) = peak_bf16_amx;
+#else
+constexpr double (*kPeakBf16Amx)(int64_t) = nullptr;
+#endif
+
 constexpr Isa kIsa = Isa::avx512;
 constexpr double (*kPeakBf16)(int64_t) = peak_bf16_dot;
 #define AIAYN_GEMM_BF16_DOT 1  // gemm_kernel.h: bf16 on vdpbf16ps

@@ -7,6 +7,7 @@ namespace aiayn::cpu::generic {
 
 constexpr Isa kIsa = Isa::generic;
 constexpr double (*kPeakBf16)(int64_t) = nullptr;
+constexpr double (*kPeakBf16Amx)(int64_t) = nullptr;
 #include "kernels.inc"
 }  // namespace aiayn::cpu::generic
 
