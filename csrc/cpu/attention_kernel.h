@@ -179,6 +179,7 @@ struct Attention {
   struct FwdScratch {
     S *kt, *vbuf, *qbuf, *sbuf, *obuf, *m, *m_new, *l, *kbias;
     uint64_t* bits;
+    int64_t* bit0;  // per row of a block: where its keep-bits start in `bits`
     uint16_t *k16, *v16, *q16, *p16;  // AMX: packed key / value blocks, bf16 Q rows and P rows
     uint16_t *ktail, *qt16, *pt16;    // transposed AMX: last partial key tile, Q^T, P^T tiles
     float *st, *ot;                   // transposed AMX: S^T of a block, O^T of a group
@@ -205,7 +206,8 @@ struct Attention {
     f.m = ws.take<S>(BQ);
     f.m_new = ws.take<S>(BQ);
     f.l = ws.take<S>(BQ);
-    f.bits = ws.take<uint64_t>(keep_bits_words(BK));
+    f.bits = ws.take<uint64_t>(kBlockBitWords);
+    f.bit0 = ws.take<int64_t>(BQ);
     return f;
   }
 
@@ -297,11 +299,12 @@ struct Attention {
           f.m[r] = m_new;
           if (!in_out && alpha != S(1) && alpha != S(0)) scale_row(f.obuf + r * D, alpha, D);
         }
+        if (a.dropout.enabled) block_keep_bits(b, h, i0, mq, j0, nk, f.bits, f.bit0);
         if (in_out || a.dropout.enabled)
           for (int64_t r = 0; r < mq; ++r) {  // normalisation, dropout
             S* srow = f.sbuf + r * BK;
             if (in_out && f.m[r] != neg_inf) scale_row(srow, S(1) / f.l[r], np);
-            if (a.dropout.enabled) apply_dropout(srow, b, h, i0 + r, j0, nk, f.bits);
+            if (a.dropout.enabled) apply_keep_bits(srow, nk, f.bits, f.bit0[r]);
           }
         if (tiles) {
           amx_pv(mq, nk, np, kb, f, !single);
@@ -565,10 +568,34 @@ struct Attention {
   void apply_dropout(S* prow, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n,
                      uint64_t* bits) const {
     const int64_t e0 = dropout_base(b, h, i, j0);
-    const int64_t bit0 = fill_keep_bits(a.dropout, e0, e0 + n, bits);
+    apply_keep_bits(prow, n, bits, fill_keep_bits(a.dropout, e0, e0 + n, bits));
+  }
+  // The same with the row's keep-bits at bit `bit0` of `bits` (block_keep_bits).
+  void apply_keep_bits(S* prow, int64_t n, const uint64_t* bits, int64_t bit0) const {
     const V sv = V::set1(static_cast<S>(a.dropout.scale));
     for (int64_t j = 0; j < padded(n); j += W)
       (V::keep(extract_bits(bits, bit0 + j, W), V::load(prow + j)) * sv).store(prow + j);
+  }
+
+  // Keep-bits of rows [i0, i0 + m) over keys [j0, j0 + n), all before any row uses them, so the
+  // rows' Philox passes are independent work the core overlaps (a pass per row, used at once, runs
+  // its ten dependent rounds alone). When one block holds every key, consecutive rows are
+  // consecutive elements of the numbering: one span for the whole block, every lane used (a short
+  // row of 48 keys alone fills 12 of 16). Row r's bits start at bit0[r] of `bits`.
+  static constexpr int64_t kRowBitWords = (BK + 3) / 4 / 16 + 3;  // keep_bits_words(BK)
+  static constexpr int64_t kBlockBitWords = BQ * kRowBitWords;     // >= keep_bits_words(BQ * BK)
+  void block_keep_bits(int64_t b, int64_t h, int64_t i0, int64_t m, int64_t j0, int64_t n, uint64_t* bits,
+                       int64_t* bit0) const {
+    if (j0 == 0 && Lk <= BK) {  // one key block: row r's keys at r * Lk (a padded tail included)
+      const int64_t e0 = dropout_base(b, h, i0, 0);
+      const int64_t first = fill_keep_bits(a.dropout, e0, e0 + m * Lk, bits);
+      for (int64_t r = 0; r < m; ++r) bit0[r] = first + r * Lk;
+      return;
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t e0 = dropout_base(b, h, i0 + r, j0);
+      bit0[r] = r * kRowBitWords * 64 + fill_keep_bits(a.dropout, e0, e0 + n, bits + r * kRowBitWords);
+    }
   }
 
   // --- backward --------------------------------------------------------------------------
@@ -576,6 +603,7 @@ struct Attention {
   struct BwdScratch {
     S *qf, *dof, *delta, *lse2, *kt, *vt, *krows, *sbuf, *pz, *dk, *dv, *kbias;
     uint64_t* bits;
+    int64_t* bit0;
   };
   BwdScratch bwd_scratch(Workspace& ws) const {
     BwdScratch f{};
@@ -591,7 +619,8 @@ struct Attention {
     f.pz = ws.take<S>(BQ * BK);
     f.dk = ws.take<S>(BK * D);
     f.dv = ws.take<S>(BK * D);
-    f.bits = ws.take<uint64_t>(keep_bits_words(BK));
+    f.bits = ws.take<uint64_t>(kBlockBitWords);
+    f.bit0 = ws.take<int64_t>(BQ);
     return f;
   }
 
@@ -664,6 +693,7 @@ struct Attention {
         const S* doblk = f.dof + i0 * D;
         Gemm::run(mq, np, D, qblk, D, 1, f.kt, BK, f.sbuf, BK, false);  // S
         Gemm::run(mq, np, D, doblk, D, 1, f.vt, BK, f.pz, BK, false);   // dO V^T
+        if (a.dropout.enabled) block_keep_bits(b, h, i0, mq, j0, nk, f.bits, f.bit0);
         for (int64_t r = 0; r < mq; ++r) {
           const int64_t i = i0 + r;
           S* srow = f.sbuf + r * BK;  // -> dS * scale
@@ -673,8 +703,7 @@ struct Attention {
           const V dl = V::set1(f.delta[i]);
           const V sv = V::set1(scale);
           if (a.dropout.enabled) {
-            const int64_t e0 = dropout_base(b, h, i, j0);
-            const int64_t bit0 = fill_keep_bits(a.dropout, e0, e0 + nk, f.bits);
+            const int64_t bit0 = f.bit0[r];
             const V zs = V::set1(static_cast<S>(a.dropout.scale));
             for (int64_t j = 0; j < np; j += W) {
               const uint64_t keep = extract_bits(f.bits, bit0 + j, W);

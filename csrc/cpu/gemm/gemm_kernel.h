@@ -405,12 +405,27 @@ inline void gemm_epilogue(const GemmArgs& g, V (&acc)[ROWS][NV], int64_t m0, int
   const V gscale = V::set1(static_cast<S>(g.c_gate_scale));
   const T* cgate = static_cast<const T*>(g.c_gate);
   T* c = static_cast<T*>(g.c);
+  // Keep-bits of the tile's rows, two rows per Philox pass where each row's span is 32 elements
+  // starting on a counter (4 elements): a row alone would fill 16 lanes and use half. The passes
+  // are independent, so the out-of-order core overlaps their 10 dependent rounds.
+  uint64_t paired[ROWS];
+  const bool pairs = drop && ROWS >= 2 && nn <= 32 && g.N % 4 == 0 && n0 % 4 == 0;
+  if (pairs) {
+    for (int r = 0; r < ROWS; r += 2) {
+      const int64_t e0 = (m0 + r) * g.N + n0, e1 = r + 1 < ROWS ? e0 + g.N : e0;
+      const uint64_t b = PhiloxLanes::keep_bits_8x2(g.dropout, static_cast<uint64_t>(e0) >> 2,
+                                                   static_cast<uint64_t>(e1) >> 2);
+      paired[r] = b & 0xFFFFFFFFu;
+      if (r + 1 < ROWS) paired[r + 1] = b >> 32;
+    }
+  }
 #pragma GCC unroll 1
   for (int r = 0; r < ROWS; ++r) {
     const int64_t m = m0 + r;
     uint64_t bits[4];
     int64_t bit0 = 0;
-    if (drop) bit0 = fill_keep_bits(g.dropout, m * g.N + n0, m * g.N + n0 + nn, bits);
+    if (pairs) bits[0] = paired[r];
+    else if (drop) bit0 = fill_keep_bits(g.dropout, m * g.N + n0, m * g.N + n0 + nn, bits);
     T* crow = c + m * g.c_rs + n0;
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) {

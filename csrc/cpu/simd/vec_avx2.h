@@ -125,6 +125,10 @@ struct Vec {
 // Philox4x32-10 in 8 lanes: counters c .. c + 7 at once.
 struct PhiloxLanes {
   static constexpr int N = 8;
+  // Counters a .. a + 7 and b .. b + 7: bits 0-31 are a's 32 elements, bits 32-63 b's.
+  static uint64_t keep_bits_8x2(const DropoutParams& d, uint64_t a, uint64_t b) {
+    return keep_bits(d, a) | keep_bits(d, b) << 32;
+  }
   static uint64_t keep_bits(const DropoutParams& d, uint64_t c) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i base = _mm256_set1_epi32(static_cast<int>(c));

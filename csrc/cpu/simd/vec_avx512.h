@@ -145,13 +145,26 @@ struct PhiloxLanes {
   static constexpr int N = 16;
   static uint64_t keep_bits(const DropoutParams& d, uint64_t c) {
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    // Counter low words; a carry into the high word happens in at most one place per block.
-    const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), lane);
-    const __mmask16 carry = _mm512_cmplt_epu32_mask(lo, _mm512_set1_epi32(static_cast<int>(c)));
+    return keep_bits_from(d, _mm512_set1_epi32(static_cast<int>(c)), _mm512_set1_epi32(static_cast<int>(c >> 32)), lane);
+  }
+  // Counters a .. a + 7 in lanes 0-7 and b .. b + 7 in lanes 8-15: bits 0-31 are a's 32 elements,
+  // bits 32-63 b's (one Philox pass for two 32-element spans).
+  static uint64_t keep_bits_8x2(const DropoutParams& d, uint64_t a, uint64_t b) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i lo = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(static_cast<int>(a)), _mm512_set1_epi32(static_cast<int>(b)));
+    const __m512i hi = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(static_cast<int>(a >> 32)),
+                                               _mm512_set1_epi32(static_cast<int>(b >> 32)));
+    return keep_bits_from(d, lo, hi, lane);
+  }
+
+ private:
+  // Philox of counters (base_hi : base_lo) + lane per lane, then the keep test.
+  static uint64_t keep_bits_from(const DropoutParams& d, __m512i base_lo, __m512i base_hi, __m512i lane) {
+    // Counter low words; a carry into the high word happens where the low word wrapped.
+    const __m512i lo = _mm512_add_epi32(base_lo, lane);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(lo, base_lo);
     __m512i x0 = lo;
-    __m512i x1 = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(c >> 32)), carry,
-                                       _mm512_set1_epi32(static_cast<int>(c >> 32)),
-                                       _mm512_set1_epi32(1));
+    __m512i x1 = _mm512_mask_add_epi32(base_hi, carry, base_hi, _mm512_set1_epi32(1));
     __m512i x2 = _mm512_set1_epi32(static_cast<int>(d.stream));
     __m512i x3 = _mm512_set1_epi32(static_cast<int>(d.stream >> 32));
     uint32_t k0 = static_cast<uint32_t>(d.seed), k1 = static_cast<uint32_t>(d.seed >> 32);
@@ -178,7 +191,6 @@ struct PhiloxLanes {
            _pdep_u64(b2, 0x4444444444444444ull) | _pdep_u64(b3, 0x8888888888888888ull);
   }
 
- private:
   static void mulhilo(__m512i m, __m512i x, __m512i& hi, __m512i& lo) {
     const __m512i even = _mm512_mul_epu32(m, x);                        // lanes 0, 2, ...
     const __m512i odd = _mm512_mul_epu32(m, _mm512_srli_epi64(x, 32));  // lanes 1, 3, ...
