@@ -523,7 +523,13 @@ inline void gemm_run_amx(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, 
       else
         gemm_amx_block<false>(a0, a0, bp, Kp, tile);
       const int64_t r_end = rows - q * kAmxMR < 2 * kAmxMR ? rows - q * kAmxMR : 2 * kAmxMR;
-      for (int64_t r = 0; r < r_end; ++r) {
+      // Rows in pairs: the epilogue's dropout draws two rows' keep-bits per Philox pass.
+      int64_t r = 0;
+      for (; r + 1 < r_end; r += 2) {
+        Vec acc[2][2] = {{Vec::load(tile[r]), Vec::load(tile[r] + 16)}, {Vec::load(tile[r + 1]), Vec::load(tile[r + 1] + 16)}};
+        gemm_epilogue<Vec, uint16_t, 2, 2>(g, acc, m0 + q * kAmxMR + r, n0, nn);
+      }
+      if (r < r_end) {
         Vec acc[1][2] = {{Vec::load(tile[r]), Vec::load(tile[r] + 16)}};
         gemm_epilogue<Vec, uint16_t, 2, 1>(g, acc, m0 + q * kAmxMR + r, n0, nn);
       }
