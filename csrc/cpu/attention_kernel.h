@@ -698,8 +698,13 @@ struct Attention {
           const int64_t i = i0 + r;
           S* srow = f.sbuf + r * BK;  // -> dS * scale
           S* prow = f.pz + r * BK;    // dP~ in, P * Z out
-          mask_row(srow, b, h, i, j0, kbias, c);
-          const V lv = V::set1(f.lse2[i]);
+          // A row with nothing to mask in this block (no masks, no padding, keys up to the row under
+          // a causal mask, whole vectors) folds the scale into the exponent's FMA; the others go
+          // through mask_row, which scales first.
+          const bool plain = a.mask.kind == AttentionMask::none && !kbias && nk == np && (!a.causal || j0 + nk - 1 <= i);
+          if (!plain) mask_row(srow, b, h, i, j0, kbias, c);
+          const V cv = V::set1(plain ? c : S(1));
+          const V nlv = V::set1(-f.lse2[i]);
           const V dl = V::set1(f.delta[i]);
           const V sv = V::set1(scale);
           if (a.dropout.enabled) {
@@ -707,14 +712,14 @@ struct Attention {
             const V zs = V::set1(static_cast<S>(a.dropout.scale));
             for (int64_t j = 0; j < np; j += W) {
               const uint64_t keep = extract_bits(f.bits, bit0 + j, W);
-              const V p = V::exp2(V::load(srow + j) - lv);
+              const V p = V::exp2(V::fma(V::load(srow + j), cv, nlv));
               const V dp = V::keep(keep, V::load(prow + j)) * zs;
               (p * (dp - dl) * sv).store(srow + j);
               (V::keep(keep, p) * zs).store(prow + j);
             }
           } else {
             for (int64_t j = 0; j < np; j += W) {
-              const V p = V::exp2(V::load(srow + j) - lv);
+              const V p = V::exp2(V::fma(V::load(srow + j), cv, nlv));
               (p * (V::load(prow + j) - dl) * sv).store(srow + j);
               p.store(prow + j);
             }
