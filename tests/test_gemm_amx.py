@@ -103,7 +103,7 @@ def make_ffn(tokens, d_model, d_ff, requires_grad=False):
 
 
 @needs_amx
-@pytest.mark.parametrize("tokens,d_model,d_ff", [(1, 9, 17), (37, 24, 129), (70, 65, 200)])
+@pytest.mark.parametrize("tokens,d_model,d_ff", [(1, 9, 17), (37, 24, 129), (37, 24, 128), (70, 65, 200)])
 def test_feed_forward_dropout_mask_exact(tokens, d_model, d_ff):
     """The AMX epilogue numbers hidden element (t, j) as t * d_ff + j like every other path: the
     mask equals the reference's and the hidden activation is zero exactly where it drops."""
