@@ -18,6 +18,13 @@
 // so neither the thread count nor the task split changes a result.
 #ifdef AIAYN_AMX_TILES
 
+// (a0 b0 a1 b1 ... a15 b15) from a 512-bit register holding a = x[0..15], b = x[16..31].
+inline __m512i amx_interleave_halves(__m512i x) {
+  alignas(64) static constexpr uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kIdx), x);
+}
+
 // Keys [0, n) of a block (rows of D bf16 at stride ks) into the B tiles of Q K^T; only the key
 // tiles holding keys are written (the scores of the others are never computed).
 inline void attention_amx_pack_keys(const uint16_t* k, int64_t ks, int64_t n, int64_t D, uint16_t* out) {
@@ -46,10 +53,6 @@ inline void attention_amx_pack_keys(const uint16_t* k, int64_t ks, int64_t n, in
 // the next 32 keys.
 inline void attention_amx_pack_values(const uint16_t* v, int64_t vs, int64_t n, int64_t D, uint16_t* out) {
   const int64_t ct = D / 16;
-  // (a0 b0 a1 b1 ... a15 b15) from a = x[0..15], b = x[16..31].
-  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                           8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i idx = _mm512_load_si512(kInterleave);
   for (int64_t c = 0; c * 32 < n; ++c)
     for (int64_t p = 0; p < 16; ++p) {
       const int64_t j = c * 32 + 2 * p;
@@ -59,7 +62,7 @@ inline void attention_amx_pack_values(const uint16_t* v, int64_t vs, int64_t n, 
         const __m256i x0 = j < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + t * 16)) : _mm256_setzero_si256();
         const __m256i x1 = j + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + t * 16)) : _mm256_setzero_si256();
         const __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(x0), x1, 1);
-        _mm512_storeu_si512(out + (c * ct + t) * 512 + p * 32, _mm512_permutexvar_epi16(idx, x));
+        _mm512_storeu_si512(out + (c * ct + t) * 512 + p * 32, amx_interleave_halves(x));
       }
     }
 }
@@ -170,13 +173,6 @@ inline void attention_amx_pv(const uint16_t* p, int64_t rt, const uint16_t* vp, 
 // - S^T: float, key j of the block at st + j * 16; P^T: B tiles per 32-key chunk at pt + c * 512;
 // - O^T: float, dim d at ot + d * 16.
 
-// (a0 b0 a1 b1 ... a15 b15) from a 512-bit register holding a = x[0..15], b = x[16..31].
-inline __m512i amx_interleave_halves(__m512i x) {
-  alignas(64) static constexpr uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  return _mm512_permutexvar_epi16(_mm512_load_si512(kIdx), x);
-}
-
 // Values [0, n) of a block (rows of D bf16 at stride vs) into V^T tiles, zero keys up to 32 c.
 inline void attention_amx_pack_values_t(const uint16_t* v, int64_t vs, int64_t n, int64_t D, uint16_t* out) {
   const int64_t ct = D / 16;
@@ -238,6 +234,28 @@ inline void attention_amx_scores_t(const uint16_t* k, int64_t ks, int64_t kt, co
   amx_barrier();
 }
 
+// O^T's accumulators tmm4..7 (tmm4/5 only for 32 dims) to and from ot (dims rows of 16 floats):
+// a resident O^T (D <= 64) around a rescale, or four 16-dim tiles of a larger one per block.
+inline void amx_o_store(float* ot, int64_t dims) {
+  amx_barrier();
+  _tile_stored(4, ot, 64);
+  _tile_stored(5, ot + 256, 64);
+  if (dims > 32) {
+    _tile_stored(6, ot + 512, 64);
+    _tile_stored(7, ot + 768, 64);
+  }
+  amx_barrier();
+}
+inline void amx_o_load(const float* ot, int64_t dims) {
+  amx_barrier();
+  _tile_loadd(4, ot, 64);
+  _tile_loadd(5, ot + 256, 64);
+  if (dims > 32) {
+    _tile_loadd(6, ot + 512, 64);
+    _tile_loadd(7, ot + 768, 64);
+  }
+}
+
 // O^T (+)= V^T P^T over key chunks [0, kc): accumulators tmm4..7 (four 16-dim tiles at a time),
 // P^T chunks in tmm0/1 (loaded once), V^T in tmm2/3. `resident`: D <= 64 and O^T stays in
 // tmm4..7 across the key blocks (amx_o_load / amx_o_store move it); else it is loaded from and
@@ -250,14 +268,7 @@ inline void attention_amx_pv_t(const uint16_t* pt, int64_t kc, const uint16_t* v
   for (int64_t t = 0; t < ct; t += 4) {
     const int64_t n = ct - t < 4 ? ct - t : 4;  // 2 or 4: D % 32 == 0
     float* o = ot + t * 256;
-    if (!resident) {
-      _tile_loadd(4, o, 64);
-      _tile_loadd(5, o + 256, 64);
-      if (n > 2) {
-        _tile_loadd(6, o + 512, 64);
-        _tile_loadd(7, o + 768, 64);
-      }
-    }
+    if (!resident) amx_o_load(o, n * 16);
     for (int64_t c = 0; c < kc; ++c) {
       const uint16_t* v = vt + (c * ct + t) * 512;
       _tile_loadd(2, v, 64);
@@ -275,37 +286,9 @@ inline void attention_amx_pv_t(const uint16_t* pt, int64_t kc, const uint16_t* v
         else _tile_dpbf16ps(7, 3, 1);
       }
     }
-    if (!resident) {
-      _tile_stored(4, o, 64);
-      _tile_stored(5, o + 256, 64);
-      if (n > 2) {
-        _tile_stored(6, o + 512, 64);
-        _tile_stored(7, o + 768, 64);
-      }
-    }
+    if (!resident) amx_o_store(o, n * 16);
   }
   amx_barrier();
-}
-
-// A resident O^T (D <= 64) between the tiles tmm4..7 and ot.
-inline void amx_o_store(float* ot, int64_t D) {
-  amx_barrier();
-  _tile_stored(4, ot, 64);
-  _tile_stored(5, ot + 256, 64);
-  if (D > 32) {
-    _tile_stored(6, ot + 512, 64);
-    _tile_stored(7, ot + 768, 64);
-  }
-  amx_barrier();
-}
-inline void amx_o_load(const float* ot, int64_t D) {
-  amx_barrier();
-  _tile_loadd(4, ot, 64);
-  _tile_loadd(5, ot + 256, 64);
-  if (D > 32) {
-    _tile_loadd(6, ot + 512, 64);
-    _tile_loadd(7, ot + 768, 64);
-  }
 }
 
 // 2^x as Vec::exp2 computes it (x = n + f, |f| <= 1/2, 2^f by a Taylor polynomial, scalef; lanes
@@ -328,8 +311,7 @@ inline __m512 amx_exp2(__m512 x) {
 // rows; log2 units after the scale c > 0): key padding (kbias: 0 / -inf per key, or null) and the
 // causal mask (key j hidden from lanes below j + causal_shift, where causal) go in first; the
 // running max m and sum l (vectors) move, O^T (D dims; in tmm4..7 if resident) is rescaled where
-// the max moved, and P^T's
-// tiles are written, zero for keys past nk up to whole 32-key chunks.
+// the max moved, and P^T's tiles are written, zero for keys past nk up to whole 32-key chunks.
 inline void attention_amx_softmax_t(float* st, int64_t nk, float c, const float* kbias, bool causal,
                                     int64_t causal_shift, __m512& m, __m512& l, float* ot, int64_t D,
                                     bool resident, uint16_t* pt) {

@@ -334,6 +334,13 @@ struct Attention {
 #endif
   }
 
+  // Rows [i0, i0 + m) of a bf16 (b, h) slice as rows of D at dst, zero rows up to `rows`.
+  void copy_rows16(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t i0, int64_t m, int64_t rows,
+                   uint16_t* dst) const {
+    for (int64_t r = 0; r < m; ++r) std::memcpy(dst + r * D, row(base, stride, b, h, i0 + r), D * sizeof(uint16_t));
+    std::memset(dst + m * D, 0, (rows - m) * D * sizeof(uint16_t));
+  }
+
   // Key block kb (n keys) of this head into its Q K^T and P V tiles (transposed: V^T tiles, and
   // the keys of a partial last tile zero-padded; the other keys are read in place).
   void amx_pack_block(int64_t b, int64_t h, int64_t kb, int64_t n, const FwdScratch& f, bool transposed) const {
@@ -344,11 +351,7 @@ struct Attention {
                                   D, f.v16 + kb * BK * D);
       if (n % 16) {
         const int64_t t0 = n / 16 * 16;
-        for (int64_t j = 0; j < 16; ++j) {
-          uint16_t* dst = f.ktail + j * D;
-          if (t0 + j < n) std::memcpy(dst, row(a.k, a.k_stride, b, h, j0 + t0 + j), D * sizeof(uint16_t));
-          else std::memset(dst, 0, D * sizeof(uint16_t));
-        }
+        copy_rows16(a.k, a.k_stride, b, h, j0 + t0, n - t0, 16, f.ktail);
       }
       return;
     }
@@ -366,10 +369,7 @@ struct Attention {
   void amx_rows_t(int64_t b, int64_t h, int64_t g0, int64_t m, const S* kbias, int64_t nvis, const FwdScratch& f) const {
 #ifdef AIAYN_AMX_TILES
     if constexpr (sizeof(T) == 2) {
-      for (int64_t r = 0; r < 16; ++r) {
-        if (r < m) std::memcpy(f.q16 + r * D, row(a.q, a.q_stride, b, h, g0 + r), D * sizeof(uint16_t));
-        else std::memset(f.q16 + r * D, 0, D * sizeof(uint16_t));
-      }
+      copy_rows16(a.q, a.q_stride, b, h, g0, m, 16, f.q16);
       attention_amx_queries_t(f.q16, D, f.qt16);
       std::memset(f.ot, 0, D * 16 * sizeof(float));
       __m512 mv = _mm512_set1_ps(neg_inf), lv = _mm512_setzero_ps();
@@ -380,7 +380,7 @@ struct Attention {
       for (int64_t kb = 0; kb < kend; ++kb) {
         if (key_block_all_padded(b, kb)) continue;
         const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0);
-        attention_amx_scores_t(k0 + j0 * a.k_stride[2], a.k_stride[2], (nk + 15) / 16, nk % 16 ? f.ktail : nullptr,
+        attention_amx_scores_t(k0 + j0 * a.k_stride[2], a.k_stride[2], tiles_of(nk), nk % 16 ? f.ktail : nullptr,
                                f.qt16, D, f.st);
         attention_amx_softmax_t(f.st, nk, c, kbias ? kbias + j0 : nullptr, a.causal, j0 - g0, mv, lv, f.ot, D,
                                 resident, f.pt16);
@@ -400,9 +400,7 @@ struct Attention {
   // Query rows [i0, i0 + m) as bf16 rows of D, zero rows up to whole tiles; P's rows past m zero.
   void amx_load_queries(int64_t b, int64_t h, int64_t i0, int64_t m, const FwdScratch& f) const {
     const int64_t rows = tiles_of(m) * 16;
-    for (int64_t r = 0; r < m; ++r)
-      std::memcpy(f.q16 + r * D, row(a.q, a.q_stride, b, h, i0 + r), D * sizeof(uint16_t));
-    std::memset(f.q16 + m * D, 0, (rows - m) * D * sizeof(uint16_t));
+    copy_rows16(a.q, a.q_stride, b, h, i0, m, rows, f.q16);
     std::memset(f.p16 + m * BK, 0, (rows - m) * BK * sizeof(uint16_t));
   }
 
@@ -582,8 +580,9 @@ struct Attention {
   // its ten dependent rounds alone). When one block holds every key, consecutive rows are
   // consecutive elements of the numbering: one span for the whole block, every lane used (a short
   // row of 48 keys alone fills 12 of 16). Row r's bits start at bit0[r] of `bits`.
-  static constexpr int64_t kRowBitWords = (BK + 3) / 4 / 16 + 3;  // keep_bits_words(BK)
-  static constexpr int64_t kBlockBitWords = BQ * kRowBitWords;     // >= keep_bits_words(BQ * BK)
+  static constexpr int64_t kRowBitWords = keep_bits_words(BK);
+  static constexpr int64_t kBlockBitWords = BQ * kRowBitWords;
+  static_assert(kBlockBitWords >= keep_bits_words(BQ * BK), "room for a whole block's span");
   void block_keep_bits(int64_t b, int64_t h, int64_t i0, int64_t m, int64_t j0, int64_t n, uint64_t* bits,
                        int64_t* bit0) const {
     if (j0 == 0 && Lk <= BK) {  // one key block: row r's keys at r * Lk (a padded tail included)

@@ -26,7 +26,7 @@ inline uint64_t extract_bits(const uint64_t* bits, int64_t pos, int n) {
 
 // Keep-bits for the elements [e_begin, e_end) of an op: fills `bits` (sized by
 // keep_bits_words) and returns the bit position of e_begin in it.
-inline int64_t keep_bits_words(int64_t count) { return (count + 3) / 4 / 16 + 3; }
+constexpr int64_t keep_bits_words(int64_t count) { return (count + 3) / 4 / 16 + 3; }
 inline int64_t fill_keep_bits(const DropoutParams& d, int64_t e_begin, int64_t e_end,
                               uint64_t* bits) {
   const uint64_t first = static_cast<uint64_t>(e_begin) >> 2;

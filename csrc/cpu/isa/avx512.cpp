@@ -36,16 +36,16 @@ inline double peak_bf16_dot(int64_t iters) {
 // bf16 peak on AMX tiles: four independent accumulators (tmm0..3) fed by two A and two B tiles
 // that stay loaded, 16 x 16 x 32 multiply-adds per tdpbf16ps.
 inline double peak_bf16_amx(int64_t iters) {
-  alignas(64) static const uint16_t ones[16 * 32] = {};  // zeros: the probe measures the rate only
+  alignas(64) static const uint16_t zeros[16 * 32] = {};  // operand values do not change the rate
   amx_configure();
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  _tile_loadd(4, ones, 64);
-  _tile_loadd(5, ones, 64);
-  _tile_loadd(6, ones, 64);
-  _tile_loadd(7, ones, 64);
+  _tile_loadd(4, zeros, 64);
+  _tile_loadd(5, zeros, 64);
+  _tile_loadd(6, zeros, 64);
+  _tile_loadd(7, zeros, 64);
   for (int64_t it = 0; it < iters; ++it) {
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);

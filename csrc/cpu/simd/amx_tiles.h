@@ -1,5 +1,6 @@
 // Intel AMX tile set-up shared by the bf16 kernels that use tiles (gemm/gemm_kernel.h,
-// attention_amx.h). Included inside the AVX-512 namespace, only where AIAYN_AMX_TILES is defined.
+// attention_amx.h, the AMX peak probe). Included by isa/avx512.cpp inside its namespace, only where
+// AIAYN_AMX_COMPILED (the compiler knows the tile intrinsics).
 
 // The asm of GCC's tile intrinsics declares no memory operands: barriers keep ordinary stores
 // (packing) before the tile loads that read them and tile stores before the code that reads them.
