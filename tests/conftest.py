@@ -28,6 +28,22 @@ AMX_SKIP_REASON = None if aiayn._C.amx_supported() else "no AMX-BF16 here (CPU l
 BF16_MODES = {"avx512": 1, "avx512-bf16-widened": 0, "avx512-amx": 2}
 
 
+class bf16_mode:
+    """Forces a bf16 mode (aiayn._C.set_gemm_bf16: GEMMs and attention) and optionally the
+    GEMM forward's packed / rows path in a block."""
+
+    def __init__(self, mode, rows_path=-1):
+        self.mode, self.rows_path = mode, rows_path
+
+    def __enter__(self):
+        self.previous = aiayn._C.set_gemm_bf16(self.mode)
+        self.previous_path = aiayn._C.set_gemm_rows_path(self.rows_path)
+
+    def __exit__(self, *exc):
+        aiayn._C.set_gemm_bf16(self.previous)
+        aiayn._C.set_gemm_rows_path(self.previous_path)
+
+
 @pytest.fixture(params=[
     pytest.param(isa, marks=pytest.mark.skipif(isa == "avx512-amx" and AMX_SKIP_REASON is not None,
                                                reason=AMX_SKIP_REASON or ""))

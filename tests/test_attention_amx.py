@@ -8,10 +8,9 @@ fully masked rows. Skips where the CPU or the OS has no AMX."""
 import pytest
 import torch
 
-import aiayn
 from aiayn import functional as AF
 from aiayn import reference
-from conftest import AMX_SKIP_REASON, assert_2x_rule
+from conftest import AMX_SKIP_REASON, assert_2x_rule, bf16_mode
 from test_attention import make_mask, rand, references
 
 pytestmark = pytest.mark.skipif(AMX_SKIP_REASON is not None, reason=AMX_SKIP_REASON or "")
@@ -21,9 +20,8 @@ AMX, WIDENED = 2, 0
 
 @pytest.fixture(params=["amx", "widened"])
 def mode(request):
-    previous = aiayn._C.set_gemm_bf16(AMX if request.param == "amx" else WIDENED)
-    yield request.param
-    aiayn._C.set_gemm_bf16(previous)
+    with bf16_mode(AMX if request.param == "amx" else WIDENED):
+        yield request.param
 
 
 @pytest.mark.parametrize("Lq,Lk", [(5, 1), (15, 16), (16, 17), (17, 33), (64, 64), (65, 65), (97, 130), (200, 129)])
@@ -89,27 +87,23 @@ def test_amx_agrees_with_widened_path(rng_seed):
     q, k, v = (rand(2, 4, 300, 64, dtype=torch.bfloat16) for _ in range(3))
     with_mode = []
     for m in (AMX, WIDENED):
-        previous = aiayn._C.set_gemm_bf16(m)
-        try:
+        with bf16_mode(m):
             with_mode.append(AF.scaled_dot_product_attention(q, k, v).float())
-        finally:
-            aiayn._C.set_gemm_bf16(previous)
     assert (with_mode[0] - with_mode[1]).abs().max().item() < 2e-2
     assert not torch.equal(with_mode[0], with_mode[1]), "the AMX path did not run"
 
 
 def test_thread_count_does_not_change_bits(rng_seed):
     q, k, v = (rand(1, 3, 200, 64, dtype=torch.bfloat16) for _ in range(3))
-    previous_mode = aiayn._C.set_gemm_bf16(AMX)
     previous = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = AF.scaled_dot_product_attention(q, k, v, is_causal=True)
-        torch.set_num_threads(2)
-        two = AF.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with bf16_mode(AMX):
+            torch.set_num_threads(1)
+            one = AF.scaled_dot_product_attention(q, k, v, is_causal=True)
+            torch.set_num_threads(2)
+            two = AF.scaled_dot_product_attention(q, k, v, is_causal=True)
     finally:
         torch.set_num_threads(previous)
-        aiayn._C.set_gemm_bf16(previous_mode)
     assert torch.equal(one, two)
 
 

@@ -10,26 +10,11 @@ import aiayn
 
 from aiayn import functional as AF
 from aiayn import reference
-from conftest import AMX_SKIP_REASON, assert_2x_rule
+from conftest import AMX_SKIP_REASON, assert_2x_rule, bf16_mode
 
 needs_amx = pytest.mark.skipif(AMX_SKIP_REASON is not None, reason=AMX_SKIP_REASON or "")
 
 AMX, DOT = 2, 1
-
-
-class bf16_mode:
-    """Forces a bf16 GEMM mode (and optionally the forward's packed / rows path) in a block."""
-
-    def __init__(self, mode, rows_path=-1):
-        self.mode, self.rows_path = mode, rows_path
-
-    def __enter__(self):
-        self.previous = aiayn._C.set_gemm_bf16(self.mode)
-        self.previous_path = aiayn._C.set_gemm_rows_path(self.rows_path)
-
-    def __exit__(self, *exc):
-        aiayn._C.set_gemm_bf16(self.previous)
-        aiayn._C.set_gemm_rows_path(self.previous_path)
 
 
 def slack_for(ref):
