@@ -99,6 +99,54 @@ def test_huge_weight_packed_per_chunk(rng_seed, dtype):
                    slack=slack_for(ref, dtype))
 
 
+@pytest.mark.parametrize("tokens,k,n", [(16, 64, 40000), (600, 80, 33000)])
+def test_backward_large_scratch_reused(rng_seed, tokens, k, n):
+    """Backward with a vocabulary-sized weight: its packed copy (> 8 MiB) and, with more tokens
+    than one K chunk, the K-chunk partial products come from the pool of reused scratch blocks.
+    Three calls with fresh inputs (blocks reused, shapes changing) each match the reference, and
+    1 and 2 threads give the same bits."""
+    previous = torch.get_num_threads()
+    try:
+        for call in range(3):
+            x, w, _ = make(tokens + call, k, n - 7 * call, torch.float32)
+            grad = torch.randn(tokens + call, n - 7 * call)
+            results = []
+            for threads in (2, 1):
+                torch.set_num_threads(threads)
+                results.append(torch.ops.aiayn.linear_bwd(grad, x, w, None, False))
+            for a, b in zip(*results):
+                assert torch.equal(a, b)
+            dx, dw, db = results[0]
+            xd, wd, gd = x.double().requires_grad_(), w.double().requires_grad_(), grad.double()
+            (xd @ wd.t()).backward(gd)
+            xt, wt = x.clone().requires_grad_(), w.clone().requires_grad_()
+            (xt @ wt.t()).backward(grad)
+            for name, ours, r, t in (("x", dx, xd.grad, xt.grad), ("w", dw, wd.grad, wt.grad),
+                                     ("b", db, gd.sum(0), grad.sum(0))):
+                assert_2x_rule(ours, t, r, f"scratch call {call} grad {name}", seed=rng_seed, slack=1e-5)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("tokens", [1, 13, 128, 200, 512, 1600])
+def test_task_split_does_not_change_bits(tokens):
+    """The GEMM's split into row blocks x column chunks depends on M and the thread count (few rows:
+    column chunks); each output's sum order must not."""
+    x, w, b = make(tokens, 300, 700, torch.float32)
+    previous, previous_path = torch.get_num_threads(), aiayn._C.set_gemm_rows_path(0)
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(AF.linear(x, w, b))
+    finally:
+        torch.set_num_threads(previous)
+        aiayn._C.set_gemm_rows_path(previous_path)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    ref = reference.linear(x.double(), w.double(), b.double())
+    assert_2x_rule(outs[0], reference.linear(x, w, b), ref, f"split {tokens}", seed=0)
+
+
 def test_forward_big_default_isa(rng_seed):
     x, w, b = make(3072, 512, 2048, torch.float32)
     ref = reference.linear(x.double(), w.double(), b.double(), "relu")

@@ -4,6 +4,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/core/StorageImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
@@ -13,8 +14,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <map>
 #include <mutex>
 #include <stdexcept>
+#include <unordered_map>
 #include <vector>
 
 namespace aiayn::cpu {
@@ -40,6 +43,71 @@ at::Tensor gemm_weight(const at::Tensor& w) { return w.size(1) > 1 && w.stride(1
 at::Tensor gemm_bias(const std::optional<at::Tensor>& b, at::ScalarType x_dtype) {
   if (!b.has_value() || !b->defined()) return at::Tensor();
   return b->to(x_dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+namespace {
+
+// Large GEMM temporaries (a packed vocabulary-sized weight, K-chunk partial products) come from a
+// pool of blocks that are kept after use. glibc serves allocations of 32 MiB and more with a fresh
+// mmap every time, so each call page-faulted them in again: ~20 ms for the 75 MB packed 37000 x
+// 512 weight of the base model's output projection, ~20% of that layer's backward. Blocks below
+// kScratchMinBytes come from the ordinary allocator (malloc's heap reuses them). At most
+// kScratchKeepBytes of unused blocks are kept; beyond that the largest are freed.
+constexpr size_t kScratchMinBytes = size_t(8) << 20;
+constexpr size_t kScratchKeepBytes = size_t(384) << 20;
+constexpr size_t kScratchRound = size_t(2) << 20;
+
+class ScratchPool {
+ public:
+  at::Tensor get(size_t bytes) {
+    const size_t want = (bytes + kScratchRound - 1) / kScratchRound * kScratchRound;
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      // The smallest free block that fits, unless it is much larger than asked for.
+      auto it = free_.lower_bound(want);
+      if (it != free_.end() && it->first <= want + want / 4 + kScratchRound) {
+        p = it->second;
+        free_bytes_ -= it->first;
+        free_.erase(it);
+      }
+    }
+    if (!p) {
+      p = std::aligned_alloc(64, want);
+      if (!p) throw std::bad_alloc();
+      std::lock_guard<std::mutex> lock(mu_);
+      size_of_[p] = want;
+    }
+    return at::from_blob(p, {static_cast<int64_t>(bytes)}, [this](void* q) { put(q); },
+                         at::TensorOptions().dtype(at::kByte));
+  }
+
+ private:
+  void put(void* p) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const size_t size = size_of_.at(p);
+    free_.emplace(size, p);
+    free_bytes_ += size;
+    while (free_bytes_ > kScratchKeepBytes) {
+      auto largest = std::prev(free_.end());
+      free_bytes_ -= largest->first;
+      size_of_.erase(largest->second);
+      std::free(largest->second);
+      free_.erase(largest);
+    }
+  }
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;           // size -> unused block
+  std::unordered_map<void*, size_t> size_of_;  // every block the pool owns, used or not
+  size_t free_bytes_ = 0;
+};
+
+}  // namespace
+
+at::Tensor gemm_scratch(int64_t bytes) {
+  if (static_cast<size_t>(bytes) < kScratchMinBytes) return at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  static ScratchPool* pool = new ScratchPool();  // never destroyed: tensors may outlive static destructors
+  return pool->get(static_cast<size_t>(bytes));
 }
 
 namespace {
@@ -128,8 +196,7 @@ at::Tensor gemm_pack_b(DType dtype, int64_t K, int64_t N, const void* b, int64_t
   const GemmInfo info = k.gemm_info(dtype, mode);
   const int64_t Kp = (K + info.kp - 1) / info.kp * info.kp;
   const int64_t panels = (N + info.nr - 1) / info.nr;
-  at::Tensor packed = at::empty({std::max<int64_t>(1, panels * Kp * info.nr * info.elem_bytes) + 64},
-                                at::TensorOptions().dtype(at::kByte));
+  at::Tensor packed = gemm_scratch(std::max<int64_t>(1, panels * Kp * info.nr * info.elem_bytes) + 64);
   GemmPackB pb{dtype, mode, K, N, b, b_rs, b_cs};
   // Panels per task: about 64K elements each.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, Kp * info.nr));
@@ -286,22 +353,34 @@ GemmPlan make_plan(GemmArgs g, const at::Tensor& packed, int64_t threads) {
   const int64_t kc = (Kp + pl.kchunks - 1) / pl.kchunks;
   const size_t esize = g.dtype == DType::f64 ? 8 : g.dtype == DType::f32 ? 4 : 2;
 
-  // Rows per task: the packed A block (rows x K chunk) within ~1 MiB of L2, at most 32 micro-panels.
+  // Rows per task: the packed A block (rows x K chunk) within ~1 MiB of L2, at most 32 micro-panels,
+  // but at least kMinBlockPanels micro-panels where M allows: every task streams all of its B
+  // panels through L1, so a task of few rows reads B (from L2/L3) for little work. At M = 512
+  // (one training batch of the base model) cutting the rows into 8 blocks of 64 ran at ~270
+  // GFLOP/s on 2 threads, 2 blocks x 2 column chunks at ~300-340.
+  constexpr int64_t kMinBlockPanels = 16;
   const int64_t row_bytes = std::max<int64_t>(1, std::min(Kp, kc + info.kp) * info.elem_bytes);
   const int64_t mp_per_block = std::clamp<int64_t>((1 << 20) / (row_bytes * info.mr), 1, 32);
   int64_t mblocks = (pl.mpanels + mp_per_block - 1) / mp_per_block;
+  mblocks = std::min(mblocks, std::max<int64_t>(1, pl.mpanels / kMinBlockPanels));
   if (mblocks > 1) mblocks = (mblocks + threads - 1) / threads * threads;  // equal work per thread
   // Slack for the dynamic schedule; one thread gains nothing from it and would stream B more often.
-  if (threads > 1 && mblocks * pl.kchunks < 4 * threads && pl.mpanels >= 4 * threads) mblocks = 4 * threads;
+  if (threads > 1 && mblocks * pl.kchunks < 4 * threads && pl.mpanels >= 4 * threads * kMinBlockPanels)
+    mblocks = 4 * threads;
   pl.mblocks = std::max<int64_t>(1, std::min(mblocks, pl.mpanels));
-  // Few row blocks (small M, decoding): split the columns too.
-  if (pl.mblocks * pl.kchunks < 2 * threads)
-    pl.nchunks = std::max<int64_t>(1, std::min(pl.panels, (2 * threads + pl.mblocks - 1) / pl.mblocks));
+  // Few row blocks (small M, decoding): split the columns too; one row block splits them once per
+  // thread (each task then packs all of A; more chunks measured slower).
+  if (pl.mblocks * pl.kchunks < 2 * threads) {
+    const int64_t want = pl.mblocks == 1 && pl.kchunks == 1 ? threads : (2 * threads + pl.mblocks - 1) / pl.mblocks;
+    pl.nchunks = std::max<int64_t>(1, std::min(pl.panels, want));
+  }
 
   pl.chunk_args.assign(pl.kchunks, g);
   if (pl.kchunks > 1) {
     const auto acc = g.dtype == DType::f64 ? at::kDouble : at::kFloat;
-    pl.partial = at::empty({pl.kchunks, g.M, g.N}, at::TensorOptions().dtype(acc));
+    pl.partial = gemm_scratch(pl.kchunks * g.M * g.N * static_cast<int64_t>(c10::elementSize(acc)))
+                     .view(acc)
+                     .view({pl.kchunks, g.M, g.N});
     if (g.a_row_sums) pl.partial_sums = at::empty({pl.kchunks, g.M}, at::TensorOptions().dtype(acc));
     for (int64_t c = 0; c < pl.kchunks; ++c) {
       const int64_t k0 = std::min(Kp, c * kc), k1 = std::min(g.K, (c + 1) * kc);

@@ -276,9 +276,19 @@ void gemm_pack_a(const GemmArgs& g, int64_t m0, int64_t rows, P* out, bool want_
     Buffer<double> sums(want_sums ? rows : 1);
     if (want_sums)
       for (int64_t i = 0; i < rows; ++i) sums.p[i] = 0.0;
+    // Row k of the source is a short run (rows values) far from row k - 1's (a_cs apart: 37000
+    // floats for the vocabulary projection's dW), which the hardware prefetcher does not follow:
+    // fetch the rows a few k ahead (this loop stalled on the loads ~half of its time without it).
+    constexpr int64_t kAhead = 4;
+    constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
     for (int64_t k = 0; k < K; ++k) {
       const T* src = a + k * g.a_cs + m0;
       const T* gsrc = gate ? gate + k * g.a_cs + m0 : nullptr;
+      if (k + kAhead < K) {
+        for (int64_t i = 0; i < rows; i += kLine) __builtin_prefetch(src + kAhead * g.a_cs + i);
+        if (gsrc)
+          for (int64_t i = 0; i < rows; i += kLine) __builtin_prefetch(gsrc + kAhead * g.a_cs + i);
+      }
       for (int64_t q = 0; q < panels; ++q) {
         P* d = out + q * Kp * MR + (k / KP) * MR * KP + k % KP;
         const int64_t i0 = q * MR, n = rows - i0 < MR ? rows - i0 : MR;
