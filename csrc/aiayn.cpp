@@ -156,8 +156,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("amx_supported", [] { return cpu::amx_supported(); },
         "Whether the CPU has AMX-BF16 and the OS granted the tile state (the GEMMs may use AMX).");
   m.def("set_gemm_rows_path", [](int mode) { return cpu::gemm_set_rows_path(mode); },
-        "Force the dot-product path of linear / feed_forward forwards (C = A W^T from W's rows, no "
-        "packing): 1 on, 0 off, -1 by the number of rows (AIAYN_GEMM_DOT); returns the previous setting.");
+        "Force the rows path of linear / feed_forward forwards (C = A W^T from W's rows, W not "
+        "packed: dot products, or float32 from 21 to 160 rows W's rows broadcast on the packed "
+        "micro-kernel): 1 on, 0 off, -1 by the number of rows (AIAYN_GEMM_DOT); returns the previous setting.");
   m.def("cpu_isa_supported", [](const std::string& name) { return cpu::isa_supported(name.c_str()); });
   m.def("philox4x32_10",
         [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {

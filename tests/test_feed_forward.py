@@ -144,8 +144,9 @@ def test_opcheck(dtype, p):
 # d_ff 129: rows' spans start off the Philox counters (one pass per row); 128: two rows' 32-column
 # spans per pass (the GEMM epilogue's pairing), 37 rows leaving an odd row in the last tile.
 @pytest.mark.parametrize("d_ff", [129, 128])
-def test_dropout_is_exact_and_reproducible(isa, gemm_path, d_ff):
-    x = torch.randn(37, 24)
+@pytest.mark.parametrize("tokens", [37, 70])
+def test_dropout_is_exact_and_reproducible(isa, gemm_path, d_ff, tokens):
+    x = torch.randn(tokens, 24)
     w1, b1, w2, b2 = make_params(24, d_ff, torch.float32)
     torch.manual_seed(0)
     out1, mask1 = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.5, return_dropout_mask=True)
@@ -158,7 +159,7 @@ def test_dropout_is_exact_and_reproducible(isa, gemm_path, d_ff):
     # The mask is the shared Philox numbering: hidden element (t, j) is number t * d_ff + j.
     seed = torch.tensor([987654321], dtype=torch.int64)
     _, mask = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.3, seed=seed, return_dropout_mask=True)
-    assert torch.equal(mask, reference.dropout_mask((37, d_ff), 0.3, seed))
+    assert torch.equal(mask, reference.dropout_mask((tokens, d_ff), 0.3, seed))
     # The hidden activation is exactly relu(x W1^T + b1) * mask / (1 - p) (same float32 products).
     _, hidden, _ = torch.ops.aiayn.feed_forward_fwd(x, w1, b1, w2, b2, 0.3, seed)
     h_ref = torch.relu(x.double() @ w1.double().t() + b1.double()) * mask / 0.7

@@ -41,12 +41,15 @@ def test_forward_matches_reference(isa_bf16, rng_seed, dtype, tokens, k, n, acti
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("tokens,k,n", [(1, 1, 1), (2, 17, 15), (3, 1000, 33), (31, 64, 16), (32, 129, 47),
-                                        (33, 512, 31), (5, 1100, 7)])
+                                        (33, 512, 31), (5, 1100, 7), (20, 40, 13), (21, 40, 13), (40, 300, 50),
+                                        (100, 64, 100), (160, 129, 37)])
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_rows_path_forced_on_and_off(isa_bf16, gemm_path, rng_seed, dtype, tokens, k, n, activation):
-    """The forward's dot-product path (few rows of x, W read unpacked) and the packed path, each
-    forced, at sizes around the path's row threshold and the tiles' edges (K not a multiple of the
-    vector width, K > one 64-vector block, N not a multiple of the column group, odd rows)."""
+    """The forward's rows paths (few rows of x, W read unpacked: dot products, or float32 from 21
+    rows W's rows broadcast on the packed micro-kernel, whose last panel of rows may be a half
+    tile) and the packed path, each forced, at sizes around the paths' row thresholds and the
+    tiles' edges (K not a multiple of the vector width, K > one 64-vector block, N not a multiple
+    of the column group, odd rows)."""
     isa = isa_bf16
     if isa.endswith("widened") and dtype != torch.bfloat16:
         pytest.skip("the bf16 mode only changes bf16")

@@ -112,6 +112,9 @@ struct GemmArgs {
   // groups of GemmInfo::dot_nr columns. Needs a_cs == 1, no a_gate, no a_row_sums.
   const void* b_rows;
   int64_t b_rows_rs;
+  // With b_rows (float32 only): W's rows are the broadcast operand of the packed micro-kernel
+  // (gemm_wrows_run) instead of dot products; "panels" are then groups of GemmInfo::mr columns.
+  bool b_rows_bcast;
   // Epilogue, in this order on the float32 tile: + bias[n] (acc type, N values, may be null);
   // ReLU; dropout (element (m, n) is number m * N + n of `dropout`, kept ones scaled);
   // c_gate: C(m, n) := gate(m, n) > 0 ? C(m, n) * c_gate_scale : 0 (gate of dtype `dtype`, row

@@ -58,13 +58,14 @@ bool gemm_set_pack_cache(bool enabled);
 // C = epilogue(A * B) over all of C, in parallel. g.packed_b is set from `packed`.
 void gemm_run_all(GemmArgs g, const at::Tensor& packed);
 // C = epilogue(A w^T) for a 2-d weight w (N x K, last dim contiguous), the forward of nn.Linear:
-// few rows of A (gemm_use_rows_path) run on the dot-product path straight from w's rows, the
-// rest on w packed (gemm_pack_weight, cached where enabled).
+// few rows of A (gemm_use_rows_path) run straight from w's rows (float32 from ~20 rows: w's rows
+// broadcast on the packed micro-kernel; else dot products), the rest on w packed
+// (gemm_pack_weight, cached where enabled).
 void gemm_run_weight_t(GemmArgs g, const at::Tensor& w);
-// Whether M rows of A take the dot-product path (`cached`: the weight would come from the
-// packed-weight cache); gemm_set_rows_path(1/0) or AIAYN_GEMM_DOT=1/0 force it on/off, -1 restores
-// the size rule. Returns the previous setting.
-bool gemm_use_rows_path(int64_t M, bool cached);
+// Whether M rows of A take a rows path (`cached`: the weight would come from the packed-weight
+// cache); gemm_set_rows_path(1/0) or AIAYN_GEMM_DOT=1/0 force it on/off, -1 restores the size
+// rule. Returns the previous setting.
+bool gemm_use_rows_path(int64_t M, bool cached, DType dtype);
 int gemm_set_rows_path(int mode);
 // Independent GEMMs (none reads another's C) in one parallel region.
 void gemm_run_many(const std::vector<std::pair<GemmArgs, at::Tensor>>& jobs);

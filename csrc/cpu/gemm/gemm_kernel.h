@@ -325,11 +325,11 @@ inline void gemm_fold(V (&tot)[ROWS][NV], const V (&blk)[ROWS][NV], bool first) 
     for (int j = 0; j < NV; ++j) tot[r][j] = first ? blk[r][j] : tot[r][j] + blk[r][j];
 }
 
-// Micro-kernel: acc[r][j] = sum_k A(r, k) * B(k, j*N .. j*N + N) over the whole (padded) K.
-template <typename V, int MR, int NV, int ROWS>
-inline void gemm_micro(const typename V::Scalar* __restrict a, const typename V::Scalar* __restrict b,
-                       int64_t K, V (&acc)[ROWS][NV]) {
-  constexpr int NR = NV * V::N;
+// Micro-kernel: acc[r][j] = sum_k A(r, k) * B(k, j*N .. j*N + N) over the whole (padded) K, B
+// rows BS apart. `A` gives A(r, k) (at(k, r)) and prefetches ahead of k (prefetch(k)): a packed
+// micro-panel (GemmPackedA) or rows read in place (GemmRowsA, the W-rows path).
+template <typename V, int ROWS, int NV, int BS, typename A>
+inline void gemm_micro_on(const A& a, const typename V::Scalar* __restrict b, int64_t K, V (&acc)[ROWS][NV]) {
   if (K == 0) {
 #pragma GCC unroll 16
     for (int r = 0; r < ROWS; ++r)
@@ -346,19 +346,41 @@ inline void gemm_micro(const typename V::Scalar* __restrict a, const typename V:
       for (int j = 0; j < NV; ++j) blk[r][j] = V::zero();
 #pragma GCC unroll 2
     for (int64_t k = k0; k < k1; ++k) {
-      __builtin_prefetch(a + (k + 12) * MR);  // the A micro-panel streams from L2
+      a.prefetch(k);
       V bv[NV];
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) bv[j] = V::load(b + k * NR + j * V::N);
+      for (int j = 0; j < NV; ++j) bv[j] = V::load(b + k * BS + j * V::N);
 #pragma GCC unroll 16
       for (int r = 0; r < ROWS; ++r) {
-        const V av = V::set1(a[k * MR + r]);
+        const V av = V::set1(a.at(k, r));
 #pragma GCC unroll 4
         for (int j = 0; j < NV; ++j) blk[r][j] = V::fma(av, bv[j], blk[r][j]);
       }
     }
     gemm_fold<V, NV, ROWS>(acc, blk, k0 == 0);
   }
+}
+
+// A packed micro-panel of MR rows: A(r, k) at a[k * MR + r], streamed from L2.
+template <typename S, int MR>
+struct GemmPackedA {
+  const S* __restrict a;
+  S at(int64_t k, int r) const { return a[k * MR + r]; }
+  void prefetch(int64_t k) const { __builtin_prefetch(a + (k + 12) * MR); }
+};
+
+// Rows read in place: A(r, k) at rows[r][k] (the hardware prefetcher follows each row).
+template <typename S, int ROWS>
+struct GemmRowsA {
+  const S* const* rows;
+  S at(int64_t k, int r) const { return rows[r][k]; }
+  void prefetch(int64_t) const {}
+};
+
+template <typename V, int MR, int NV, int ROWS>
+inline void gemm_micro(const typename V::Scalar* __restrict a, const typename V::Scalar* __restrict b,
+                       int64_t K, V (&acc)[ROWS][NV]) {
+  gemm_micro_on<V, ROWS, NV, NV * V::N>(GemmPackedA<typename V::Scalar, MR>{a}, b, K, acc);
 }
 
 #ifdef AIAYN_GEMM_BF16_DOT
@@ -750,6 +772,71 @@ void gemm_dot_run(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t
   }
 }
 
+// Rows path on W's rows (float32; gemm.cpp picks it for a few tens of rows of A, where it ran
+// ~1.5x faster than the dot-product path): C^T = W A^T on the packed micro-kernel with the roles
+// swapped. A^T is packed as B panels of NR rows of A (small: M x K), and MR rows of W are read in
+// place as the broadcast operand, so W, the large operand, is neither packed nor transposed. A
+// tile is MR columns of C (rows of W) x NR rows of C (a last panel of at most N rows runs as a
+// half tile); it is transposed through a small buffer into rows of C for the common epilogue.
+// Each output's k order is gemm_micro's (two-level, kGemmKBlock), fixed by K alone.
+template <typename V>
+void gemm_wrows_run(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  using S = typename V::Scalar;
+  constexpr int MR = GemmTile<V>::MR, NV = GemmTile<V>::NV, NR = GemmTile<V>::NR, N = V::N;
+  constexpr int NE = (MR + N - 1) / N;  // vectors per row of a transposed tile
+  constexpr int ER = 8;                 // rows per epilogue call
+  const int64_t K = g.K, rows = m1 - m0;
+  if (rows <= 0 || p1 <= p0) return;
+  const int64_t mpanels = (rows + NR - 1) / NR;
+  // A^T as B panels: B(k, i) = A(m0 + i, k).
+  Buffer<S> apack(mpanels * K * NR + 1);
+  const GemmPackB pb{DType::f32, Bf16Gemm::widened, K, rows, static_cast<const S*>(g.a) + m0 * g.a_rs, 1, g.a_rs};
+  gemm_pack_b_impl<S, S, NR, 1>(pb, 0, mpanels, apack.data());
+  const S* w = static_cast<const S*>(g.b_rows);
+  alignas(64) S tile[MR][NR];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * MR;
+    const int nn = static_cast<int>(g.N - n0 < MR ? g.N - n0 : MR);
+    const S* wr[MR];
+    for (int r = 0; r < MR; ++r) wr[r] = w + (n0 + (r < nn ? r : 0)) * g.b_rows_rs;
+    for (int64_t q = 0; q < mpanels; ++q) {
+      const int mm = static_cast<int>(rows - q * NR < NR ? rows - q * NR : NR);
+      if (NV > 1 && mm <= N) {
+        V acc[MR][1];
+        gemm_micro_on<V, MR, 1, NR>(GemmRowsA<S, MR>{wr}, apack.data() + q * K * NR, K, acc);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) acc[r][0].store(&tile[r][0]);
+      } else {
+        V acc[MR][NV];
+        gemm_micro_on<V, MR, NV, NR>(GemmRowsA<S, MR>{wr}, apack.data() + q * K * NR, K, acc);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+          for (int j = 0; j < NV; ++j) acc[r][j].store(&tile[r][j * N]);
+      }
+      for (int i0 = 0; i0 < mm; i0 += ER) {
+        alignas(64) S t[ER][NE * N] = {};
+        V e[ER][NE];
+        for (int i = 0; i < ER; ++i) {
+          for (int r = 0; r < MR; ++r) t[i][r] = tile[r][(i0 + i) % NR];
+          for (int j = 0; j < NE; ++j) e[i][j] = V::load(&t[i][j * N]);
+        }
+        const int64_t m = m0 + q * NR + i0;
+        if (mm - i0 >= ER)
+          gemm_epilogue<V, S, NE, ER>(g, e, m, n0, nn);
+        else
+          gemm_dispatch_rows<ER - 1>(mm - i0, [&](auto rows_c) {
+            constexpr int R = decltype(rows_c)::value;
+            V er[R][NE];
+            for (int i = 0; i < R; ++i)
+              for (int j = 0; j < NE; ++j) er[i][j] = e[i][j];
+            gemm_epilogue<V, S, NE, R>(g, er, m, n0, nn);
+          });
+      }
+    }
+  }
+}
+
 // The packed layout of each dtype on this ISA.
 template <typename V, int KP, typename P>
 constexpr GemmInfo gemm_info_of() {
@@ -804,7 +891,12 @@ inline void gemm_pack_b(const GemmPackB& b, int64_t p0, int64_t p1, void* packed
 inline void gemm_run(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
   if (g.b_rows) {
     switch (g.dtype) {
-      case DType::f32: gemm_dot_run<Vec, float>(g, m0, m1, p0, p1); break;
+      case DType::f32:
+        if (g.b_rows_bcast)
+          gemm_wrows_run<Vec>(g, m0, m1, p0, p1);
+        else
+          gemm_dot_run<Vec, float>(g, m0, m1, p0, p1);
+        break;
       case DType::bf16: gemm_dot_run<Vec, uint16_t>(g, m0, m1, p0, p1); break;
       case DType::f64: gemm_dot_run<GemmF64, double>(g, m0, m1, p0, p1); break;
     }
