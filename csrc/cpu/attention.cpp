@@ -13,6 +13,7 @@
 #include "gemm/gemm.h"
 #include "kernel_dtype.h"
 #include "kernels.h"
+#include "scratch.h"
 
 namespace aiayn::cpu {
 namespace {
@@ -102,7 +103,7 @@ class ThreadScratch {
  public:
   explicit ThreadScratch(size_t bytes_per_thread)
       : stride_((bytes_per_thread + 63) / 64 * 64),
-        buf_(at::empty({static_cast<int64_t>(stride_) * at::get_num_threads() + 64}, at::kByte)) {}
+        buf_(scratch_tensor(static_cast<int64_t>(stride_) * at::get_num_threads() + 64)) {}
   void* for_thread() const {
     auto base = reinterpret_cast<uintptr_t>(buf_.data_ptr());
     base = (base + 63) / 64 * 64;

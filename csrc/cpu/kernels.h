@@ -18,6 +18,12 @@ namespace aiayn::cpu {
 enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2 };
 const char* isa_name(Isa isa);
 
+// Per-thread cache of the kernels' large scratch buffers (simd/buffer.h; scratch.cpp): acquire
+// returns a 64-byte-aligned block of at least `bytes` and its capacity, release gives it back to
+// the calling thread's cache (a few blocks kept, so a block is not page-faulted in on every call).
+void* kernel_scratch_acquire(size_t bytes, size_t* capacity);
+void kernel_scratch_release(void* p, size_t capacity);
+
 // Storage types the kernels read and write. bf16 is stored as its 16 raw bits.
 enum class DType : int { f32 = 0, bf16 = 1, f64 = 2 };
 

@@ -2,9 +2,10 @@
 // cache (gemm.h).
 #include "gemm.h"
 
+#include "../scratch.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <c10/core/StorageImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
@@ -14,10 +15,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <map>
 #include <mutex>
 #include <stdexcept>
-#include <unordered_map>
 #include <vector>
 
 namespace aiayn::cpu {
@@ -43,71 +42,6 @@ at::Tensor gemm_weight(const at::Tensor& w) { return w.size(1) > 1 && w.stride(1
 at::Tensor gemm_bias(const std::optional<at::Tensor>& b, at::ScalarType x_dtype) {
   if (!b.has_value() || !b->defined()) return at::Tensor();
   return b->to(x_dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
-}
-
-namespace {
-
-// Large GEMM temporaries (a packed vocabulary-sized weight, K-chunk partial products) come from a
-// pool of blocks that are kept after use. glibc serves allocations of 32 MiB and more with a fresh
-// mmap every time, so each call page-faulted them in again: ~20 ms for the 75 MB packed 37000 x
-// 512 weight of the base model's output projection, ~20% of that layer's backward. Blocks below
-// kScratchMinBytes come from the ordinary allocator (malloc's heap reuses them). At most
-// kScratchKeepBytes of unused blocks are kept; beyond that the largest are freed.
-constexpr size_t kScratchMinBytes = size_t(8) << 20;
-constexpr size_t kScratchKeepBytes = size_t(384) << 20;
-constexpr size_t kScratchRound = size_t(2) << 20;
-
-class ScratchPool {
- public:
-  at::Tensor get(size_t bytes) {
-    const size_t want = (bytes + kScratchRound - 1) / kScratchRound * kScratchRound;
-    void* p = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      // The smallest free block that fits, unless it is much larger than asked for.
-      auto it = free_.lower_bound(want);
-      if (it != free_.end() && it->first <= want + want / 4 + kScratchRound) {
-        p = it->second;
-        free_bytes_ -= it->first;
-        free_.erase(it);
-      }
-    }
-    if (!p) {
-      p = std::aligned_alloc(64, want);
-      if (!p) throw std::bad_alloc();
-      std::lock_guard<std::mutex> lock(mu_);
-      size_of_[p] = want;
-    }
-    return at::from_blob(p, {static_cast<int64_t>(bytes)}, [this](void* q) { put(q); },
-                         at::TensorOptions().dtype(at::kByte));
-  }
-
- private:
-  void put(void* p) {
-    std::lock_guard<std::mutex> lock(mu_);
-    const size_t size = size_of_.at(p);
-    free_.emplace(size, p);
-    free_bytes_ += size;
-    while (free_bytes_ > kScratchKeepBytes) {
-      auto largest = std::prev(free_.end());
-      free_bytes_ -= largest->first;
-      size_of_.erase(largest->second);
-      std::free(largest->second);
-      free_.erase(largest);
-    }
-  }
-  std::mutex mu_;
-  std::multimap<size_t, void*> free_;           // size -> unused block
-  std::unordered_map<void*, size_t> size_of_;  // every block the pool owns, used or not
-  size_t free_bytes_ = 0;
-};
-
-}  // namespace
-
-at::Tensor gemm_scratch(int64_t bytes) {
-  if (static_cast<size_t>(bytes) < kScratchMinBytes) return at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
-  static ScratchPool* pool = new ScratchPool();  // never destroyed: tensors may outlive static destructors
-  return pool->get(static_cast<size_t>(bytes));
 }
 
 namespace {
@@ -196,7 +130,7 @@ at::Tensor gemm_pack_b(DType dtype, int64_t K, int64_t N, const void* b, int64_t
   const GemmInfo info = k.gemm_info(dtype, mode);
   const int64_t Kp = (K + info.kp - 1) / info.kp * info.kp;
   const int64_t panels = (N + info.nr - 1) / info.nr;
-  at::Tensor packed = gemm_scratch(std::max<int64_t>(1, panels * Kp * info.nr * info.elem_bytes) + 64);
+  at::Tensor packed = scratch_tensor(std::max<int64_t>(1, panels * Kp * info.nr * info.elem_bytes) + 64);
   GemmPackB pb{dtype, mode, K, N, b, b_rs, b_cs};
   // Panels per task: about 64K elements each.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, Kp * info.nr));
@@ -380,7 +314,7 @@ GemmPlan make_plan(GemmArgs g, const at::Tensor& packed, int64_t threads) {
   pl.chunk_args.assign(pl.kchunks, g);
   if (pl.kchunks > 1) {
     const auto acc = g.dtype == DType::f64 ? at::kDouble : at::kFloat;
-    pl.partial = gemm_scratch(pl.kchunks * g.M * g.N * static_cast<int64_t>(c10::elementSize(acc)))
+    pl.partial = scratch_tensor(pl.kchunks * g.M * g.N * static_cast<int64_t>(c10::elementSize(acc)))
                      .view(acc)
                      .view({pl.kchunks, g.M, g.N});
     if (g.a_row_sums) pl.partial_sums = at::empty({pl.kchunks, g.M}, at::TensorOptions().dtype(acc));

@@ -31,10 +31,6 @@ at::Tensor gemm_weight(const at::Tensor& w);
 // when absent.
 at::Tensor gemm_bias(const std::optional<at::Tensor>& b, at::ScalarType x_dtype);
 
-// A uint8 tensor of `bytes` for GEMM temporaries; large ones come from a pool of reused blocks
-// (returned to it when the tensor is freed), so they are not page-faulted in on every call.
-at::Tensor gemm_scratch(int64_t bytes);
-
 // Packs B(k, n) = b[k * b_rs + n * b_cs] (K x N) for the current ISA; a uint8 tensor.
 at::Tensor gemm_pack_b(DType dtype, int64_t K, int64_t N, const void* b, int64_t b_rs, int64_t b_cs);
 

@@ -2,17 +2,33 @@
 // std:: function is instantiated inside an ISA translation unit (kernels.h explains why).
 // Included inside the ISA namespace by isa/*.cpp.
 
+// From kBufferCacheBytes on, blocks come from the calling thread's scratch cache (kernels.h), as
+// the packed A blocks of the GEMM tasks (~1 MiB): freed to glibc they were page-faulted in again
+// on every call.
+constexpr size_t kBufferCacheBytes = size_t(64) << 10;
+
 template <typename T>
 struct Buffer {
-  explicit Buffer(int64_t n)
-      : p(static_cast<T*>(std::aligned_alloc(64, ((sizeof(T) * n + 63) / 64 + 1) * 64))) {
-    if (!p) throw std::bad_alloc();
+  explicit Buffer(int64_t n) {
+    const size_t bytes = ((sizeof(T) * static_cast<size_t>(n > 0 ? n : 0) + 63) / 64 + 1) * 64;
+    if (bytes >= kBufferCacheBytes) {
+      p = static_cast<T*>(kernel_scratch_acquire(bytes, &capacity));
+    } else {
+      p = static_cast<T*>(std::aligned_alloc(64, bytes));
+      if (!p) throw std::bad_alloc();
+    }
   }
-  ~Buffer() { std::free(p); }
+  ~Buffer() {
+    if (capacity)
+      kernel_scratch_release(p, capacity);
+    else
+      std::free(p);
+  }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
   T* data() { return p; }
-  T* p;
+  T* p = nullptr;
+  size_t capacity = 0;  // nonzero: from the thread's scratch cache
 };
 
 // Carves 64-byte-aligned arrays out of scratch memory the caller provides (one block per thread,
