@@ -148,6 +148,8 @@ def _feed_forward_bwd_fake(grad_out, x, w1, w2, hidden, p, relu_mask=None):
 def _feed_forward_setup(ctx, inputs, output):
     x, w1, b1, w2, b2, p, seed = inputs
     _, hidden, relu_mask = output
+    # No zero-filled gradients for the outputs nobody differentiates (hidden: T x d_ff).
+    ctx.set_materialize_grads(False)
     ctx.p = p
     ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
     ctx.save_for_backward(x, w1, w2, hidden, relu_mask)
@@ -158,6 +160,8 @@ def _feed_forward_backward(ctx, grad_out, _grad_hidden, _grad_mask):
     # supported, and it is marked non-differentiable by the functional wrapper's use. The bit-mask
     # (CUDA) is the backward's ReLU-and-dropout gate.
     x, w1, w2, hidden, relu_mask = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
     gx, gw1, gb1, gw2, gb2 = torch.ops.aiayn.feed_forward_bwd(grad_out, x, w1, w2, hidden, ctx.p, relu_mask)
     return gx, gw1, gb1 if ctx.has_b1 else None, gw2, gb2 if ctx.has_b2 else None, None, None
 

@@ -78,8 +78,13 @@ class MultiHeadAttention(nn.Module):
         """x W^T + b for rows [first, first + count) * d_model of the packed projection, viewed as
         ``count`` tensors ``(B, h, L, d_k)``."""
         d = self.d_model
-        w = self.in_proj_weight[first * d:(first + count) * d]
-        b = None if self.in_proj_bias is None else self.in_proj_bias[first * d:(first + count) * d]
+        if first == 0 and count == 3:
+            # The whole packed projection: the parameters themselves, since the backward of a
+            # slice zero-fills a gradient of the full parameter and copies into it.
+            w, b = self.in_proj_weight, self.in_proj_bias
+        else:
+            w = self.in_proj_weight[first * d:(first + count) * d]
+            b = None if self.in_proj_bias is None else self.in_proj_bias[first * d:(first + count) * d]
         y = backend.linear(x, w, b)
         B, L, _ = x.shape
         return y.view(B, L, count, self.num_heads, self.d_k).permute(2, 0, 3, 1, 4).unbind(0)
