@@ -111,6 +111,10 @@ struct GemmArgs {
   // owns panel 0.
   void* a_row_sums;
   const void* packed_b;  // gemm_pack_b of B
+  // Optional (float32 only): A already packed by gemm_pack_a for rows from packed_a_first_row on
+  // (micro-panel q of rows packed_a_first_row + q * mr ..); tasks then do not pack their rows.
+  const void* packed_a;
+  int64_t packed_a_first_row;
   int64_t b_panel_stride;  // elements from one packed panel to the next; 0: round_up(K, kp) * nr
   int64_t b_first_panel;   // the panel that packed_b starts with (a chunk of B packed by one task)
   // The dot-product path (few rows of A, gemm_kernel.h): when set, B = W^T is read straight from
@@ -203,6 +207,9 @@ struct KernelTable {
   // [m_begin, m_end) x panels [panel_begin, panel_end) of C.
   GemmInfo (*gemm_info)(DType dtype, Bf16Gemm bf16);
   void (*gemm_pack_b)(const GemmPackB& b, int64_t panel_begin, int64_t panel_end, void* packed);
+  // Packs rows [m_begin, m_end) of A (float32; m_begin a multiple of mr) into `packed`, micro-panel
+  // m_begin / mr at element offset (m_begin / mr) * round_up(K, kp) * mr (the GemmArgs::packed_a layout).
+  void (*gemm_pack_a)(const GemmArgs& g, int64_t m_begin, int64_t m_end, void* packed);
   void (*gemm_run)(const GemmArgs& g, int64_t m_begin, int64_t m_end, int64_t panel_begin,
                    int64_t panel_end);
   // Peak probes for the benchmark harness: run `iters` iterations of an FMA (resp. bf16 dot

@@ -613,8 +613,13 @@ void gemm_run_impl(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_
   const bool sums = g.a_row_sums != nullptr && p0 == 0;
   if (rows <= 0 || (p1 <= p0 && !sums)) return;
   const int64_t panels = (rows + MR - 1) / MR;
-  Buffer<P> ap(panels * Kp * MR);
-  gemm_pack_a<T, P, S, MR, KP>(g, m0, rows, ap.data(), sums);
+  const bool prepacked = g.packed_a != nullptr && !sums;
+  Buffer<P> ap(prepacked ? 1 : panels * Kp * MR);
+  const P* apacked = ap.data();
+  if (prepacked)
+    apacked = static_cast<const P*>(g.packed_a) + (m0 - g.packed_a_first_row) / MR * Kp * MR;
+  else
+    gemm_pack_a<T, P, S, MR, KP>(g, m0, rows, ap.data(), sums);
   const P* bpacked = static_cast<const P*>(g.packed_b);
   // K in L1-sized slices: a slice of the B panel (kGemmKSlice x NR) stays in L1 while every
   // micro-panel of the task's rows runs over it; the tile's partial sums of earlier slices wait in
@@ -631,7 +636,7 @@ void gemm_run_impl(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_
       const bool first = kb == 0, last = kb + kn >= Kp;
       for (int64_t q = 0; q < panels; ++q) {
         const int r = static_cast<int>(rows - q * MR < MR ? rows - q * MR : MR);
-        const P* aq = ap.data() + q * Kp * MR + kb * MR;
+        const P* aq = apacked + q * Kp * MR + kb * MR;
         S* part = partial.data() + q * MR * NR;
         gemm_dispatch_rows<MR>(r, [&](auto rows_c) {
           constexpr int R = decltype(rows_c)::value;
@@ -855,6 +860,13 @@ void gemm_wrows_run(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64
       }
     }
   }
+}
+
+// GemmArgs::packed_a for float32: rows [m0, m1) of A in gemm_run_impl's micro-panel layout.
+inline void gemm_pack_a_f32(const GemmArgs& g, int64_t m0, int64_t m1, void* packed) {
+  constexpr int MR = GemmTile<Vec>::MR;
+  float* out = static_cast<float*>(packed) + m0 / MR * g.K * MR;
+  if (m1 > m0) gemm_pack_a<float, float, float, MR, 1>(g, m0, m1 - m0, out, false);
 }
 
 // The packed layout of each dtype on this ISA.
