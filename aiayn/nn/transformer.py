@@ -150,36 +150,44 @@ class Transformer(nn.Module):
             mask = tokens == self.config.pad_id
         return mask
 
-    def _embed(self, embed, tokens, start=0):
-        x = embed(tokens)
+    def _embed(self, embed, tokens, start=0, embedded=None):
+        x = embed(tokens) if embedded is None else embedded
         x = x + self.positional_encoding(tokens.shape[1], start, x.dtype)
         return F.dropout(x, self.config.dropout, self.training)
 
-    def encode(self, src, src_key_padding_mask=None):
+    def encode(self, src, src_key_padding_mask=None, _embedded=None):
         """The encoder output ``(B, S, d_model)`` for source ids ``(B, S)``."""
         src_key_padding_mask = self._padding_mask(src, src_key_padding_mask)
-        return self.encoder(self._embed(self.src_embed, src), src_key_padding_mask)
+        return self.encoder(self._embed(self.src_embed, src, embedded=_embedded), src_key_padding_mask)
 
     def project(self, x):
         """Logits over the target vocabulary for decoder states ``(..., d_model)``."""
         w = self.tgt_embed.weight if self.generator is None else self.generator.weight
         return backend.linear(x, w)
 
-    def decode(self, tgt_in, memory, src_key_padding_mask=None, tgt_key_padding_mask=None, cache=None, start=0):
+    def decode(self, tgt_in, memory, src_key_padding_mask=None, tgt_key_padding_mask=None, cache=None, start=0,
+               _embedded=None):
         """Logits ``(B, T, tgt_vocab_size)`` for target ids ``tgt_in`` given the encoder output.
         ``src_key_padding_mask`` must be given explicitly when the source had padding (the source ids
         are not seen here). With ``cache`` (from ``self.decoder.new_cache()``), ``tgt_in`` holds the
         tokens at positions ``start ..`` only and earlier keys/values come from the cache."""
         if cache is None:
             tgt_key_padding_mask = self._padding_mask(tgt_in, tgt_key_padding_mask)
-        x = self._embed(self.tgt_embed, tgt_in, start)
+        x = self._embed(self.tgt_embed, tgt_in, start, _embedded)
         x = self.decoder(x, memory, tgt_key_padding_mask, src_key_padding_mask, is_causal=True, cache=cache)
         return self.project(x)
 
     def forward(self, src, tgt_in, src_key_padding_mask=None, tgt_key_padding_mask=None):
         src_key_padding_mask = self._padding_mask(src, src_key_padding_mask)
-        memory = self.encode(src, src_key_padding_mask)
-        return self.decode(tgt_in, memory, src_key_padding_mask, tgt_key_padding_mask)
+        src_emb = tgt_emb = None
+        if self.src_embed is self.tgt_embed and torch.is_grad_enabled() and self.src_embed.weight.requires_grad:
+            # Shared matrix (§3.4): one lookup for source and target tokens, so its backward fills
+            # one dense vocab x d_model gradient instead of two that autograd then adds.
+            both = self.src_embed(torch.cat([src.reshape(-1), tgt_in.reshape(-1)]))
+            src_emb = both[:src.numel()].view(*src.shape, -1)
+            tgt_emb = both[src.numel():].view(*tgt_in.shape, -1)
+        memory = self.encode(src, src_key_padding_mask, _embedded=src_emb)
+        return self.decode(tgt_in, memory, src_key_padding_mask, tgt_key_padding_mask, _embedded=tgt_emb)
 
     # --- decoding ----------------------------------------------------------------------------------
 
