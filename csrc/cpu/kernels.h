@@ -111,10 +111,9 @@ struct GemmArgs {
   // owns panel 0.
   void* a_row_sums;
   const void* packed_b;  // gemm_pack_b of B
-  // Optional (float32 only): A already packed by gemm_pack_a for rows from packed_a_first_row on
-  // (micro-panel q of rows packed_a_first_row + q * mr ..); tasks then do not pack their rows.
+  // Optional (float32 only): all of A already packed by gemm_pack_a (micro-panel q holds rows
+  // q * mr ..); tasks then do not pack their rows.
   const void* packed_a;
-  int64_t packed_a_first_row;
   int64_t b_panel_stride;  // elements from one packed panel to the next; 0: round_up(K, kp) * nr
   int64_t b_first_panel;   // the panel that packed_b starts with (a chunk of B packed by one task)
   // The dot-product path (few rows of A, gemm_kernel.h): when set, B = W^T is read straight from

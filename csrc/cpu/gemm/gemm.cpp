@@ -14,7 +14,6 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <vector>
@@ -458,17 +457,16 @@ void gemm_run_weight_t_chunked(GemmArgs g, const at::Tensor& w, const GemmInfo& 
       k.gemm_pack_a(g, q0 * info.mr, std::min(g.M, q1 * info.mr), pa);
     });
     g.packed_a = pa;
-    g.packed_a_first_row = 0;
   }
   auto task = [&](int64_t c) {
     const int64_t p0 = c * chunk, p1 = std::min(panels, p0 + chunk);
-    std::unique_ptr<unsigned char[]> buf(new unsigned char[(p1 - p0) * panel_bytes + 64]);
+    const at::Tensor buf = scratch_tensor((p1 - p0) * panel_bytes + 64);
     // B = w^T from column p0 * nr on: panels 0 .. p1 - p0 of the shifted problem.
     const int64_t n0 = p0 * info.nr;
     GemmPackB pb{g.dtype, g.bf16, g.K, g.N - n0, wdata + n0 * w_rs * static_cast<int64_t>(w.element_size()), 1, w_rs};
-    k.gemm_pack_b(pb, 0, p1 - p0, buf.get());
+    k.gemm_pack_b(pb, 0, p1 - p0, buf.data_ptr());
     GemmArgs gc = g;
-    gc.packed_b = buf.get();
+    gc.packed_b = buf.data_ptr();
     gc.b_first_panel = p0;
     for (int64_t m0 = 0; m0 < g.M; m0 += block_rows) k.gemm_run(gc, m0, std::min(g.M, m0 + block_rows), p0, p1);
   };

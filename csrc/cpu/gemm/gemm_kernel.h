@@ -617,7 +617,7 @@ void gemm_run_impl(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_
   Buffer<P> ap(prepacked ? 1 : panels * Kp * MR);
   const P* apacked = ap.data();
   if (prepacked)
-    apacked = static_cast<const P*>(g.packed_a) + (m0 - g.packed_a_first_row) / MR * Kp * MR;
+    apacked = static_cast<const P*>(g.packed_a) + m0 / MR * Kp * MR;
   else
     gemm_pack_a<T, P, S, MR, KP>(g, m0, rows, ap.data(), sums);
   const P* bpacked = static_cast<const P*>(g.packed_b);
