@@ -28,6 +28,20 @@ AMX_SKIP_REASON = None if aiayn._C.amx_supported() else "no AMX-BF16 here (CPU l
 BF16_MODES = {"avx512": 1, "avx512-bf16-widened": 0, "avx512-amx": 2}
 
 
+class num_threads:
+    """Sets torch's intra-op thread count in a block (tests that compare results across counts)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.previous = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.previous)
+
+
 class bf16_mode:
     """Forces a bf16 mode (aiayn._C.set_gemm_bf16: GEMMs and attention) and optionally the
     GEMM forward's packed / rows path in a block."""

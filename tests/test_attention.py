@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import aiayn  # noqa: F401  (registers the ops)
 from aiayn import functional as AF
 from aiayn import reference
-from conftest import assert_2x_rule
+from conftest import assert_2x_rule, num_threads
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -226,15 +226,11 @@ def test_one_and_two_threads_give_the_same_bits(rng_seed, L):
     kpm = _tail_padding(B, L, [L, L - 7, L // 2, 3])
     grad = torch.randn(B, H, L, D)
     results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    for n in (1, 2):
+        with num_threads(n):
             torch.manual_seed(7)  # the same dropout seed
             out = AF.scaled_dot_product_attention(q, k, v, key_padding_mask=kpm, dropout_p=0.1, is_causal=True)
             results.append((out,) + torch.autograd.grad(out, (q, k, v), grad))
-    finally:
-        torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
 

@@ -10,7 +10,7 @@ import torch
 
 from aiayn import functional as AF
 from aiayn import reference
-from conftest import AMX_SKIP_REASON, assert_2x_rule, bf16_mode
+from conftest import AMX_SKIP_REASON, assert_2x_rule, bf16_mode, num_threads
 from test_attention import make_mask, rand, references
 
 pytestmark = pytest.mark.skipif(AMX_SKIP_REASON is not None, reason=AMX_SKIP_REASON or "")
@@ -95,15 +95,11 @@ def test_amx_agrees_with_widened_path(rng_seed):
 
 def test_thread_count_does_not_change_bits(rng_seed):
     q, k, v = (rand(1, 3, 200, 64, dtype=torch.bfloat16) for _ in range(3))
-    previous = torch.get_num_threads()
-    try:
-        with bf16_mode(AMX):
-            torch.set_num_threads(1)
+    with bf16_mode(AMX):
+        with num_threads(1):
             one = AF.scaled_dot_product_attention(q, k, v, is_causal=True)
-            torch.set_num_threads(2)
+        with num_threads(2):
             two = AF.scaled_dot_product_attention(q, k, v, is_causal=True)
-    finally:
-        torch.set_num_threads(previous)
     assert torch.equal(one, two)
 
 

@@ -10,7 +10,7 @@ import aiayn
 
 from aiayn import functional as AF
 from aiayn import reference
-from conftest import AMX_SKIP_REASON, assert_2x_rule, bf16_mode
+from conftest import AMX_SKIP_REASON, assert_2x_rule, bf16_mode, num_threads
 
 needs_amx = pytest.mark.skipif(AMX_SKIP_REASON is not None, reason=AMX_SKIP_REASON or "")
 
@@ -113,19 +113,14 @@ def test_one_and_two_threads_identical(backward):
     seed = torch.tensor([12345], dtype=torch.int64)
     grad = torch.randn(300, 96).bfloat16()
     results = []
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            for t in (x, w1, b1, w2, b2):
-                t.grad = None
-            with bf16_mode(AMX, rows_path=0):
-                out = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.2, seed=seed)
-                if backward:
-                    out.backward(grad)
-            results.append([out.detach()] + ([t.grad for t in (x, w1, b1, w2, b2)] if backward else []))
-    finally:
-        torch.set_num_threads(previous)
+    for threads in (1, 2):
+        for t in (x, w1, b1, w2, b2):
+            t.grad = None
+        with num_threads(threads), bf16_mode(AMX, rows_path=0):
+            out = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.2, seed=seed)
+            if backward:
+                out.backward(grad)
+        results.append([out.detach()] + ([t.grad for t in (x, w1, b1, w2, b2)] if backward else []))
     for one, two in zip(*results):
         assert torch.equal(one, two)
 

@@ -9,7 +9,7 @@ import aiayn
 
 from aiayn import functional as AF
 from aiayn import reference
-from conftest import assert_2x_rule
+from conftest import assert_2x_rule, num_threads
 
 
 def make(tokens, k, n, dtype, bias=True):
@@ -68,14 +68,10 @@ def test_rows_path_forced_on_and_off(isa_bf16, gemm_path, rng_seed, dtype, token
 
 def test_rows_path_does_not_depend_on_threads(gemm_path):
     x, w, b = make(20, 300, 1000, torch.float32)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with num_threads(1):
         one = AF.linear(x, w, b)
-        torch.set_num_threads(2)
+    with num_threads(2):
         two = AF.linear(x, w, b)
-    finally:
-        torch.set_num_threads(previous)
     assert torch.equal(one, two)
 
 
@@ -85,16 +81,15 @@ def test_huge_weight_packed_per_chunk(rng_seed, dtype):
     task: same tiles as a weight packed whole (here: from the packed-weight cache), so the same
     bits, at 1 and 2 threads."""
     x, w, b = make(100, 513, 8200, dtype)
-    previous_threads, previous_path = torch.get_num_threads(), aiayn._C.set_gemm_rows_path(0)
+    previous_path = aiayn._C.set_gemm_rows_path(0)
     try:
         outs = []
         for threads in (1, 2):
-            torch.set_num_threads(threads)
-            outs.append(AF.linear(x, w, b, "relu"))
+            with num_threads(threads):
+                outs.append(AF.linear(x, w, b, "relu"))
         with aiayn.packed_weight_cache():
             whole = AF.linear(x, w, b, "relu")
     finally:
-        torch.set_num_threads(previous_threads)
         aiayn._C.set_gemm_rows_path(previous_path)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], whole)
     ref = reference.linear(x.double(), w.double(), b.double(), "relu")
@@ -108,27 +103,23 @@ def test_backward_large_scratch_reused(rng_seed, tokens, k, n):
     than one K chunk, the K-chunk partial products come from the pool of reused scratch blocks.
     Three calls with fresh inputs (blocks reused, shapes changing) each match the reference, and
     1 and 2 threads give the same bits."""
-    previous = torch.get_num_threads()
-    try:
-        for call in range(3):
-            x, w, _ = make(tokens + call, k, n - 7 * call, torch.float32)
-            grad = torch.randn(tokens + call, n - 7 * call)
-            results = []
-            for threads in (2, 1):
-                torch.set_num_threads(threads)
+    for call in range(3):
+        x, w, _ = make(tokens + call, k, n - 7 * call, torch.float32)
+        grad = torch.randn(tokens + call, n - 7 * call)
+        results = []
+        for threads in (2, 1):
+            with num_threads(threads):
                 results.append(torch.ops.aiayn.linear_bwd(grad, x, w, None, False))
-            for a, b in zip(*results):
-                assert torch.equal(a, b)
-            dx, dw, db = results[0]
-            xd, wd, gd = x.double().requires_grad_(), w.double().requires_grad_(), grad.double()
-            (xd @ wd.t()).backward(gd)
-            xt, wt = x.clone().requires_grad_(), w.clone().requires_grad_()
-            (xt @ wt.t()).backward(grad)
-            for name, ours, r, t in (("x", dx, xd.grad, xt.grad), ("w", dw, wd.grad, wt.grad),
-                                     ("b", db, gd.sum(0), grad.sum(0))):
-                assert_2x_rule(ours, t, r, f"scratch call {call} grad {name}", seed=rng_seed, slack=1e-5)
-    finally:
-        torch.set_num_threads(previous)
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+        dx, dw, db = results[0]
+        xd, wd, gd = x.double().requires_grad_(), w.double().requires_grad_(), grad.double()
+        (xd @ wd.t()).backward(gd)
+        xt, wt = x.clone().requires_grad_(), w.clone().requires_grad_()
+        (xt @ wt.t()).backward(grad)
+        for name, ours, r, t in (("x", dx, xd.grad, xt.grad), ("w", dw, wd.grad, wt.grad),
+                                 ("b", db, gd.sum(0), grad.sum(0))):
+            assert_2x_rule(ours, t, r, f"scratch call {call} grad {name}", seed=rng_seed, slack=1e-5)
 
 
 def test_reused_scratch_does_not_change_bits():
@@ -152,14 +143,13 @@ def test_task_split_does_not_change_bits(tokens):
     """The GEMM's split into row blocks x column chunks depends on M and the thread count (few rows:
     column chunks); each output's sum order must not."""
     x, w, b = make(tokens, 300, 700, torch.float32)
-    previous, previous_path = torch.get_num_threads(), aiayn._C.set_gemm_rows_path(0)
+    previous_path = aiayn._C.set_gemm_rows_path(0)
     try:
         outs = []
         for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            outs.append(AF.linear(x, w, b))
+            with num_threads(threads):
+                outs.append(AF.linear(x, w, b))
     finally:
-        torch.set_num_threads(previous)
         aiayn._C.set_gemm_rows_path(previous_path)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     ref = reference.linear(x.double(), w.double(), b.double())
