@@ -58,9 +58,10 @@ torch.library.register_autograd(f"{_lib}::add_dropout_layer_norm_fwd", _add_drop
 
 
 @torch.library.register_fake(f"{_lib}::attention_fwd")
-def _attention_fwd_fake(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed):
+def _attention_fwd_fake(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, float_out=False):
     B, H, Lq, D = q.shape
-    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=_acc_dtype(q))
+    out_dtype = torch.float32 if float_out and q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+    return q.new_empty((B, H, Lq, D), dtype=out_dtype), q.new_empty((B, H, Lq), dtype=_acc_dtype(q))
 
 
 @torch.library.register_fake(f"{_lib}::attention_bwd")
@@ -69,7 +70,7 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed = inputs
+    q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, *_ = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, seed)
     ctx.args = (dropout_p, is_causal, scale)
@@ -78,9 +79,10 @@ def _attention_setup(ctx, inputs, output):
 def _attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, attn_mask, key_padding_mask, seed = ctx.saved_tensors
     dropout_p, is_causal, scale = ctx.args
-    gq, gk, gv = torch.ops.aiayn.attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
+    # With float_out the output (so its gradient) is float32; the kernel takes dO in q's dtype.
+    gq, gk, gv = torch.ops.aiayn.attention_bwd(grad_out.to(q.dtype), q, k, v, out, lse, attn_mask, key_padding_mask,
                                                dropout_p, is_causal, scale, seed)
-    return gq, gk, gv, None, None, None, None, None, None
+    return gq, gk, gv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(f"{_lib}::attention_fwd", _attention_backward, setup_context=_attention_setup)

@@ -188,13 +188,24 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, key_padding_mask=None,
         return_dropout_mask: also return the bool keep-mask ``(B, H, Lq, Lk)`` the call used.
 
     Returns ``(B, H, Lq, D)``, contiguous, in q's dtype (float32 accumulation for bfloat16). A query
-    row whose keys are all masked returns zeros (and zero gradients), not NaN.
+    row whose keys are all masked returns zeros (and zero gradients), not NaN. Training in bfloat16
+    on the CPU, autograd saves the output in float32 (2 more bytes per element than torch's saved
+    bfloat16 output): the backward's row terms ``dO · O`` then carry no bfloat16 rounding, which rows
+    over a few keys would turn into gradient errors larger than torch's bfloat16 math makes.
     """
     p, seed = _dropout_args("scaled_dot_product_attention", "dropout_p", dropout_p, training, seed)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     q, k, v = _autocast(q, k, v)
-    out, _ = torch.ops.aiayn.attention_fwd(q, k, v, attn_mask, key_padding_mask, p, bool(is_causal), float(scale), seed)
+    # Training in bfloat16 on the CPU: the kernel returns the float32 output, which autograd saves,
+    # and the caller gets it rounded. The backward's row terms delta = dO . O then carry no rounding
+    # of O, which rows over a few keys (P near 1) would turn into dQ / dK errors beyond torch's.
+    float_out = (q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled()
+                 and (q.requires_grad or k.requires_grad or v.requires_grad))
+    out, _ = torch.ops.aiayn.attention_fwd(q, k, v, attn_mask, key_padding_mask, p, bool(is_causal), float(scale), seed,
+                                           float_out)
+    if float_out:
+        out = out.to(q.dtype)
     if return_dropout_mask:
         B, H, Lq, _ = q.shape
         return out, dropout_mask(q.new_empty((B, H, Lq, k.shape[-2]), dtype=torch.bool), p, seed)

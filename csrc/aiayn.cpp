@@ -37,9 +37,12 @@ TORCH_LIBRARY(aiayn, m) {
   // bool (True = padding); is_causal: key j takes part in query i iff j <= i. Returns (out, lse):
   // out (B, H, Lq, D) contiguous, lse the natural-log log-sum-exp per row (+inf for a fully
   // masked row, whose output is 0). Dropout mask: dropout_mask(<(B, H, Lq, Lk)>, dropout_p, seed).
+  // float_out: for bfloat16 / float16 q, out is float32 (the unrounded output, which autograd
+  // saves for the backward's delta = dO . O); other dtypes ignore it.
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? key_padding_mask, "
-        "float dropout_p, bool is_causal, float scale, Tensor seed) -> (Tensor, Tensor)");
-  // Returns (grad_q, grad_k, grad_v), contiguous; probabilities and dropout are recomputed.
+        "float dropout_p, bool is_causal, float scale, Tensor seed, bool float_out=False) -> (Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v), contiguous; probabilities and dropout are recomputed. out:
+  // q's dtype, or float32 for bfloat16 / float16 q (attention_fwd's float_out).
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? attn_mask, Tensor? key_padding_mask, float dropout_p, bool is_causal, float scale, "
         "Tensor seed) -> (Tensor, Tensor, Tensor)");

@@ -185,15 +185,12 @@ def _tail_padding(B, Lk, lengths):
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("causal,p", [(False, 0.0), (True, 0.15)])
 def test_short_sequences_with_tail_padding(isa, rng_seed, Lq, Lk, D, dtype, causal, p):
-    # A row over one key has P = 1: torch's bf16 math gets its gradient exactly, while the backward
-    # reads the bf16-rounded output (delta = dO . O), as flash attention does.
-    one = 1 if dtype != torch.bfloat16 else 2
-    if Lk < one:
-        pytest.skip("bf16 rows over a single key: see above")
+    # A row over one key has P = 1 and a zero gradient through the softmax, which torch's bf16 math
+    # gets exactly; so does ours only because autograd saves the float32 output for delta = dO . O.
     B, H = 4, 2
     q, k, v = rand(B, H, Lq, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype)
-    # full length, a padded tail, one (bf16: two) visible keys, a hole before the tail
-    kpm = _tail_padding(B, Lk, [Lk, max(1, Lk * 4 // 5), one, Lk])
+    # full length, a padded tail, one visible key, a hole before the tail
+    kpm = _tail_padding(B, Lk, [Lk, max(1, Lk * 4 // 5), 1, Lk])
     kpm[3, Lk // 2] = Lk > 2
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, keep = AF.scaled_dot_product_attention(*leaves, key_padding_mask=kpm, dropout_p=p, is_causal=causal,
@@ -214,7 +211,7 @@ def test_short_sequences_with_tail_padding(isa, rng_seed, Lq, Lk, D, dtype, caus
         assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} {what}", seed=rng_seed, slack=slack)
     # padded keys get exactly zero gradients
     assert torch.equal(leaves[1].grad[1, :, max(1, Lk * 4 // 5):], torch.zeros_like(leaves[1].grad[1, :, max(1, Lk * 4 // 5):]))
-    assert torch.equal(leaves[2].grad[2, :, one:], torch.zeros_like(leaves[2].grad[2, :, one:]))
+    assert torch.equal(leaves[2].grad[2, :, 1:], torch.zeros_like(leaves[2].grad[2, :, 1:]))
 
 
 @pytest.mark.parametrize("L", [48, 200])
@@ -253,6 +250,61 @@ def test_opcheck(dtype):
     seed = torch.tensor([5], dtype=torch.int64)
     torch.library.opcheck(torch.ops.aiayn.attention_fwd.default, (q, k, v, None, None, 0.0, False, 0.25, seed))
     torch.library.opcheck(torch.ops.aiayn.attention_fwd.default, (q, k, v, mask, pad, 0.2, True, 0.25, seed))
+    torch.library.opcheck(torch.ops.aiayn.attention_fwd.default, (q, k, v, mask, pad, 0.2, True, 0.25, seed, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_float_out(isa_bf16, rng_seed, dtype):
+    """attention_fwd(float_out=True) returns the unrounded float32 output for a bfloat16 q (what
+    autograd saves for the backward) and q's dtype otherwise; attention_bwd takes either."""
+    q, k, v = rand(2, 3, 37, 32, dtype=dtype), rand(2, 3, 45, 32, dtype=dtype), rand(2, 3, 45, 32, dtype=dtype)
+    pad = torch.rand(2, 45) < 0.3
+    seed = torch.tensor([11], dtype=torch.int64)
+    for p in (0.0, 0.2):
+        args = (q, k, v, None, pad, p, True, 0.2, seed)
+        out, lse = torch.ops.aiayn.attention_fwd(*args)
+        wide, lse_wide = torch.ops.aiayn.attention_fwd(*args, float_out=True)
+        assert wide.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype) and wide.shape == out.shape
+        torch.testing.assert_close(lse_wide, lse, rtol=1e-4, atol=1e-4)  # AMX: another tile path
+        keep = dropout_mask_of(q, k, p, seed)
+        ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), None, pad, p, True, 0.2, keep)
+        if dtype == torch.bfloat16:
+            # float32 accuracy, far inside the bf16 rounding of `out`
+            assert (wide.double() - ref).abs().max() < 1e-4
+            assert (wide.to(dtype).double() - out.double()).abs().max() <= 2 ** -7 * out.double().abs().max()
+        else:
+            assert torch.equal(wide, out)
+        grad = rand(*out.shape, dtype=dtype)
+        grads = torch.ops.aiayn.attention_bwd(grad, *args[:3], out, lse, None, pad, p, True, 0.2, seed)
+        grads_wide = torch.ops.aiayn.attention_bwd(grad, *args[:3], wide, lse, None, pad, p, True, 0.2, seed)
+        for g, gw in zip(grads, grads_wide):
+            assert gw.dtype == dtype and not torch.isnan(gw).any()
+            if dtype != torch.bfloat16:
+                assert torch.equal(g, gw)
+
+
+def dropout_mask_of(q, k, p, seed):
+    B, H, Lq, _ = q.shape
+    return AF.dropout_mask(q.new_empty((B, H, Lq, k.shape[-2]), dtype=torch.bool), p, seed)
+
+
+@pytest.mark.parametrize("D,causal,p", [(64, False, 0.0), (64, True, 0.1), (40, False, 0.1), (32, True, 0.0)])
+def test_bf16_key_gradients_sum_to_zero(isa_bf16, rng_seed, D, causal, p):
+    """Each row's dS sums to zero (softmax), so the key gradients of a head sum to zero: sum_j dK_j =
+    scale * sum_i (sum_j dS_ij) q_i. A delta = dO . O from an output rounded to bf16 (or from a P V
+    on bf16-rounded P) breaks it by O's rounding times P; rows over few keys make that visible. Ours
+    may miss zero only by the bf16 rounding of each dK_j."""
+    B, H, Lq, Lk = 3, 2, 64, 50
+    q, k, v = (rand(B, H, L, D, dtype=torch.bfloat16) for L in (Lq, Lk, Lk))
+    pad = _tail_padding(B, Lk, [2, 3, Lk])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = AF.scaled_dot_product_attention(*leaves, key_padding_mask=pad, dropout_p=p, is_causal=causal)
+    out.backward(torch.randn_like(out))
+    dk = leaves[1].grad.double()
+    ulp = 2.0 ** (torch.floor(torch.log2(dk.abs().clamp_min(1e-30))) - 7)
+    total = dk.sum(2).abs()
+    bound = (ulp / 2).sum(2) + 1e-4
+    assert (total <= bound).all(), f"sum_j dK_j off zero by {(total - bound).max().item():.3e} (seed {rng_seed})"
 
 
 def test_torch_compile_fullgraph(rng_seed):

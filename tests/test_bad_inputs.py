@@ -487,6 +487,12 @@ def test_backward_ops_bad_arguments():
         abwd(o, q, k, k, o[..., :4], lse, None, None, 0.0, False, 0.3, seed)
     with pytest.raises(ValueError, match="'lse'"):
         abwd(o, q, k, k, o, lse[..., :4], None, None, 0.0, False, 0.3, seed)
+    # out: q's dtype, or float32 only for a bfloat16 q (the forward's float_out)
+    with pytest.raises(TypeError, match="'out' must have q's dtype Float, got Double"):
+        abwd(o, q, k, k, o.double(), lse, None, None, 0.0, False, 0.3, seed)
+    qb, kb = q.bfloat16(), k.bfloat16()
+    with pytest.raises(TypeError, match="'out' must have q's dtype BFloat16 or float32, got Double"):
+        abwd(o.bfloat16(), qb, kb, kb, o.double(), lse, None, None, 0.0, False, 0.3, seed)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for a second device")

@@ -83,4 +83,13 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const
   check_probability(op, "dropout_p", dropout_p);
 }
 
+// The backward's saved output: q's dtype, or float32 for reduced-precision q (the forward's
+// float_out, what autograd saves so that delta = dO . O misses O's rounding).
+inline void check_saved_out_dtype(const at::Tensor& out, const at::Tensor& q) {
+  const bool reduced = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type() || (reduced && out.scalar_type() == at::kFloat),
+                   kAttention, ": argument 'out' must have q's dtype ", q.scalar_type(),
+                   reduced ? " or float32" : "", ", got ", out.scalar_type());
+}
+
 }  // namespace aiayn

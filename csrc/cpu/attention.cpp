@@ -122,10 +122,11 @@ int64_t blocks(int64_t len, int64_t block) { return (len + block - 1) / block; }
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding_mask,
-    double dropout_p, bool is_causal, double scale, const at::Tensor& seed) {
+    double dropout_p, bool is_causal, double scale, const at::Tensor& seed, bool float_out) {
   Prepared p = prepare(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed);
   AttentionArgs& a = p.a;
-  at::Tensor out = at::empty({a.batch, a.heads, a.len_q, a.dim}, q.options());
+  a.out_float = float_out && a.dtype == DType::bf16;
+  at::Tensor out = at::empty({a.batch, a.heads, a.len_q, a.dim}, a.out_float ? q.options().dtype(at::kFloat) : q.options());
   at::Tensor lse = at::empty({a.batch, a.heads, a.len_q}, q.options().dtype(acc_type(q)));
   const int64_t heads_total = a.batch * a.heads;
   if (heads_total == 0 || a.len_q == 0) return {out, lse};
@@ -150,6 +151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   check_same_dtype(kAttention, "grad_out", grad_out, "q", q);
   check_same_device(kAttention, "grad_out", grad_out, "q", q);
   check_same_shape(kAttention, "out", out, "q", q);
+  check_saved_out_dtype(out, q);
+  a.out_float = out.scalar_type() != q.scalar_type();
   TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == a.batch && lse.size(1) == a.heads &&
                         lse.size(2) == a.len_q,
                     kAttention, ": argument 'lse' must have shape (batch, heads, Lq), got ", lse.sizes());

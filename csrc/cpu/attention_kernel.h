@@ -173,7 +173,8 @@ struct Attention {
   // The transposed AMX path (attention_amx.h: groups of 16 rows on S^T and O^T, the softmax's
   // state in vectors) where it applies: no attention mask, no dropout, a positive scale.
   bool amx_transposed() const {
-    return amx() && a.mask.kind == AttentionMask::none && !a.dropout.enabled && a.scale > 0;
+    // out_float (training) takes the other path, whose P V adds P's bf16 rounding residual.
+    return amx() && a.mask.kind == AttentionMask::none && !a.dropout.enabled && a.scale > 0 && !a.out_float;
   }
 
   struct FwdScratch {
@@ -424,7 +425,20 @@ struct Attention {
       for (int64_t j = np; j < kc * 32; ++j) prow[j] = 0;
     }
 #ifdef AIAYN_AMX_TILES
-    if constexpr (sizeof(T) == 2) attention_amx_pv(f.p16, tiles_of(m), f.v16 + kb * BK * D, D, kc, f.obuf, accumulate);
+    if constexpr (sizeof(T) == 2) {
+      attention_amx_pv(f.p16, tiles_of(m), f.v16 + kb * BK * D, D, kc, f.obuf, accumulate);
+      if (a.out_float) {
+        // For the backward (out_float): P's bf16 rounding residual through the same tiles, so O is
+        // sum_j p_j v_j with p_j as float32 as the backward recomputes it. Otherwise delta = dO . O
+        // would disagree with the backward's P by P's rounding, an error in dS of O's size.
+        for (int64_t r = 0; r < m; ++r) {
+          const S* srow = f.sbuf + r * BK;
+          uint16_t* prow = f.p16 + r * BK;
+          for (int64_t j = 0; j < np; j += W) (V::load(srow + j) - V::load(prow + j)).store(prow + j);
+        }
+        attention_amx_pv(f.p16, tiles_of(m), f.v16 + kb * BK * D, D, kc, f.obuf, true);
+      }
+    }
 #else
     (void)kb, (void)accumulate;
 #endif
@@ -434,19 +448,29 @@ struct Attention {
   // in_out: P was normalised and the rows are in `out` already (only the special rows change).
   void finish_rows(int64_t b, int64_t h, int64_t i0, int64_t mq, const FwdScratch& f,
                    bool in_out = false) const {
-    T* out = static_cast<T*>(a.out) + ((b * H + h) * Lq + i0) * D;
+    const int64_t offset = ((b * H + h) * Lq + i0) * D;
+    if (sizeof(T) != sizeof(S) && a.out_float) finish_rows_to(static_cast<S*>(a.out) + offset, b, h, i0, mq, f, in_out);
+    else finish_rows_to(static_cast<T*>(a.out) + offset, b, h, i0, mq, f, in_out);
+  }
+  template <typename O>
+  void finish_rows_to(O* out, int64_t b, int64_t h, int64_t i0, int64_t mq, const FwdScratch& f,
+                      bool in_out) const {
+    const auto cast = [](S x) -> O {
+      if constexpr (std::is_same_v<O, S>) return x;
+      else return from_s(x);
+    };
     S* lse = static_cast<S*>(a.lse) + (b * H + h) * Lq + i0;
     for (int64_t r = 0; r < mq; ++r) {
       const S lr = f.l[r];
       if (lr == S(0)) {  // a fully masked row: zeros, and +inf so the backward sees P = 0
-        for (int64_t d = 0; d < D; ++d) out[r * D + d] = from_s(S(0));
+        for (int64_t d = 0; d < D; ++d) out[r * D + d] = cast(S(0));
         lse[r] = __builtin_inf();
         continue;
       }
       lse[r] = static_cast<S>((static_cast<double>(f.m[r]) + std::log2(static_cast<double>(lr))) * kLn2);
       if (in_out) {
         if (lr != lr)  // a NaN score: the row was zeroed, NaN as O / l gives it
-          for (int64_t d = 0; d < D; ++d) out[r * D + d] = from_s(lr);
+          for (int64_t d = 0; d < D; ++d) out[r * D + d] = cast(lr);
         continue;
       }
       const V inv = V::set1(S(1) / lr);
@@ -635,20 +659,23 @@ struct Attention {
     // log2-domain log-sum-exp, as S: O(Lq) memory per task.
     load_rows(a.q, a.q_stride, b, h, 0, Lq, f.qf);
     load_rows(a.grad_out, a.grad_out_stride, b, h, 0, Lq, f.dof);
-    const T* out = static_cast<const T*>(a.out) + (b * H + h) * Lq * D;
     const S* lse = static_cast<const S*>(a.lse) + (b * H + h) * Lq;
-    const int64_t full = D / W * W;
-    const int dtail = static_cast<int>(D - full);
-    for (int64_t i = 0; i < Lq; ++i) {
-      // W partial sums (a vector accumulator) then a tree: as accurate as torch's float sum.
-      const S* dorow = f.dof + i * D;
-      const T* orow = out + i * D;
-      V acc = V::zero();
-      for (int64_t d = 0; d < full; d += W) acc = V::fma(V::load(dorow + d), V::load(orow + d), acc);
-      if (dtail) acc = V::fma(V::load_partial(dorow + full, dtail), V::load_partial(orow + full, dtail), acc);
-      f.delta[i] = acc.reduce_add();
-      f.lse2[i] = lse[i] * static_cast<S>(kLog2e);  // +inf stays +inf
-    }
+    const auto row_terms = [&](const auto* out) {
+      const int64_t full = D / W * W;
+      const int dtail = static_cast<int>(D - full);
+      for (int64_t i = 0; i < Lq; ++i) {
+        // W partial sums (a vector accumulator) then a tree: as accurate as torch's float sum.
+        const S* dorow = f.dof + i * D;
+        const auto* orow = out + i * D;
+        V acc = V::zero();
+        for (int64_t d = 0; d < full; d += W) acc = V::fma(V::load(dorow + d), V::load(orow + d), acc);
+        if (dtail) acc = V::fma(V::load_partial(dorow + full, dtail), V::load_partial(orow + full, dtail), acc);
+        f.delta[i] = acc.reduce_add();
+        f.lse2[i] = lse[i] * static_cast<S>(kLog2e);  // +inf stays +inf
+      }
+    };
+    if (sizeof(T) != sizeof(S) && a.out_float) row_terms(static_cast<const S*>(a.out) + (b * H + h) * Lq * D);
+    else row_terms(static_cast<const T*>(a.out) + (b * H + h) * Lq * D);
     S* dq = static_cast<S*>(a.grad_q_partial) + ((b * H + h) * kc + chunk) * Lq * D;
     // A task of one key block (short sequences) writes each dQ row at most once: it overwrites
     // them and zeroes only the rows it does not reach; otherwise dQ accumulates from zero.

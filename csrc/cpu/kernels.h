@@ -173,6 +173,10 @@ struct AttentionArgs {
   // Dropout on the probabilities: element (b, h, i, j) has number ((b * H + h) * Lq + i) * Lk + j.
   DropoutParams dropout;
   void* out;
+  // out holds float rows although the inputs are bf16 (forward: written so; backward: read so). The
+  // backward's delta_i = dO_i . O_i then carries no bf16 rounding of O, which a row over few keys
+  // (P near 1) turns into a dS, dQ and dK error that torch's math never makes.
+  bool out_float;
   void* lse;
   // Backward only.
   const void* grad_out;

@@ -152,17 +152,20 @@ void plan_splits(AttentionParams& p) {
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& key_padding_mask, double dropout_p, bool is_causal, double scale,
-    const at::Tensor& seed) {
+    const at::Tensor& seed, bool float_out) {
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(q, k, v, attn_mask, key_padding_mask, dropout_p, is_causal, scale, seed, false);
+  // float_out keeps the op's contract (float32 out for reduced q), but the kernels here still write
+  // q's dtype: the conversion below adds no precision yet (the CPU kernel writes float rows).
+  const bool widen = float_out && (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf);
   AttentionParams& p = r.p;
   at::Tensor out = at::empty({p.batch, p.heads, p.len_q, p.dim}, q.options());
   at::Tensor lse = at::empty({p.batch, p.heads, p.len_q}, q.options().dtype(acc_type(q)));
-  if (p.batch * p.heads == 0 || p.len_q == 0) return {out, lse};
+  if (p.batch * p.heads == 0 || p.len_q == 0) return {widen ? out.to(at::kFloat) : out, lse};
   if (p.len_k == 0) {  // no keys: every row is fully masked
     out.zero_();
     lse.fill_(std::numeric_limits<double>::infinity());
-    return {out, lse};
+    return {widen ? out.to(at::kFloat) : out, lse};
   }
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
@@ -181,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
     }
     launch_attention_fwd_simt<T>(p, stream);
   });
-  return {out, lse};
+  return {widen ? out.to(at::kFloat) : out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
@@ -196,6 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   check_same_device(kAttention, "grad_out", grad_out, "q", q);
   check_same_shape(kAttention, "out", out, "q", q);
   check_same_device(kAttention, "out", out, "q", q);
+  check_saved_out_dtype(out, q);
   check_same_device(kAttention, "lse", lse, "q", q);
   TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads && lse.size(2) == p.len_q,
                     kAttention, ": argument 'lse' must have shape (batch, heads, Lq), got ", lse.sizes());
@@ -206,7 +210,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   if (p.batch * p.heads == 0) return {gq, gk, gv};
   if (p.len_q == 0 || p.len_k == 0) return {gq.zero_(), gk.zero_(), gv.zero_()};
   const at::Tensor go = kernel_layout(grad_out, r.mma);
-  const at::Tensor o = out.contiguous();
+  // A float32 out (float_out) goes back to q's dtype: the delta kernel reads T rows.
+  const at::Tensor o = out.to(q.scalar_type()).contiguous();
   const at::Tensor l = lse.to(acc).contiguous();
   at::Tensor delta = at::empty({p.batch, p.heads, p.len_q}, q.options().dtype(acc));
   p.grad_out = go.data_ptr();
