@@ -166,6 +166,25 @@ def test_opcheck(dtype, D):
     torch.library.opcheck(torch.ops.aiayn.attention_fwd.default, (q, k, v, mask, pad, 0.2, True, 0.25, seed))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float_out_contract(dtype):
+    """attention_fwd(float_out=True) gives float32 rows for a reduced-precision q (the CUDA kernels
+    still compute them in q's dtype: the same values widened) and q's dtype otherwise;
+    attention_bwd takes either. (functional asks for float_out on the CPU only.)"""
+    q, k, v = (rand(2, 2, s, 64, dtype=dtype) for s in (37, 45, 45))
+    pad = (torch.rand(2, 45) < 0.3).to(DEV)
+    seed = torch.tensor([5], dtype=torch.int64)
+    args = (q, k, v, None, pad, 0.2, True, 0.125, seed)
+    out, lse = torch.ops.aiayn.attention_fwd(*args)
+    wide, _ = torch.ops.aiayn.attention_fwd(*args, float_out=True)
+    assert wide.dtype == (torch.float32 if dtype in HALF else dtype)
+    assert torch.equal(wide.to(dtype), out)
+    grad = rand(*out.shape, dtype=dtype)
+    for g, gw in zip(torch.ops.aiayn.attention_bwd(grad, q, k, v, out, lse, None, pad, 0.2, True, 0.125, seed),
+                     torch.ops.aiayn.attention_bwd(grad, q, k, v, wide, lse, None, pad, 0.2, True, 0.125, seed)):
+        assert torch.equal(g, gw)
+
+
 def test_torch_compile_fullgraph(rng_seed):
     q, k, v = (rand(2, 2, 20, 64, dtype=torch.bfloat16) for _ in range(3))
     pad = torch.zeros(2, 20, dtype=torch.bool, device=DEV)
