@@ -314,7 +314,7 @@ inline __m512 amx_exp2(__m512 x) {
 // the max moved, and P^T's tiles are written, zero for keys past nk up to whole 32-key chunks.
 inline void attention_amx_softmax_t(float* st, int64_t nk, float c, const float* kbias, bool causal,
                                     int64_t causal_shift, __m512& m, __m512& l, float* ot, int64_t D,
-                                    bool resident, uint16_t* pt) {
+                                    bool resident, uint16_t* pt, uint16_t* pt_residual = nullptr) {
   const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
   __m512 bmax = ninf;
   for (int64_t j = 0; j < nk; ++j) {
@@ -357,7 +357,13 @@ inline void attention_amx_softmax_t(float* st, int64_t nk, float c, const float*
     if (j + 1 < nk) p1 = amx_exp2(_mm512_fmsub_ps(_mm512_loadu_ps(st + (j + 1) * 16), cv, mc));
     l = _mm512_add_ps(l, _mm512_add_ps(p0, p1));
     const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // p0 low, p1 high
-    _mm512_storeu_si512(pt + pr * 32, amx_interleave_halves(both));
+    const __m512i pairs_of = amx_interleave_halves(both);      // 32-bit lane i: (p0[i], p1[i])
+    _mm512_storeu_si512(pt + pr * 32, pairs_of);
+    if (pt_residual) {  // what the rounding dropped, as bf16 in the same layout
+      const __m512 r0 = _mm512_sub_ps(p0, _mm512_castsi512_ps(_mm512_slli_epi32(pairs_of, 16)));
+      const __m512 r1 = _mm512_sub_ps(p1, _mm512_castsi512_ps(_mm512_and_si512(pairs_of, _mm512_set1_epi32(-65536))));
+      _mm512_storeu_si512(pt_residual + pr * 32, amx_interleave_halves((__m512i)_mm512_cvtne2ps_pbh(r1, r0)));
+    }
   }
 }
 

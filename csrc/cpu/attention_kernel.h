@@ -173,8 +173,7 @@ struct Attention {
   // The transposed AMX path (attention_amx.h: groups of 16 rows on S^T and O^T, the softmax's
   // state in vectors) where it applies: no attention mask, no dropout, a positive scale.
   bool amx_transposed() const {
-    // out_float (training) takes the other path, whose P V adds P's bf16 rounding residual.
-    return amx() && a.mask.kind == AttentionMask::none && !a.dropout.enabled && a.scale > 0 && !a.out_float;
+    return amx() && a.mask.kind == AttentionMask::none && !a.dropout.enabled && a.scale > 0;
   }
 
   struct FwdScratch {
@@ -195,7 +194,7 @@ struct Attention {
     f.k16 = ws.take<uint16_t>(tiles && !tr ? nkb * BK * D : 0);
     f.ktail = ws.take<uint16_t>(tr ? 16 * D : 0);
     f.qt16 = ws.take<uint16_t>(tr ? 16 * D : 0);
-    f.pt16 = ws.take<uint16_t>(tr ? 2 * 512 : 0);
+    f.pt16 = ws.take<uint16_t>(tr ? (a.out_float ? 4 : 2) * 512 : 0);  // out_float: P's residual after P
     f.st = ws.take<float>(tr ? BK * 16 : 0);
     f.ot = ws.take<float>(tr ? D * 16 : 0);
     f.v16 = ws.take<uint16_t>(tiles ? nkb * BK * D : 0);
@@ -383,9 +382,12 @@ struct Attention {
         const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0);
         attention_amx_scores_t(k0 + j0 * a.k_stride[2], a.k_stride[2], tiles_of(nk), nk % 16 ? f.ktail : nullptr,
                                f.qt16, D, f.st);
+        // out_float: P's bf16 rounding residual goes through P V too (see amx_pv).
+        uint16_t* residual = a.out_float ? f.pt16 + 2 * 512 : nullptr;
         attention_amx_softmax_t(f.st, nk, c, kbias ? kbias + j0 : nullptr, a.causal, j0 - g0, mv, lv, f.ot, D,
-                                resident, f.pt16);
+                                resident, f.pt16, residual);
         attention_amx_pv_t(f.pt16, (nk + 31) / 32, f.v16 + kb * BK * D, D, f.ot, resident);
+        if (residual) attention_amx_pv_t(residual, (nk + 31) / 32, f.v16 + kb * BK * D, D, f.ot, resident);
       }
       if (resident) amx_o_store(f.ot, D);
       _mm512_storeu_ps(f.m, mv);
