@@ -319,6 +319,25 @@ def test_torch_compile_fullgraph(rng_seed):
     torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
 
 
+def test_torch_compile_fullgraph_bf16_training(rng_seed):
+    """The bf16 training path (float32 output saved, the caller's rounded) traces as one graph and
+    gives eager's gradients."""
+    q, k, v = (rand(2, 2, 20, 32, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    pad = torch.zeros(2, 20, dtype=torch.bool)
+    pad[:, -3:] = True
+
+    def f(q, k, v):
+        return AF.scaled_dot_product_attention(q * 2, k, v, key_padding_mask=pad, is_causal=True, dropout_p=0.1,
+                                               seed=torch.tensor([7])).sum(-1)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    grad = torch.randn(2, 2, 20, dtype=torch.bfloat16)
+    ours = torch.autograd.grad(compiled(q, k, v), (q, k, v), grad)
+    eager = torch.autograd.grad(f(q, k, v), (q, k, v), grad)
+    for a, b in zip(ours, eager):
+        torch.testing.assert_close(a, b)
+
+
 def test_dropout_exact_and_keep_rate(isa):
     q, k, v = (rand(2, 3, 50, 32) for _ in range(3))
     torch.manual_seed(1)
