@@ -182,6 +182,7 @@ struct Attention {
     int64_t* bit0;  // per row of a block: where its keep-bits start in `bits`
     uint16_t *k16, *v16, *q16, *p16;  // AMX: packed key / value blocks, bf16 Q rows and P rows
     uint16_t *ktail, *qt16, *pt16;    // transposed AMX: last partial key tile, Q^T, P^T tiles
+    uint16_t* pt16_residual;          // out_float: P^T's bf16 rounding residual, pt16's layout
     float *st, *ot;                   // transposed AMX: S^T of a block, O^T of a group
   };
   FwdScratch fwd_scratch(Workspace& ws) const {
@@ -194,7 +195,8 @@ struct Attention {
     f.k16 = ws.take<uint16_t>(tiles && !tr ? nkb * BK * D : 0);
     f.ktail = ws.take<uint16_t>(tr ? 16 * D : 0);
     f.qt16 = ws.take<uint16_t>(tr ? 16 * D : 0);
-    f.pt16 = ws.take<uint16_t>(tr ? (a.out_float ? 4 : 2) * 512 : 0);  // out_float: P's residual after P
+    f.pt16 = ws.take<uint16_t>(tr ? 2 * 512 : 0);
+    f.pt16_residual = ws.take<uint16_t>(tr && a.out_float ? 2 * 512 : 0);
     f.st = ws.take<float>(tr ? BK * 16 : 0);
     f.ot = ws.take<float>(tr ? D * 16 : 0);
     f.v16 = ws.take<uint16_t>(tiles ? nkb * BK * D : 0);
@@ -383,7 +385,7 @@ struct Attention {
         attention_amx_scores_t(k0 + j0 * a.k_stride[2], a.k_stride[2], tiles_of(nk), nk % 16 ? f.ktail : nullptr,
                                f.qt16, D, f.st);
         // out_float: P's bf16 rounding residual goes through P V too (see amx_pv).
-        uint16_t* residual = a.out_float ? f.pt16 + 2 * 512 : nullptr;
+        uint16_t* residual = a.out_float ? f.pt16_residual : nullptr;
         attention_amx_softmax_t(f.st, nk, c, kbias ? kbias + j0 : nullptr, a.causal, j0 - g0, mv, lv, f.ot, D,
                                 resident, f.pt16, residual);
         attention_amx_pv_t(f.pt16, (nk + 31) / 32, f.v16 + kb * BK * D, D, f.ot, resident);
