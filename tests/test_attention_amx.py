@@ -121,3 +121,38 @@ def test_fully_padded_batch_and_negative_scale(mode, rng_seed, causal):
     # (torch's bf16 SDPA returns NaN for causal with a negative scale: the math path is the baseline)
     ref, theirs = references(q, k, v, None, None, 0.0, causal, -0.3, None)
     assert_2x_rule(out_neg, theirs, ref, f"{mode} negative scale causal={causal}", seed=rng_seed, slack=1e-6)
+
+
+@pytest.mark.parametrize("step", [0.05, 0.5, 4.0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_running_max_rising_across_key_blocks(mode, rng_seed, step, causal):
+    """Scores that grow along the keys raise every row's running max block after block: by less
+    than the transposed path's lazy-rescale slack (kAmxRescaleSlack: P then exceeds 1 in the units
+    of the stale max), by about the slack, or by far more (O^T rescaled at every block). Output,
+    log-sum-exp and gradients (the backward recomputes P from the log-sum-exp) by the 2x rule."""
+    B, H, Lq, Lk, D = 2, 2, 33, 300, 64
+    q, k, v = (rand(B, H, L, D) for L in (Lq, Lk, Lk))
+    q[..., 0] = 1.0 + 0.1 * q[..., 0].abs()
+    k[..., 0] += step * torch.arange(Lk)  # +step/8 per key in the scores (scale 1/8)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = AF.scaled_dot_product_attention(*leaves, is_causal=causal)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.scaled_dot_product_attention(*ref_leaves, None, None, 0.0, causal, None, None)
+    ref.backward(grad.double())
+    t_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    theirs = reference.scaled_dot_product_attention(*t_leaves, None, None, 0.0, causal, None, None)
+    theirs.backward(grad)
+    what = f"{mode} step={step} causal={causal}"
+    assert_2x_rule(out, theirs, ref, what, seed=rng_seed, slack=1e-5)
+    for name, ours, r, t in zip("qkv", leaves, ref_leaves, t_leaves):
+        assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} {what}", seed=rng_seed, slack=1e-5)
+    # the log-sum-exp (natural log) of the inference forward, in float32 accuracy
+    with torch.no_grad():
+        _, lse = torch.ops.aiayn.attention_fwd(q, k, v, None, None, 0.0, causal, D ** -0.5, torch.tensor([0]))
+        s = q.double() @ k.double().transpose(-1, -2) / D ** 0.5
+        if causal:
+            s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool).triu(1), float("-inf"))  # torch: top-left
+        torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-4)

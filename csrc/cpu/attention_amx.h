@@ -291,20 +291,52 @@ inline void attention_amx_pv_t(const uint16_t* pt, int64_t kc, const uint16_t* v
   amx_barrier();
 }
 
-// 2^x as Vec::exp2 computes it (x = n + f, |f| <= 1/2, 2^f by a Taylor polynomial, scalef; lanes
-// below 2^-125 exactly 0; NaN kept), cut at degree 4 (relative error < 1.5e-5): P is rounded to
-// bf16 (2^-9) right after, and the sum l sees the same values, so the error cancels in O / l to far
-// below bf16's. n comes from the 1.5 * 2^23 rounding trick (two adds) instead of vrndscaleps,
-// which is two uops on the port that scalef also needs.
+// How far (log2 units) a row's block max may exceed its running max before the softmax moves it:
+// P then stays below 2^8, the same relative precision in float32 and bf16.
+constexpr float kAmxRescaleSlack = 8.0f;
+
+// 2^x = 2^f * 2^floor(x), f = x - floor(x) in [0, 1] from one vreduceps, 2^f by a minimax
+// polynomial, 2^floor(x) applied by vscalefps, which floors x itself. Degree 3 (relative error
+// < 9e-5) where P only meets bf16 (rounded to 2^-9 right after; l sees the same values, so the
+// error cancels in O / l to far below bf16's); degree 4 (< 3e-6) under out_float, whose residual
+// path carries P to float32 accuracy. Lanes below 2^-125 are exactly 0 (masked, so no denormal
+// results); NaN stays NaN; -inf gives f = 0 and 0. x <= kAmxRescaleSlack here (the lazy max).
+constexpr float kExp2Minimax01Deg3[3] = {0.6951163411140442f, 0.22764700651168823f, 0.07706519961357117f};
+constexpr float kExp2Minimax01Deg4[4] = {0.6930448412895203f, 0.24128007888793945f, 0.052242740988731384f,
+                                         0.013426518067717552f};
+template <bool kFloatAccurate>
 inline __m512 amx_exp2(__m512 x) {
-  const __m512 t = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
-  const __mmask16 live = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 n = _mm512_sub_ps(_mm512_add_ps(t, magic), magic);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(kExp2C[4]);
-  for (int i = 3; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C[i]));
-  return _mm512_maskz_scalef_ps(live, p, n);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF);  // x - floor(x)
+  constexpr int kDegree = kFloatAccurate ? 4 : 3;
+  const float* coef = kFloatAccurate ? kExp2Minimax01Deg4 : kExp2Minimax01Deg3;
+  __m512 p = _mm512_set1_ps(coef[kDegree - 1]);
+  for (int i = kDegree - 2; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(coef[i]));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(live, p, x);
+}
+
+// P^T's tiles (and under kResidual the bf16 residual tiles) of a block's keys [0, nk) from S^T:
+// p = 2^(s c - mc), zero past nk up to whole 32-key chunks; l += the row sums.
+template <bool kResidual>
+inline void amx_softmax_pairs(const float* st, int64_t nk, __m512 cv, __m512 mc, __m512& l, uint16_t* pt,
+                              uint16_t* pt_residual) {
+  const int64_t pairs = (nk + 31) / 32 * 16;
+  for (int64_t pr = 0; pr < pairs; ++pr) {
+    const int64_t j = 2 * pr;
+    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+    if (j < nk) p0 = amx_exp2<kResidual>(_mm512_fmsub_ps(_mm512_loadu_ps(st + j * 16), cv, mc));
+    if (j + 1 < nk) p1 = amx_exp2<kResidual>(_mm512_fmsub_ps(_mm512_loadu_ps(st + (j + 1) * 16), cv, mc));
+    l = _mm512_add_ps(l, _mm512_add_ps(p0, p1));
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // p0 low, p1 high
+    const __m512i pairs_of = amx_interleave_halves(both);      // 32-bit lane i: (p0[i], p1[i])
+    _mm512_storeu_si512(pt + pr * 32, pairs_of);
+    if constexpr (kResidual) {  // what the rounding dropped, as bf16 in the same layout
+      const __m512 r0 = _mm512_sub_ps(p0, _mm512_castsi512_ps(_mm512_slli_epi32(pairs_of, 16)));
+      const __m512 r1 = _mm512_sub_ps(p1, _mm512_castsi512_ps(_mm512_and_si512(pairs_of, _mm512_set1_epi32(-65536))));
+      _mm512_storeu_si512(pt_residual + pr * 32, amx_interleave_halves((__m512i)_mm512_cvtne2ps_pbh(r1, r0)));
+    }
+  }
 }
 
 // The online softmax of one key block for a group of 16 rows, on S^T (keys [0, nk), lanes =
@@ -316,22 +348,34 @@ inline void attention_amx_softmax_t(float* st, int64_t nk, float c, const float*
                                     int64_t causal_shift, __m512& m, __m512& l, float* ot, int64_t D,
                                     bool resident, uint16_t* pt, uint16_t* pt_residual = nullptr) {
   const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
-  __m512 bmax = ninf;
-  for (int64_t j = 0; j < nk; ++j) {
-    __m512 s = _mm512_loadu_ps(st + j * 16);
-    bool masked = false;
-    if (kbias && kbias[j] != 0.0f) s = ninf, masked = true;
-    if (causal && j + causal_shift > 0) {
-      const int64_t hidden = j + causal_shift < 16 ? j + causal_shift : 16;
-      s = _mm512_mask_mov_ps(s, static_cast<__mmask16>((1u << hidden) - 1u), ninf);
-      masked = true;
+  // The block's max in four independent chains (one would be a chain of nk dependent maxes).
+  __m512 bmax[4] = {ninf, ninf, ninf, ninf};
+  if (!kbias && !(causal && nk - 1 + causal_shift > 0)) {
+    int64_t j = 0;
+    for (; j + 4 <= nk; j += 4)
+      for (int u = 0; u < 4; ++u) bmax[u] = _mm512_max_ps(bmax[u], _mm512_loadu_ps(st + (j + u) * 16));
+    for (; j < nk; ++j) bmax[j & 3] = _mm512_max_ps(bmax[j & 3], _mm512_loadu_ps(st + j * 16));
+  } else {
+    for (int64_t j = 0; j < nk; ++j) {
+      __m512 s = _mm512_loadu_ps(st + j * 16);
+      bool masked = false;
+      if (kbias && kbias[j] != 0.0f) s = ninf, masked = true;
+      if (causal && j + causal_shift > 0) {
+        const int64_t hidden = j + causal_shift < 16 ? j + causal_shift : 16;
+        s = _mm512_mask_mov_ps(s, static_cast<__mmask16>((1u << hidden) - 1u), ninf);
+        masked = true;
+      }
+      if (masked) _mm512_storeu_ps(st + j * 16, s);
+      bmax[j & 3] = _mm512_max_ps(bmax[j & 3], s);
     }
-    if (masked) _mm512_storeu_ps(st + j * 16, s);
-    bmax = _mm512_max_ps(bmax, s);
   }
   const __m512 cv = _mm512_set1_ps(c);
-  const __m512 mb = _mm512_mul_ps(bmax, cv);
-  const __mmask16 moved = _mm512_cmp_ps_mask(mb, m, _CMP_GT_OQ) |
+  const __m512 mb = _mm512_mul_ps(_mm512_max_ps(_mm512_max_ps(bmax[0], bmax[1]), _mm512_max_ps(bmax[2], bmax[3])), cv);
+  // Lazy rescaling (as FlashAttention-4 does): a row's max moves only where the block's exceeds it
+  // by more than kAmxRescaleSlack, so P <= 2^slack and O^T's tiles are rescaled a few times per
+  // row instead of at nearly every block. O / l and the log-sum-exp m + log2 l do not depend on
+  // which m was used. A row's first visible block (m = -inf) always moves it.
+  const __mmask16 moved = _mm512_cmp_ps_mask(mb, _mm512_add_ps(m, _mm512_set1_ps(kAmxRescaleSlack)), _CMP_GT_OQ) |
                           _mm512_cmp_ps_mask(mb, mb, _CMP_UNORD_Q);
   if (moved) {
     const __m512 m_new = _mm512_mask_max_ps(m, moved, m, mb);
@@ -349,22 +393,8 @@ inline void attention_amx_softmax_t(float* st, int64_t nk, float c, const float*
   }
   // Rows with nothing visible yet subtract 0: their scores are -inf, so P = 0.
   const __m512 mc = _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(m, ninf, _CMP_EQ_OQ), _mm512_setzero_ps());
-  const int64_t pairs = (nk + 31) / 32 * 16;
-  for (int64_t pr = 0; pr < pairs; ++pr) {
-    const int64_t j = 2 * pr;
-    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
-    if (j < nk) p0 = amx_exp2(_mm512_fmsub_ps(_mm512_loadu_ps(st + j * 16), cv, mc));
-    if (j + 1 < nk) p1 = amx_exp2(_mm512_fmsub_ps(_mm512_loadu_ps(st + (j + 1) * 16), cv, mc));
-    l = _mm512_add_ps(l, _mm512_add_ps(p0, p1));
-    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // p0 low, p1 high
-    const __m512i pairs_of = amx_interleave_halves(both);      // 32-bit lane i: (p0[i], p1[i])
-    _mm512_storeu_si512(pt + pr * 32, pairs_of);
-    if (pt_residual) {  // what the rounding dropped, as bf16 in the same layout
-      const __m512 r0 = _mm512_sub_ps(p0, _mm512_castsi512_ps(_mm512_slli_epi32(pairs_of, 16)));
-      const __m512 r1 = _mm512_sub_ps(p1, _mm512_castsi512_ps(_mm512_and_si512(pairs_of, _mm512_set1_epi32(-65536))));
-      _mm512_storeu_si512(pt_residual + pr * 32, amx_interleave_halves((__m512i)_mm512_cvtne2ps_pbh(r1, r0)));
-    }
-  }
+  if (pt_residual) amx_softmax_pairs<true>(st, nk, cv, mc, l, pt, pt_residual);
+  else amx_softmax_pairs<false>(st, nk, cv, mc, l, pt, nullptr);
 }
 
 #endif

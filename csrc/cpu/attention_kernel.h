@@ -183,7 +183,7 @@ struct Attention {
     uint16_t *k16, *v16, *q16, *p16;  // AMX: packed key / value blocks, bf16 Q rows and P rows
     uint16_t *ktail, *qt16, *pt16;    // transposed AMX: last partial key tile, Q^T, P^T tiles
     uint16_t* pt16_residual;          // out_float: P^T's bf16 rounding residual, pt16's layout
-    float *st, *ot;                   // transposed AMX: S^T of a block, O^T of a group
+    float *st, *ot;                   // transposed AMX: S^T of two blocks, O^T of a group
   };
   FwdScratch fwd_scratch(Workspace& ws) const {
     FwdScratch f{};
@@ -197,7 +197,7 @@ struct Attention {
     f.qt16 = ws.take<uint16_t>(tr ? 16 * D : 0);
     f.pt16 = ws.take<uint16_t>(tr ? 2 * 512 : 0);
     f.pt16_residual = ws.take<uint16_t>(tr && a.out_float ? 2 * 512 : 0);
-    f.st = ws.take<float>(tr ? BK * 16 : 0);
+    f.st = ws.take<float>(tr ? 2 * BK * 16 : 0);  // two blocks: amx_rows_t's pipeline
     f.ot = ws.take<float>(tr ? D * 16 : 0);
     f.v16 = ws.take<uint16_t>(tiles ? nkb * BK * D : 0);
     f.q16 = ws.take<uint16_t>(tiles ? BQ * D : 0);
@@ -379,17 +379,31 @@ struct Attention {
       const uint16_t* k0 = reinterpret_cast<const uint16_t*>(row(a.k, a.k_stride, b, h, 0));
       const bool resident = D <= 64;  // O^T in tiles tmm4..7 across the key blocks
       if (resident) amx_o_load(f.ot, D);
-      for (int64_t kb = 0; kb < kend; ++kb) {
-        if (key_block_all_padded(b, kb)) continue;
+      auto visible_from = [&](int64_t kb) {
+        while (kb < kend && key_block_all_padded(b, kb)) ++kb;
+        return kb;
+      };
+      auto scores = [&](int64_t kb, float* st) {
         const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0);
         attention_amx_scores_t(k0 + j0 * a.k_stride[2], a.k_stride[2], tiles_of(nk), nk % 16 ? f.ktail : nullptr,
-                               f.qt16, D, f.st);
+                               f.qt16, D, st);
+      };
+      // Software-pipelined: the next block's S^T product is issued before this block's softmax
+      // (S^T alternates between two buffers), so the softmax's vector work need not wait for it.
+      int64_t kb = visible_from(0);
+      if (kb < kend) scores(kb, f.st);
+      for (int64_t step = 0; kb < kend; ++step) {
+        float* st = f.st + (step & 1) * BK * 16;
+        const int64_t next = visible_from(kb + 1);
+        if (next < kend) scores(next, f.st + ((step + 1) & 1) * BK * 16);
+        const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0);
         // out_float: P's bf16 rounding residual goes through P V too (see amx_pv).
         uint16_t* residual = a.out_float ? f.pt16_residual : nullptr;
-        attention_amx_softmax_t(f.st, nk, c, kbias ? kbias + j0 : nullptr, a.causal, j0 - g0, mv, lv, f.ot, D,
+        attention_amx_softmax_t(st, nk, c, kbias ? kbias + j0 : nullptr, a.causal, j0 - g0, mv, lv, f.ot, D,
                                 resident, f.pt16, residual);
         attention_amx_pv_t(f.pt16, (nk + 31) / 32, f.v16 + kb * BK * D, D, f.ot, resident);
         if (residual) attention_amx_pv_t(residual, (nk + 31) / 32, f.v16 + kb * BK * D, D, f.ot, resident);
+        kb = next;
       }
       if (resident) amx_o_store(f.ot, D);
       _mm512_storeu_ps(f.m, mv);
