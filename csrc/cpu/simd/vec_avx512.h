@@ -109,20 +109,22 @@ struct Vec {
                           _mm512_shuffle_ps(d0, d1, _MM_SHUFFLE(3, 1, 3, 1)))};
   }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
-  // 2^x to ~1 ulp: x = n + f, |f| <= 1/2, 2^f by its degree-7 Taylor polynomial, then scalef.
+  // 2^x to ~1.7 ulp: 2^f * 2^floor(x), f = x - floor(x) in [0, 1] from one vreduceps, 2^f by a
+  // degree-6 minimax polynomial (relative error 2e-9 before rounding), 2^floor(x) applied by
+  // vscalefps, which floors x itself: 9 instructions where rounding x to n (vrndscaleps, two
+  // uops on scalef's port) and a degree-7 polynomial on |f| <= 1/2 took 13.
   // Lanes below 2^-125 are set to exactly 0 by the mask, not computed: a scalef that underflows
   // (a masked score at -inf, a padded key) takes a microcode assist of ~100 cycles, which cost
   // short padded rows a third of the forward. As on AVX2, results below the normal range are 0.
-  // The clamp has x second: max_ps returns its second operand when one is NaN, and the mask
-  // keeps unordered lanes, so NaN stays NaN (a NaN or Inf input).
+  // The mask keeps unordered lanes, and vreduceps and vscalefps pass NaN on, so NaN stays NaN (a
+  // NaN or Inf input); -inf gives f = 0 and a masked 0.
   static Vec exp2(Vec x) {
-    const __m512 t = _mm512_max_ps(_mm512_set1_ps(-200.0f), x.v);
-    const __mmask16 live = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(kExp2C[7]);
-    for (int i = 6; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2C[i]));
-    return {_mm512_maskz_scalef_ps(live, p, n)};
+    const __mmask16 live = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
+    const __m512 f = _mm512_reduce_ps(x.v, _MM_FROUND_TO_NEG_INF);  // x - floor(x)
+    __m512 p = _mm512_set1_ps(kExp2Minimax01Deg6[5]);
+    for (int i = 4; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Minimax01Deg6[i]));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return {_mm512_maskz_scalef_ps(live, p, x.v)};
   }
 
  private:
