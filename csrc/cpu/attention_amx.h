@@ -324,13 +324,11 @@ inline __m512 amx_exp2(__m512 x) {
 template <bool kResidual>
 inline void amx_softmax_pairs(const float* st, int64_t nk, __m512 cv, __m512 mc, __m512& l, uint16_t* pt,
                               uint16_t* pt_residual) {
-  const int64_t pairs = (nk + 31) / 32 * 16;
-  for (int64_t pr = 0; pr < pairs; ++pr) {
-    const int64_t j = 2 * pr;
-    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
-    if (j < nk) p0 = amx_exp2<kResidual>(_mm512_fmsub_ps(_mm512_loadu_ps(st + j * 16), cv, mc));
-    if (j + 1 < nk) p1 = amx_exp2<kResidual>(_mm512_fmsub_ps(_mm512_loadu_ps(st + (j + 1) * 16), cv, mc));
-    l = _mm512_add_ps(l, _mm512_add_ps(p0, p1));
+  const int64_t pairs = (nk + 31) / 32 * 16, full = nk / 2;
+  __m512 la = _mm512_setzero_ps(), lb = _mm512_setzero_ps();
+  auto store = [&](int64_t pr, __m512 p0, __m512 p1) {
+    la = _mm512_add_ps(la, p0);
+    lb = _mm512_add_ps(lb, p1);
     const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // p0 low, p1 high
     const __m512i pairs_of = amx_interleave_halves(both);      // 32-bit lane i: (p0[i], p1[i])
     _mm512_storeu_si512(pt + pr * 32, pairs_of);
@@ -339,7 +337,14 @@ inline void amx_softmax_pairs(const float* st, int64_t nk, __m512 cv, __m512 mc,
       const __m512 r1 = _mm512_sub_ps(p1, _mm512_castsi512_ps(_mm512_and_si512(pairs_of, _mm512_set1_epi32(-65536))));
       _mm512_storeu_si512(pt_residual + pr * 32, amx_interleave_halves((__m512i)_mm512_cvtne2ps_pbh(r1, r0)));
     }
+  };
+  auto p_of = [&](int64_t j) { return amx_exp2<kResidual>(_mm512_fmsub_ps(_mm512_loadu_ps(st + j * 16), cv, mc)); };
+  for (int64_t pr = 0; pr < full; ++pr) store(pr, p_of(2 * pr), p_of(2 * pr + 1));  // both keys there
+  for (int64_t pr = full; pr < pairs; ++pr) {  // the tail: one key or none, zeros up to 32-key chunks
+    const int64_t j = 2 * pr;
+    store(pr, j < nk ? p_of(j) : _mm512_setzero_ps(), _mm512_setzero_ps());
   }
+  l = _mm512_add_ps(l, _mm512_add_ps(la, lb));
 }
 
 // The online softmax of one key block for a group of 16 rows, on S^T (keys [0, nk), lanes =
