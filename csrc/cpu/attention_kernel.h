@@ -265,19 +265,24 @@ struct Attention {
       for (int64_t kb = 0; kb < kend; ++kb) {
         if (key_block_all_padded(b, kb)) continue;
         const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0), np = padded(nk);
+        // Causal: rows above the block's first key see none of it and keep their state, so the
+        // block's products and softmax start at row r0 (the float32 path; a query block's last
+        // key block is often 2/3 hidden).
+        const int64_t r0 = a.causal && !tiles ? imin(mq, imax(0, j0 - i0)) : 0;
+        if (r0 == mq) continue;
         if (tiles) amx_scores(mq, np, kb, f);
-        else Gemm::run(mq, np, D, f.qbuf, D, 1, f.kt + kb * D * BK, BK, f.sbuf, BK, false);
+        else Gemm::run(mq - r0, np, D, f.qbuf + r0 * D, D, 1, f.kt + kb * D * BK, BK, f.sbuf + r0 * BK, BK, false);
         // Three passes over the rows, each short and independent per row, so the out-of-order
         // core overlaps rows (one long chain per row, max -> exp -> sum -> 1 / l, stalls on
         // latency at short lengths).
-        for (int64_t r = 0; r < mq; ++r) {  // masks and running maxima
+        for (int64_t r = r0; r < mq; ++r) {  // masks and running maxima
           S* srow = f.sbuf + r * BK;
           mask_row(srow, b, h, i0 + r, j0, kbias, smul);
           V mx = V::load(srow);
           for (int64_t j = W; j < np; j += W) mx = V::max(mx, V::load(srow + j));
           f.m_new[r] = imax_s(f.m[r], mx.reduce_max());
         }
-        for (int64_t r = 0; r < mq; ++r) {  // exponentials, sums, rescaling
+        for (int64_t r = r0; r < mq; ++r) {  // exponentials, sums, rescaling
           S* srow = f.sbuf + r * BK;
           const S m_new = f.m_new[r];
           if (m_new == neg_inf) {  // nothing visible yet in this row
@@ -303,7 +308,7 @@ struct Attention {
         }
         if (a.dropout.enabled) block_keep_bits(b, h, i0, mq, j0, nk, f.bits, f.bit0);
         if (in_out || a.dropout.enabled)
-          for (int64_t r = 0; r < mq; ++r) {  // normalisation, dropout
+          for (int64_t r = r0; r < mq; ++r) {  // normalisation, dropout
             S* srow = f.sbuf + r * BK;
             if (in_out && f.m[r] != neg_inf) scale_row(srow, S(1) / f.l[r], np);
             if (a.dropout.enabled) apply_keep_bits(srow, nk, f.bits, f.bit0[r]);
@@ -314,7 +319,7 @@ struct Attention {
         }
         const S* vrows = direct_v ? reinterpret_cast<const S*>(row(a.v, a.v_stride, b, h, j0)) : f.vbuf + j0 * D;
         const int64_t ldv = direct_v ? a.v_stride[2] : D;
-        Gemm::run(mq, D, nk, f.sbuf, BK, 1, vrows, ldv, o, D, !single);
+        Gemm::run(mq - r0, D, nk, f.sbuf + r0 * BK, BK, 1, vrows, ldv, o + r0 * D, D, !single);
       }
       finish_rows(b, h, i0, mq, f, in_out);
     }
