@@ -298,25 +298,14 @@ inline void attention_amx_pv_t(const uint16_t* pt, int64_t kc, const uint16_t* v
 // 1.64x with 1, 1.80x with 2, and past 2x with 8 (the 2x rule's limit).
 constexpr float kAmxRescaleSlack = 1.0f;
 
-// 2^x = 2^f * 2^floor(x), f = x - floor(x) in [0, 1] from one vreduceps, 2^f by a minimax
-// polynomial, 2^floor(x) applied by vscalefps, which floors x itself. Degree 3 (relative error
-// < 9e-5) where P only meets bf16 (rounded to 2^-9 right after; l sees the same values, so the
-// error cancels in O / l to far below bf16's); degree 4 (< 3e-6) under out_float, whose residual
-// path carries P to float32 accuracy. Lanes below 2^-125 are exactly 0 (masked, so no denormal
-// results); NaN stays NaN; -inf gives f = 0 and 0. x <= kAmxRescaleSlack here (the lazy max).
-constexpr float kExp2Minimax01Deg3[3] = {0.6951163411140442f, 0.22764700651168823f, 0.07706519961357117f};
-constexpr float kExp2Minimax01Deg4[4] = {0.6930448412895203f, 0.24128007888793945f, 0.052242740988731384f,
-                                         0.013426518067717552f};
+// 2^x for P (Vec::exp2_poly01): degree 3 (relative error < 9e-5) where P only meets bf16 (rounded
+// to 2^-9 right after; l sees the same values, so the error cancels in O / l to far below bf16's);
+// degree 4 (< 3e-6) under out_float, whose residual path carries P to float32 accuracy. x <=
+// kAmxRescaleSlack here (the lazy max).
 template <bool kFloatAccurate>
 inline __m512 amx_exp2(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
-  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF);  // x - floor(x)
-  constexpr int kDegree = kFloatAccurate ? 4 : 3;
-  const float* coef = kFloatAccurate ? kExp2Minimax01Deg4 : kExp2Minimax01Deg3;
-  __m512 p = _mm512_set1_ps(coef[kDegree - 1]);
-  for (int i = kDegree - 2; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(coef[i]));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(live, p, x);
+  if constexpr (kFloatAccurate) return Vec::exp2_poly01(x, kExp2Minimax01Deg4);
+  else return Vec::exp2_poly01(x, kExp2Minimax01Deg3);
 }
 
 // P^T's tiles (and under kResidual the bf16 residual tiles) of a block's keys [0, nk) from S^T:

@@ -393,6 +393,8 @@ struct Attention {
         attention_amx_scores_t(k0 + j0 * a.k_stride[2], a.k_stride[2], tiles_of(nk), nk % 16 ? f.ktail : nullptr,
                                f.qt16, D, st);
       };
+      // out_float: P's bf16 rounding residual goes through P V too (see amx_pv).
+      uint16_t* residual = a.out_float ? f.pt16_residual : nullptr;
       // Software-pipelined: the next block's S^T product is issued before this block's softmax
       // (S^T alternates between two buffers), so the softmax's vector work need not wait for it.
       int64_t kb = visible_from(0);
@@ -402,8 +404,6 @@ struct Attention {
         const int64_t next = visible_from(kb + 1);
         if (next < kend) scores(next, f.st + ((step + 1) & 1) * BK * 16);
         const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0);
-        // out_float: P's bf16 rounding residual goes through P V too (see amx_pv).
-        uint16_t* residual = a.out_float ? f.pt16_residual : nullptr;
         attention_amx_softmax_t(st, nk, c, kbias ? kbias + j0 : nullptr, a.causal, j0 - g0, mv, lv, f.ot, D,
                                 resident, f.pt16, residual);
         attention_amx_pv_t(f.pt16, (nk + 31) / 32, f.v16 + kb * BK * D, D, f.ot, resident);

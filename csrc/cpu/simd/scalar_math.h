@@ -31,10 +31,14 @@ constexpr float kExp2C[8] = {1.0f,
                              0.000154035303933816f,
                              1.52527338040598e-05f};
 
-// Coefficients c1..c6 of 1 + c1 f + ... + c6 f^6, the minimax (relative error) polynomial of 2^f
-// on [0, 1]: 2e-9 before rounding, 1.7 ulp in float32 Horner (Vec::exp2 on AVX-512).
+// Coefficients c1..cN of 1 + c1 f + ... + cN f^N, the minimax (relative error) polynomials of 2^f
+// on [0, 1] (Vec::exp2_poly01 on AVX-512). Degree 6: 2e-9 before rounding, 1.7 ulp in float32
+// Horner (Vec::exp2); degrees 3 and 4: 9e-5 and 3e-6 (the AMX softmax, attention_amx.h).
 constexpr float kExp2Minimax01Deg6[6] = {0.6931470632553101f, 0.2402293086051941f, 0.055485282093286514f,
                                          0.009675448760390282f, 0.0012467879569157958f, 0.00021612789714708924f};
+constexpr float kExp2Minimax01Deg4[4] = {0.6930448412895203f, 0.24128007888793945f, 0.052242740988731384f,
+                                         0.013426518067717552f};
+constexpr float kExp2Minimax01Deg3[3] = {0.6951163411140442f, 0.22764700651168823f, 0.07706519961357117f};
 
 // Our own min/max, so kernels instantiate no std:: template in an ISA unit (kernels.h).
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
