@@ -44,9 +44,12 @@ def make_mask(kind, B, H, Lq, Lk, dtype):
     raise ValueError(kind)
 
 
+def _mask64(attn_mask):
+    return None if attn_mask is None else (attn_mask if attn_mask.dtype == torch.bool else attn_mask.double())
+
+
 def references(q, k, v, attn_mask, kpm, p, causal, scale, keep):
-    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(),
-                                                 None if attn_mask is None else (attn_mask if attn_mask.dtype == torch.bool else attn_mask.double()),
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), _mask64(attn_mask),
                                                  kpm, p, causal, scale, keep)
     theirs = reference.scaled_dot_product_attention(q, k, v, attn_mask, kpm, p, causal, scale, keep)
     if q.dtype == torch.bfloat16:
@@ -56,6 +59,18 @@ def references(q, k, v, attn_mask, kpm, p, causal, scale, keep):
                                               scale=scale) if p == 0 and not causal else theirs
         theirs = sdpa if (sdpa.double() - ref).abs().max() < (theirs.double() - ref).abs().max() else theirs
     return ref, theirs
+
+
+def reference_backward(q, k, v, grad, attn_mask, kpm, p, causal, keep):
+    """The float64 reference and the same math in q's dtype (the 2x rule's baseline for gradients),
+    each run forward and backward on fresh leaves: (ref out, ref leaves, their out, their leaves)."""
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.scaled_dot_product_attention(*ref_leaves, _mask64(attn_mask), kpm, p, causal, None, keep)
+    ref.backward(grad.double())
+    t_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    theirs = reference.scaled_dot_product_attention(*t_leaves, attn_mask, kpm, p, causal, None, keep)
+    theirs.backward(grad)
+    return ref, ref_leaves, theirs, t_leaves
 
 
 def _torch_mask(attn_mask, kpm, q):
@@ -158,11 +173,7 @@ def test_backward_matches_reference(isa, rng_seed, dtype, kind, causal, p):
                                                 is_causal=causal, return_dropout_mask=True)
     grad = torch.randn_like(out)
     out.backward(grad)
-    am64 = None if attn_mask is None else (attn_mask if attn_mask.dtype == torch.bool else attn_mask.double())
-    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    reference.scaled_dot_product_attention(*ref_leaves, am64, kpm, p, causal, None, keep).backward(grad.double())
-    t_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    reference.scaled_dot_product_attention(*t_leaves, attn_mask, kpm, p, causal, None, keep).backward(grad)
+    _, ref_leaves, _, t_leaves = reference_backward(q, k, v, grad, attn_mask, kpm, p, causal, keep)
     for name, ours, r, t in zip("qkv", leaves, ref_leaves, t_leaves):
         assert ours.grad.dtype == dtype and not torch.isnan(ours.grad).any()
         assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} {isa} {dtype} {kind} causal={causal} p={p}",
@@ -197,12 +208,7 @@ def test_short_sequences_with_tail_padding(isa, rng_seed, Lq, Lk, D, dtype, caus
                                                 return_dropout_mask=True)
     grad = torch.randn_like(out)
     out.backward(grad)
-    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference.scaled_dot_product_attention(*ref_leaves, None, kpm, p, causal, None, keep)
-    ref.backward(grad.double())
-    t_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    theirs = reference.scaled_dot_product_attention(*t_leaves, None, kpm, p, causal, None, keep)
-    theirs.backward(grad)
+    ref, ref_leaves, theirs, t_leaves = reference_backward(q, k, v, grad, None, kpm, p, causal, keep)
     slack = 1e-5 if dtype != torch.float64 else 1e-10
     what = f"{isa} {dtype} Lq={Lq} Lk={Lk} D={D} causal={causal} p={p}"
     assert_2x_rule(out, theirs, ref, what, seed=rng_seed, slack=slack)

@@ -11,7 +11,7 @@ import torch
 from aiayn import functional as AF
 from aiayn import reference
 from conftest import AMX_SKIP_REASON, assert_2x_rule, bf16_mode, num_threads
-from test_attention import make_mask, rand, references
+from test_attention import make_mask, rand, reference_backward, references
 
 pytestmark = pytest.mark.skipif(AMX_SKIP_REASON is not None, reason=AMX_SKIP_REASON or "")
 
@@ -140,12 +140,7 @@ def test_running_max_rising_across_key_blocks(mode, rng_seed, step, causal):
     out = AF.scaled_dot_product_attention(*leaves, is_causal=causal)
     grad = torch.randn_like(out)
     out.backward(grad)
-    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference.scaled_dot_product_attention(*ref_leaves, None, None, 0.0, causal, None, None)
-    ref.backward(grad.double())
-    t_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    theirs = reference.scaled_dot_product_attention(*t_leaves, None, None, 0.0, causal, None, None)
-    theirs.backward(grad)
+    ref, ref_leaves, theirs, t_leaves = reference_backward(q, k, v, grad, None, None, 0.0, causal, None)
     what = f"{mode} step={step} causal={causal}"
     assert_2x_rule(out, theirs, ref, what, seed=rng_seed, slack=1e-5)
     for name, ours, r, t in zip("qkv", leaves, ref_leaves, t_leaves):
