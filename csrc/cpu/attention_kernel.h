@@ -267,9 +267,8 @@ struct Attention {
         const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0), np = padded(nk);
         // Causal: rows above the block's first key see none of it and keep their state, so the
         // block's products and softmax start at row r0 (the float32 path; a query block's last
-        // key block is often 2/3 hidden).
-        const int64_t r0 = a.causal && !tiles ? imin(mq, imax(0, j0 - i0)) : 0;
-        if (r0 == mq) continue;
+        // key block is often 2/3 hidden). r0 < mq: kend stops at the last row's block.
+        const int64_t r0 = a.causal && !tiles ? imax(0, j0 - i0) : 0;
         if (tiles) amx_scores(mq, np, kb, f);
         else Gemm::run(mq - r0, np, D, f.qbuf + r0 * D, D, 1, f.kt + kb * D * BK, BK, f.sbuf + r0 * BK, BK, false);
         // Three passes over the rows, each short and independent per row, so the out-of-order
