@@ -385,6 +385,62 @@ def test_nan_input_propagates():
     assert torch.isnan(out[..., 3]).all() and not torch.isnan(out[..., :3]).any()
 
 
+# The float32 / float64 forward without attention mask or dropout runs on transposed score blocks
+# (attention_kernel.h, forward_block_t: key rows by query lanes, the softmax's state in lanes);
+# masks or dropout, or a scale <= 0, take the row path. Both meet the reference here.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("step", [0.1, 4.0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_running_max_rising_across_key_blocks_float(isa, rng_seed, dtype, step, causal):
+    """Scores that grow along the keys move every row's running max at every 64-key block (by ~1 or
+    ~46 in log2 units), so O and l are rescaled each time; the log-sum-exp too."""
+    B, H, Lq, Lk, D = 2, 2, 33, 300, 64
+    q, k, v = (rand(B, H, L, D, dtype=dtype) for L in (Lq, Lk, Lk))
+    q[..., 0] = 1.0 + 0.1 * q[..., 0].abs()
+    k[..., 0] += step * torch.arange(Lk, dtype=dtype)
+    out = AF.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    ref, theirs = references(q, k, v, None, None, 0.0, causal, None, None)
+    slack = 1e-6 if dtype == torch.float32 else 1e-12
+    assert_2x_rule(out, theirs, ref, f"{isa} {dtype} step={step} causal={causal}", seed=rng_seed, slack=slack)
+    with torch.no_grad():
+        _, lse = torch.ops.aiayn.attention_fwd(q, k, v, None, None, 0.0, causal, D ** -0.5, torch.tensor([0]))
+        s = q.double() @ k.double().transpose(-1, -2) / D ** 0.5
+        if causal:
+            s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool).triu(1), float("-inf"))
+        torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(5, 40), (40, 40), (100, 130)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scale", [None, -0.3])
+def test_every_key_padded_and_nan_scores(isa, rng_seed, Lq, Lk, causal, scale):
+    """A batch whose keys are all padded gets zero rows (no NaN), as do causal rows whose only keys
+    are padded; the other rows the reference's; a NaN in a key makes every row that sees it NaN, a NaN in a query only its own row."""
+    B, H, D = 3, 2, 24
+    q, k, v = rand(B, H, Lq, D), rand(B, H, Lk, D), rand(B, H, Lk, D)
+    kpm = torch.rand(B, Lk) < 0.3
+    kpm[:, 0] = False
+    kpm[1] = True
+    kpm[2, :3] = torch.tensor([True, True, False])  # causal: queries 0 and 1 see no key (zero rows)
+    out = AF.scaled_dot_product_attention(q, k, v, key_padding_mask=kpm, is_causal=causal, scale=scale)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    if causal:
+        assert torch.equal(out[2, :, :2], torch.zeros_like(out[2, :, :2]))
+    keep = torch.tensor([0, 2])
+    ref, theirs = references(q[keep], k[keep], v[keep], None, kpm[keep], 0.0, causal, scale, None)
+    assert_2x_rule(out[keep], theirs, ref, f"{isa} Lq={Lq} Lk={Lk} causal={causal} scale={scale}",
+                   seed=rng_seed, slack=1e-6)
+    k[0, 1, 0, 3] = float("nan")  # key 0: every query of head (0, 1) sees it
+    q[2, 0, Lq // 2, 5] = float("nan")
+    out = AF.scaled_dot_product_attention(q, k, v, key_padding_mask=kpm, is_causal=causal, scale=scale)
+    assert torch.isnan(out[0, 1]).all() and torch.isnan(out[2, 0, Lq // 2]).all()
+    rest = torch.ones(B, H, Lq, dtype=torch.bool)
+    rest[0, 1] = False
+    rest[2, 0, Lq // 2] = False
+    rest[1] = False
+    assert not torch.isnan(out[rest]).any()
+
+
 def test_bad_inputs_name_the_argument():
     q, k, v = rand(2, 2, 5, 8), rand(2, 2, 6, 8), rand(2, 2, 6, 8)
     sdpa = AF.scaled_dot_product_attention

@@ -59,12 +59,13 @@ struct Attention {
     }
   }
 
-  // Keys [j0, j0 + n) transposed into dst[d * BK + j], zero past n (to the next vector).
+  // Rows [j0, j0 + n) (keys, or queries for forward_block_t) transposed into dst[d * ld + j], zero
+  // past n (to the next vector).
   void pack_keys_t(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t j0,
-                   int64_t n, S* dst) const {
+                   int64_t n, S* dst, int64_t ld = BK) const {
     const int64_t np = (n + W - 1) / W * W;
     for (int64_t d = 0; d < D; ++d)
-      for (int64_t j = n; j < np; ++j) dst[d * BK + j] = S(0);
+      for (int64_t j = n; j < np; ++j) dst[d * ld + j] = S(0);
     int64_t j = 0;
     if constexpr (sizeof(T) == sizeof(S)) {
       // Whole groups of W keys: W x W blocks transposed in registers (contiguous loads), the
@@ -72,14 +73,14 @@ struct Attention {
       const int64_t ks = stride[2], dfull = D / W * W;
       for (; j + W <= n; j += W) {
         const S* src = reinterpret_cast<const S*>(row(base, stride, b, h, j0 + j));
-        for (int64_t d = 0; d < dfull; d += W) V::transpose(src + d, ks, dst + d * BK + j, BK);
+        for (int64_t d = 0; d < dfull; d += W) V::transpose(src + d, ks, dst + d * ld + j, ld);
         for (int64_t d = dfull; d < D; ++d)
-          for (int64_t u = 0; u < W; ++u) dst[d * BK + j + u] = src[u * ks + d];
+          for (int64_t u = 0; u < W; ++u) dst[d * ld + j + u] = src[u * ks + d];
       }
     }
     for (; j < n; ++j) {
       const T* src = row(base, stride, b, h, j0 + j);
-      for (int64_t d = 0; d < D; ++d) dst[d * BK + j] = to_s(src[d]);
+      for (int64_t d = 0; d < D; ++d) dst[d * ld + j] = to_s(src[d]);
     }
   }
 
@@ -176,6 +177,13 @@ struct Attention {
     return amx() && a.mask.kind == AttentionMask::none && !a.dropout.enabled && a.scale > 0;
   }
 
+  // The float32 forward on transposed score blocks (forward_block_t) where it applies: no
+  // attention mask or dropout (their per-row layouts stay on the row path), a positive scale.
+  bool transposed_scores() const {
+    return sizeof(T) == sizeof(S) && !decode() && a.mask.kind == AttentionMask::none && !a.dropout.enabled &&
+           a.scale > 0;
+  }
+
   struct FwdScratch {
     S *kt, *vbuf, *qbuf, *sbuf, *obuf, *m, *m_new, *l, *kbias;
     uint64_t* bits;
@@ -189,7 +197,7 @@ struct Attention {
     FwdScratch f{};
     f.kbias = ws.take<S>(a.key_padding ? nkb * BK : 0);
     const bool direct_v = sizeof(T) == sizeof(S), tiles = amx();
-    f.kt = ws.take<S>(decode() || tiles ? 0 : nkb * D * BK);
+    f.kt = ws.take<S>(decode() || tiles || transposed_scores() ? 0 : nkb * D * BK);
     f.vbuf = ws.take<S>(decode() || direct_v || tiles ? 0 : Lk * D);
     const bool tr = amx_transposed();
     f.k16 = ws.take<uint16_t>(tiles && !tr ? nkb * BK * D : 0);
@@ -229,10 +237,11 @@ struct Attention {
     const int64_t kmax = imin(vis_blocks, key_blocks_for(0, Lq));
     const bool tiles = amx();
     const bool transposed = tiles && amx_transposed();
+    const bool tscores = transposed_scores();
     if (tiles) {
       amx_begin();
       for (int64_t kb = 0; kb < kmax; ++kb) amx_pack_block(b, h, kb, imin(BK, nvis - kb * BK), f, transposed);
-    } else {
+    } else if (!tscores) {
       for (int64_t kb = 0; kb < kmax; ++kb)
         pack_keys_t(a.k, a.k_stride, b, h, kb * BK, imin(BK, nvis - kb * BK), f.kt + kb * D * BK);
     }
@@ -245,6 +254,10 @@ struct Attention {
       const int64_t pos = qb % (2 * qc);
       if (pos != chunk && pos != 2 * qc - 1 - chunk) continue;
       const int64_t i0 = qb * BQ, mq = imin(BQ, Lq - i0);
+      if (tscores) {
+        forward_block_t(b, h, i0, mq, kbias, nvis, f);
+        continue;
+      }
       if (transposed) {
         for (int64_t g0 = i0; g0 < i0 + mq; g0 += 16) amx_rows_t(b, h, g0, imin(16, i0 + mq - g0), kbias, nvis, f);
         continue;
@@ -323,6 +336,95 @@ struct Attention {
       finish_rows(b, h, i0, mq, f, in_out);
     }
     if (tiles) amx_end();
+  }
+
+  // Query rows [i0, i0 + mq) of the float32 forward on transposed blocks: S^T = K Q^T per key
+  // block, key rows by query lanes, so each vector holds one key's scores for W query rows. The
+  // online softmax's running max and sum are then lane-wise vector operations down the key rows:
+  // no horizontal reductions, no per-row scalar work (the row path spends ~15% of the forward on
+  // them). K is read in place as the product's broadcast operand, Q^T packed once per query block
+  // (unscaled: the exponent is s * c - m, one FMA), and P^T feeds O += P V as a strided operand.
+  // Padded keys past the last visible one are not rows at all.
+  void forward_block_t(int64_t b, int64_t h, int64_t i0, int64_t mq, const S* kbias, int64_t nvis,
+                       const FwdScratch& f) const {
+    const int64_t npq = padded(mq);
+    pack_keys_t(a.q, a.q_stride, b, h, i0, mq, f.qbuf, BQ);  // Q^T: D rows of BQ query lanes
+    for (int64_t q = 0; q < npq; q += W) V::set1(neg_inf).store(f.m + q), V::zero().store(f.l + q);
+    const int64_t kend = imin((nvis + BK - 1) / BK, key_blocks_for(i0, mq));
+    // One key block: O = P V goes straight into obuf, with nothing to rescale or zero first.
+    const bool single = kend == 1;
+    if (!single)
+      for (int64_t x = 0; x < mq * D; ++x) f.obuf[x] = S(0);
+    const S* k0 = reinterpret_cast<const S*>(row(a.k, a.k_stride, b, h, 0));
+    const S* v0 = reinterpret_cast<const S*>(row(a.v, a.v_stride, b, h, 0));
+    const int64_t ks = a.k_stride[2], vs = a.v_stride[2];
+    const V cv = V::set1(c), lowest = V::set1(std::numeric_limits<S>::lowest());
+    S* st = f.sbuf;  // S^T, then P^T: BK key rows of BQ lanes
+    for (int64_t kb = 0; kb < kend; ++kb) {
+      if (key_block_all_padded(b, kb)) continue;
+      const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0);
+      // Causal: query rows above r0 see none of this block (kend stops at the last row's block,
+      // so r0 < mq); whole lanes vectors from q0 on are computed.
+      const int64_t r0 = a.causal ? imax(0, j0 - i0) : 0, q0 = r0 / W * W;
+      if (W == 16 && npq - q0 == 96)
+        Gemm::template panel<6, 4>(nk, D, k0 + j0 * ks, ks, 1, f.qbuf + q0, BQ, st + q0, BQ, W, false);
+      else
+        Gemm::run(nk, npq - q0, D, k0 + j0 * ks, ks, 1, f.qbuf + q0, BQ, st + q0, BQ, false);
+      for (int64_t j = 0; j < nk; ++j) {
+        if (kbias && kbias[j0 + j] == neg_inf) fill_neg_inf(st + j * BQ, q0, npq);  // a padded key inside
+        else if (a.causal) fill_neg_inf(st + j * BQ, q0, imin(j0 + j - i0, npq));  // rows i < key j
+      }
+      for (int64_t q = q0; q < npq; q += W) {
+        // The block's max per lane in four chains, the running max (log2 units) updated.
+        V mx[4] = {V::set1(neg_inf), V::set1(neg_inf), V::set1(neg_inf), V::set1(neg_inf)};
+        int64_t j = 0;
+        for (; j + 4 <= nk; j += 4)
+          for (int u = 0; u < 4; ++u) mx[u] = V::max(mx[u], V::load(st + (j + u) * BQ + q));
+        for (; j < nk; ++j) mx[0] = V::max(mx[0], V::load(st + j * BQ + q));
+        const V m_old = V::load(f.m + q);
+        const V m_new = V::max(m_old, V::max(V::max(mx[0], mx[1]), V::max(mx[2], mx[3])) * cv);
+        // Subtracted in the exponent: a lane with nothing visible yet (-inf) subtracts a finite
+        // number, so its -inf scores give 0, not NaN.
+        const V m_sub = V::max(m_new, lowest);
+        V l = V::load(f.l + q);
+        if (!V::all_equal(m_old, m_new)) {  // rescale what the lanes whose max moved hold so far
+          const V alpha = V::exp2(m_old - m_sub);
+          l = l * alpha;
+          if (!single) {
+            S al[W], mo[W];
+            alpha.store(al), m_old.store(mo);
+            for (int u = 0; u < W && q + u < mq; ++u)
+              if (al[u] != S(1) && mo[u] != neg_inf) scale_row(f.obuf + (q + u) * D, al[u], D);
+          }
+          m_new.store(f.m + q);
+        }
+        const V neg_m = V::zero() - m_sub;
+        V l1 = V::zero();
+        for (j = 0; j + 2 <= nk; j += 2) {
+          S* s0 = st + j * BQ + q;
+          const V p0 = V::exp2(V::fma(V::load(s0), cv, neg_m));
+          const V p1 = V::exp2(V::fma(V::load(s0 + BQ), cv, neg_m));
+          p0.store(s0), p1.store(s0 + BQ);
+          l = l + p0, l1 = l1 + p1;
+        }
+        if (j < nk) {
+          const V p0 = V::exp2(V::fma(V::load(st + j * BQ + q), cv, neg_m));
+          p0.store(st + j * BQ + q);
+          l = l + p0;
+        }
+        (l + l1).store(f.l + q);
+      }
+      Gemm::run(mq - r0, D, nk, st + r0, 1, BQ, v0 + j0 * vs, vs, f.obuf + r0 * D, D, !single);
+    }
+    finish_rows(b, h, i0, mq, f);
+  }
+
+  // Lanes [from, to) of a row of BQ lanes to -inf; `from` is a whole number of vectors.
+  static void fill_neg_inf(S* x, int64_t from, int64_t to) {
+    const V n = V::set1(-__builtin_inf());
+    int64_t q = from;
+    for (; q + W <= to; q += W) n.store(x + q);
+    if (q < to) n.store_partial(x + q, static_cast<int>(to - q));
   }
 
   // --- the AMX hooks of the forward (attention_amx.h); only called where amx() ---------------

@@ -70,6 +70,7 @@ struct Vec {
     return {_mm256_and_ps(_mm256_cmp_ps(m.v, _mm256_setzero_ps(), _CMP_GT_OQ), a.v)};
   }
   static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  static bool all_equal(Vec a, Vec b) { return _mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ)) == 0xFF; }
   float reduce_max() const {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));

@@ -86,6 +86,8 @@ struct Vec {
     return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m.v, _mm512_setzero_ps(), _CMP_GT_OQ), a.v)};
   }
   static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+  // Every lane of a equal to b's (ordered: a NaN lane is unequal).
+  static bool all_equal(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ) == 0xFFFF; }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   // Lane i = the sum of a[i]'s lanes, for 16 vectors at once (the horizontal sums of the GEMM's
   // dot-product path): four levels of shuffle + add, ~2 instructions per sum. Every lane is

@@ -35,6 +35,7 @@ struct ScalarVec {
   // `a` where `m` > 0, 0 elsewhere (NaN in m gives 0).
   static ScalarVec where_positive(ScalarVec m, ScalarVec a) { return {m.v > S(0) ? a.v : S(0)}; }
   static ScalarVec max(ScalarVec a, ScalarVec b) { return {a.v > b.v ? a.v : b.v}; }
+  static bool all_equal(ScalarVec a, ScalarVec b) { return a.v == b.v; }
   S reduce_add() const { return v; }
   // Lane i = the sum of a[i]'s lanes (vec_avx512.h): one lane here.
   static ScalarVec sum_lanes(const ScalarVec* a) { return a[0]; }
