@@ -911,7 +911,17 @@ inline size_t attention_workspace(const AttentionArgs& a, bool backward) {
   return 0;
 }
 
+// MXCSR.FTZ for the kernels' duration on this thread, restored after: exp2 of a masked or far
+// smaller score underflows, which without FTZ costs a microcode assist per vector (Vec::exp2_poly01).
+// Flushed results are below 2^-126, where P is 0 in every path anyway.
+struct FlushToZero {
+  unsigned saved = _mm_getcsr();
+  FlushToZero() { _mm_setcsr(saved | 0x8000u); }
+  ~FlushToZero() { _mm_setcsr(saved); }
+};
+
 inline void attention_fwd(const AttentionArgs& a, int64_t begin, int64_t end, void* ws) {
+  const FlushToZero ftz;
   for (int64_t t = begin; t < end; ++t) {
     switch (a.dtype) {
       case DType::f32: Attention<Vec, float>(a).forward(t, ws); break;
@@ -922,6 +932,7 @@ inline void attention_fwd(const AttentionArgs& a, int64_t begin, int64_t end, vo
 }
 
 inline void attention_bwd(const AttentionArgs& a, int64_t begin, int64_t end, void* ws) {
+  const FlushToZero ftz;
   for (int64_t t = begin; t < end; ++t) {
     switch (a.dtype) {
       case DType::f32: Attention<Vec, float>(a).backward(t, ws); break;

@@ -114,19 +114,19 @@ struct Vec {
   // 2^x = 2^f * 2^floor(x): f = x - floor(x) in [0, 1] from one vreduceps, 2^f by the polynomial
   // 1 + c[0] f + ... + c[N-1] f^N (a minimax fit on [0, 1], scalar_math.h), 2^floor(x) applied by
   // vscalefps, which floors x itself.
-  // Lanes below 2^-125 are set to exactly 0 by the mask, not computed: a scalef that underflows
-  // (a masked score at -inf, a padded key) takes a microcode assist of ~100 cycles, which cost
-  // short padded rows a third of the forward. As on AVX2, results below the normal range are 0.
-  // The mask keeps unordered lanes, and vreduceps and vscalefps pass NaN on, so NaN stays NaN (a
-  // NaN or Inf input); -inf gives f = 0 and a masked 0.
+  // Results below the normal range are 0, as on AVX2: the callers (attention_kernel.h's entry
+  // points) run with MXCSR.FTZ set, under which a vscalefps that underflows (a masked score at
+  // -inf, a padded key, a far smaller score) gives 0 at full speed; without FTZ it takes a
+  // microcode assist of ~60 ns per vector. (An explicit mask of the lanes below 2^-125 did the
+  // same at one more instruction per vector.) vreduceps and vscalefps pass NaN on, so NaN stays
+  // NaN (a NaN or Inf input); -inf gives f = 0, then 0.
   template <int N>
   static __m512 exp2_poly01(__m512 x, const float (&c)[N]) {
-    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
     const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF);  // x - floor(x)
     __m512 p = _mm512_set1_ps(c[N - 1]);
     for (int i = N - 2; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_scalef_ps(live, p, x);
+    return _mm512_scalef_ps(p, x);
   }
   // 2^x to ~1.7 ulp (degree 6): 9 instructions where rounding x to n (vrndscaleps, two uops on
   // scalef's port) and a degree-7 polynomial on |f| <= 1/2 took 13.
