@@ -362,10 +362,14 @@ struct Attention {
     S* st = f.sbuf;  // S^T, then P^T: BK key rows of BQ lanes
     for (int64_t kb = 0; kb < kend; ++kb) {
       if (key_block_all_padded(b, kb)) continue;
-      const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0);
+      const int64_t j0 = kb * BK;
       // Causal: query rows above r0 see none of this block (kend stops at the last row's block,
-      // so r0 < mq); whole lanes vectors from q0 on are computed.
+      // so r0 < mq), whole vectors of lanes from q0 on are computed; keys past the last row are
+      // seen by no row of this query block and are not computed.
+      const int64_t nk = imin(imin(BK, nvis - j0), a.causal ? i0 + mq - j0 : BK);
       const int64_t r0 = a.causal ? imax(0, j0 - i0) : 0, q0 = r0 / W * W;
+      // A block 6 vectors wide (AVX-512, 96 lanes) as 4 x 6 register tiles: run()'s panels of
+      // 4 vectors would leave a 2-vector panel of 8 x 2 tiles, a load per 1.6 FMAs.
       if (W == 16 && npq - q0 == 96)
         Gemm::template panel<6, 4>(nk, D, k0 + j0 * ks, ks, 1, f.qbuf + q0, BQ, st + q0, BQ, W, false);
       else
