@@ -370,10 +370,20 @@ struct Attention {
       const int64_t r0 = a.causal ? imax(0, j0 - i0) : 0, q0 = r0 / W * W;
       // A block 6 vectors wide (AVX-512, 96 lanes) as 4 x 6 register tiles: run()'s panels of
       // 4 vectors would leave a 2-vector panel of 8 x 2 tiles, a load per 1.6 FMAs.
-      if (W == 16 && npq - q0 == 96)
+      // Causal, a block across the diagonal: lanes [q, q_end) need only the keys up to their last
+      // query, so S^T goes in groups of 3 vectors, each over the key rows it needs (the rows
+      // past them are -inf by the causal fill below).
+      const bool diagonal = a.causal && i0 + q0 + W < j0 + nk;
+      if (diagonal) {
+        for (int64_t q = q0; q < npq; q += 3 * W) {
+          const int64_t q_end = imin(q + 3 * W, npq), rows = imin(nk, i0 + q_end - j0);
+          Gemm::run(rows, q_end - q, D, k0 + j0 * ks, ks, 1, f.qbuf + q, BQ, st + q, BQ, false);
+        }
+      } else if (W == 16 && npq - q0 == 96) {
         Gemm::template panel<6, 4>(nk, D, k0 + j0 * ks, ks, 1, f.qbuf + q0, BQ, st + q0, BQ, W, false);
-      else
+      } else {
         Gemm::run(nk, npq - q0, D, k0 + j0 * ks, ks, 1, f.qbuf + q0, BQ, st + q0, BQ, false);
+      }
       for (int64_t j = 0; j < nk; ++j) {
         if (kbias && kbias[j0 + j] == neg_inf) fill_neg_inf(st + j * BQ, q0, npq);  // a padded key inside
         else if (a.causal) fill_neg_inf(st + j * BQ, q0, imin(j0 + j - i0, npq));  // rows i < key j
@@ -418,7 +428,17 @@ struct Attention {
         }
         (l + l1).store(f.l + q);
       }
-      Gemm::run(mq - r0, D, nk, st + r0, 1, BQ, v0 + j0 * vs, vs, f.obuf + r0 * D, D, !single);
+      const S* vb = v0 + j0 * vs;
+      if (!diagonal) {
+        Gemm::run(mq - r0, D, nk, st + r0, 1, BQ, vb, vs, f.obuf + r0 * D, D, !single);
+        continue;
+      }
+      // Across the diagonal, each register tile's rows sum only over the keys they can see.
+      constexpr int R = V::rows_for(V::kTileNV);
+      for (int64_t r = r0; r < mq; r += R) {
+        const int64_t r_end = imin(r + R, mq);
+        Gemm::run(r_end - r, D, imin(nk, i0 + r_end - j0), st + r, 1, BQ, vb, vs, f.obuf + r * D, D, !single);
+      }
     }
     finish_rows(b, h, i0, mq, f);
   }
