@@ -80,6 +80,11 @@ def test_strided_views_and_odd_row_strides(mode, rng_seed):
     ref2 = reference.scaled_dot_product_attention(q.double(), k2.double(), k2.double())
     assert_2x_rule(out2, torch.nn.functional.scaled_dot_product_attention(q, k2, k2), ref2, f"{mode} odd stride",
                    seed=rng_seed)
+    # Queries too: whole 16-row groups take Q^T straight from q at an even stride, else a copy.
+    out3 = AF.scaled_dot_product_attention(k2, k, v)
+    ref3 = reference.scaled_dot_product_attention(k2.double(), k.double(), v.double())
+    assert_2x_rule(out3, torch.nn.functional.scaled_dot_product_attention(k2, k, v), ref3, f"{mode} odd query stride",
+                   seed=rng_seed)
 
 
 def test_amx_agrees_with_widened_path(rng_seed):

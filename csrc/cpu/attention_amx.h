@@ -192,10 +192,10 @@ inline void attention_amx_pack_values_t(const uint16_t* v, int64_t vs, int64_t n
     }
 }
 
-// 16 query rows (bf16 rows of D at stride D, zero rows past the group) into Q^T tiles.
-inline void attention_amx_queries_t(const uint16_t* q16, int64_t D, uint16_t* qt) {
+// 16 query rows (bf16 rows of D at an even stride qs) into Q^T tiles.
+inline void attention_amx_queries_t(const uint16_t* q, int64_t qs, int64_t D, uint16_t* qt) {
   for (int64_t c = 0; c < D / 32; ++c)
-    Vec::transpose(reinterpret_cast<const float*>(q16 + c * 32), D / 2, reinterpret_cast<float*>(qt + c * 512), 16);
+    Vec::transpose(reinterpret_cast<const float*>(q + c * 32), qs / 2, reinterpret_cast<float*>(qt + c * 512), 16);
 }
 
 // S^T of key tiles [0, kt): tile t reads 16 keys from k + 16 t * ks (stride ks), except the
@@ -245,6 +245,14 @@ inline void amx_o_store(float* ot, int64_t dims) {
     _tile_stored(7, ot + 768, 64);
   }
   amx_barrier();
+}
+inline void amx_o_zero(int64_t dims) {
+  _tile_zero(4);
+  _tile_zero(5);
+  if (dims > 32) {
+    _tile_zero(6);
+    _tile_zero(7);
+  }
 }
 inline void amx_o_load(const float* ot, int64_t dims) {
   amx_barrier();

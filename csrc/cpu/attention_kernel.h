@@ -501,14 +501,21 @@ struct Attention {
   void amx_rows_t(int64_t b, int64_t h, int64_t g0, int64_t m, const S* kbias, int64_t nvis, const FwdScratch& f) const {
 #ifdef AIAYN_AMX_TILES
     if constexpr (sizeof(T) == 2) {
-      copy_rows16(a.q, a.q_stride, b, h, g0, m, 16, f.q16);
-      attention_amx_queries_t(f.q16, D, f.qt16);
-      std::memset(f.ot, 0, D * 16 * sizeof(float));
+      // Q^T straight from q for a whole group (its rows' pairs are 32-bit aligned at an even
+      // stride), else from rows copied and zero-padded to 16.
+      if (m == 16 && a.q_stride[2] % 2 == 0) {
+        attention_amx_queries_t(reinterpret_cast<const uint16_t*>(row(a.q, a.q_stride, b, h, g0)), a.q_stride[2], D,
+                                f.qt16);
+      } else {
+        copy_rows16(a.q, a.q_stride, b, h, g0, m, 16, f.q16);
+        attention_amx_queries_t(f.q16, D, D, f.qt16);
+      }
       __m512 mv = _mm512_set1_ps(neg_inf), lv = _mm512_setzero_ps();
       const int64_t kend = imin((nvis + BK - 1) / BK, key_blocks_for(g0, m));
       const uint16_t* k0 = reinterpret_cast<const uint16_t*>(row(a.k, a.k_stride, b, h, 0));
       const bool resident = D <= 64;  // O^T in tiles tmm4..7 across the key blocks
-      if (resident) amx_o_load(f.ot, D);
+      if (resident) amx_o_zero(D);
+      else std::memset(f.ot, 0, D * 16 * sizeof(float));
       auto visible_from = [&](int64_t kb) {
         while (kb < kend && key_block_all_padded(b, kb)) ++kb;
         return kb;
