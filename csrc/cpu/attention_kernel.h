@@ -59,9 +59,9 @@ struct Attention {
     }
   }
 
-  // Rows [j0, j0 + n) (keys, or queries for forward_block_t) transposed into dst[d * ld + j], zero
-  // past n (to the next vector).
-  void pack_keys_t(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t j0,
+  // Rows [j0, j0 + n) of a (b, h) slice (keys; queries for forward_block_t) transposed into
+  // dst[d * ld + j], zero past n (to the next vector).
+  void pack_rows_t(const void* base, const int64_t* stride, int64_t b, int64_t h, int64_t j0,
                    int64_t n, S* dst, int64_t ld = BK) const {
     const int64_t np = (n + W - 1) / W * W;
     for (int64_t d = 0; d < D; ++d)
@@ -243,7 +243,7 @@ struct Attention {
       for (int64_t kb = 0; kb < kmax; ++kb) amx_pack_block(b, h, kb, imin(BK, nvis - kb * BK), f, transposed);
     } else if (!tscores) {
       for (int64_t kb = 0; kb < kmax; ++kb)
-        pack_keys_t(a.k, a.k_stride, b, h, kb * BK, imin(BK, nvis - kb * BK), f.kt + kb * D * BK);
+        pack_rows_t(a.k, a.k_stride, b, h, kb * BK, imin(BK, nvis - kb * BK), f.kt + kb * D * BK);
     }
     const bool direct_v = sizeof(T) == sizeof(S);
     if (!direct_v && !tiles) load_rows(a.v, a.v_stride, b, h, 0, Lk, f.vbuf);
@@ -341,14 +341,13 @@ struct Attention {
   // Query rows [i0, i0 + mq) of the float32 forward on transposed blocks: S^T = K Q^T per key
   // block, key rows by query lanes, so each vector holds one key's scores for W query rows. The
   // online softmax's running max and sum are then lane-wise vector operations down the key rows:
-  // no horizontal reductions, no per-row scalar work (the row path spends ~15% of the forward on
-  // them). K is read in place as the product's broadcast operand, Q^T packed once per query block
+  // no horizontal max and sum per row and block, no per-row scalar work. K is read in place as the product's broadcast operand, Q^T packed once per query block
   // (unscaled: the exponent is s * c - m, one FMA), and P^T feeds O += P V as a strided operand.
   // Padded keys past the last visible one are not rows at all.
   void forward_block_t(int64_t b, int64_t h, int64_t i0, int64_t mq, const S* kbias, int64_t nvis,
                        const FwdScratch& f) const {
     const int64_t npq = padded(mq);
-    pack_keys_t(a.q, a.q_stride, b, h, i0, mq, f.qbuf, BQ);  // Q^T: D rows of BQ query lanes
+    pack_rows_t(a.q, a.q_stride, b, h, i0, mq, f.qbuf, BQ);  // Q^T: D rows of BQ query lanes
     for (int64_t q = 0; q < npq; q += W) V::set1(neg_inf).store(f.m + q), V::zero().store(f.l + q);
     const int64_t kend = imin((nvis + BK - 1) / BK, key_blocks_for(i0, mq));
     // One key block: O = P V goes straight into obuf, with nothing to rescale or zero first.
@@ -368,11 +367,11 @@ struct Attention {
       // seen by no row of this query block and are not computed.
       const int64_t nk = imin(imin(BK, nvis - j0), a.causal ? i0 + mq - j0 : BK);
       const int64_t r0 = a.causal ? imax(0, j0 - i0) : 0, q0 = r0 / W * W;
-      // A block 6 vectors wide (AVX-512, 96 lanes) as 4 x 6 register tiles: run()'s panels of
-      // 4 vectors would leave a 2-vector panel of 8 x 2 tiles, a load per 1.6 FMAs.
-      // Causal, a block across the diagonal: lanes [q, q_end) need only the keys up to their last
-      // query, so S^T goes in groups of 3 vectors, each over the key rows it needs (the rows
-      // past them are -inf by the causal fill below).
+      // S^T. Causal, a block across the diagonal: lanes [q, q_end) need only the keys up to their
+      // last query, so S^T goes in groups of 3 vectors, each over the key rows it needs (the rows
+      // past them are -inf by the causal fill below). A block 6 vectors wide (AVX-512, 96 lanes)
+      // as 4 x 6 register tiles: run()'s panels of 4 vectors would leave a 2-vector panel of
+      // 8 x 2 tiles, a load per 1.6 FMAs.
       const bool diagonal = a.causal && i0 + q0 + W < j0 + nk;
       if (diagonal) {
         for (int64_t q = q0; q < npq; q += 3 * W) {
@@ -858,8 +857,8 @@ struct Attention {
       const S* krows = f.krows;
       int64_t ldk = D;
       if (!skip) {
-        pack_keys_t(a.k, a.k_stride, b, h, j0, nk, f.kt);
-        pack_keys_t(a.v, a.v_stride, b, h, j0, nk, f.vt);
+        pack_rows_t(a.k, a.k_stride, b, h, j0, nk, f.kt);
+        pack_rows_t(a.v, a.v_stride, b, h, j0, nk, f.vt);
         if constexpr (direct) {
           krows = reinterpret_cast<const S*>(row(a.k, a.k_stride, b, h, j0));
           ldk = a.k_stride[2];
@@ -944,7 +943,8 @@ inline size_t attention_workspace(const AttentionArgs& a, bool backward) {
 
 // MXCSR.FTZ for the kernels' duration on this thread, restored after: exp2 of a masked or far
 // smaller score underflows, which without FTZ costs a microcode assist per vector (Vec::exp2_poly01).
-// Flushed results are below 2^-126, where P is 0 in every path anyway.
+// P below 2^-126 was 0 in every path anyway; other float results that small (a product's) become
+// 0 too, far below any tolerance.
 struct FlushToZero {
   unsigned saved = _mm_getcsr();
   FlushToZero() { _mm_setcsr(saved | 0x8000u); }
