@@ -339,22 +339,27 @@ def test_torch_compile_fullgraph_bf16_training(rng_seed):
         torch.testing.assert_close(a, b)
 
 
-def test_dropout_exact_and_keep_rate(isa):
-    q, k, v = (rand(2, 3, 50, 32) for _ in range(3))
+# Lk % 4 == 0 without an attention mask runs the float32 forward on transposed blocks, whose keep
+# masks come from Philox lanes one row apart (transposed_keep_words); other lengths the row path.
+@pytest.mark.parametrize("Lq,Lk,causal", [(50, 50, False), (48, 48, False), (37, 132, False), (200, 200, True)])
+def test_dropout_exact_and_keep_rate(isa, Lq, Lk, causal):
+    q, k, v = rand(2, 3, Lq, 32), rand(2, 3, Lk, 32), rand(2, 3, Lk, 32)
     torch.manual_seed(1)
-    out, keep = AF.scaled_dot_product_attention(q, k, v, dropout_p=0.25, return_dropout_mask=True)
+    out, keep = AF.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=causal, return_dropout_mask=True)
     torch.manual_seed(1)
-    out2 = AF.scaled_dot_product_attention(q, k, v, dropout_p=0.25)
+    out2 = AF.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=causal)
     assert torch.equal(out, out2), "reproducible under torch.manual_seed"
-    assert keep.shape == (2, 3, 50, 50)
-    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), dropout_p=0.25, keep_mask=keep)
+    assert keep.shape == (2, 3, Lq, Lk)
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), dropout_p=0.25,
+                                                 is_causal=causal, keep_mask=keep)
     assert (out.double() - ref).abs().max().item() < 1e-5
     rate = keep.float().mean().item()
     n = keep.numel()
     assert abs(rate - 0.75) < 5 * math.sqrt(0.75 * 0.25 / n)
-    assert not torch.equal(keep, AF.scaled_dot_product_attention(q, k, v, dropout_p=0.25, return_dropout_mask=True)[1])
-    assert torch.equal(AF.scaled_dot_product_attention(q, k, v, dropout_p=0.25, training=False),
-                       AF.scaled_dot_product_attention(q, k, v))
+    assert not torch.equal(keep, AF.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=causal,
+                                                                 return_dropout_mask=True)[1])
+    assert torch.equal(AF.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=causal, training=False),
+                       AF.scaled_dot_product_attention(q, k, v, is_causal=causal))
 
 
 def test_decode_step_shapes(isa, rng_seed):

@@ -178,10 +178,24 @@ struct Attention {
   }
 
   // The float32 forward on transposed score blocks (forward_block_t) where it applies: no
-  // attention mask or dropout (their per-row layouts stay on the row path), a positive scale.
+  // attention mask (its per-row layout stays on the row path), a positive scale; dropout where
+  // its Philox counters line up with the lanes (transposed_keep_words).
   bool transposed_scores() const {
-    return sizeof(T) == sizeof(S) && !decode() && a.mask.kind == AttentionMask::none && !a.dropout.enabled &&
-           a.scale > 0;
+    return sizeof(T) == sizeof(S) && !decode() && a.mask.kind == AttentionMask::none && a.scale > 0 &&
+           (!a.dropout.enabled || (W == PhiloxLanes::N && Lk % 4 == 0 && Lk < (int64_t{1} << 30)));
+  }
+
+  // Dropout keep-masks of key rows [j0, j0 + n) (j0 % 4 == 0) for query lanes [i, i + W):
+  // keep[j] bit u is element (i + u, j0 + j)'s. Elements are numbered row-major (dropout_base), so
+  // with Lk % 4 == 0 one Philox counter holds 4 consecutive keys of one row, and one PhiloxLanes
+  // pass with counters Lk / 4 apart gives 4 key rows of W lanes: no bit transposes.
+  void transposed_keep_words(int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, uint32_t* keep) const {
+    for (int64_t j = 0; j < n; j += 4) {
+      uint32_t w[4];
+      PhiloxLanes::keep_words_strided(a.dropout, static_cast<uint64_t>(dropout_base(b, h, i, j0 + j)) >> 2,
+                                      static_cast<uint32_t>(Lk / 4), w);
+      for (int u = 0; u < 4; ++u) keep[j + u] = w[u];
+    }
   }
 
   struct FwdScratch {
@@ -413,18 +427,32 @@ struct Attention {
         }
         const V neg_m = V::zero() - m_sub;
         V l1 = V::zero();
-        for (j = 0; j + 2 <= nk; j += 2) {
-          S* s0 = st + j * BQ + q;
-          const V p0 = V::exp2(V::fma(V::load(s0), cv, neg_m));
-          const V p1 = V::exp2(V::fma(V::load(s0 + BQ), cv, neg_m));
-          p0.store(s0), p1.store(s0 + BQ);
-          l = l + p0, l1 = l1 + p1;
-        }
-        if (j < nk) {
-          const V p0 = V::exp2(V::fma(V::load(st + j * BQ + q), cv, neg_m));
-          p0.store(st + j * BQ + q);
-          l = l + p0;
-        }
+        // P^T, with dropout's keep * 1 / (1 - p) applied after the sums (l is over all of P).
+        const auto exps = [&](auto dropping) {
+          constexpr bool kDrop = decltype(dropping)::value;
+          uint32_t keep[BK];
+          if constexpr (kDrop) transposed_keep_words(b, h, i0 + q, j0, nk, keep);
+          const V zs = V::set1(static_cast<S>(a.dropout.scale));
+          const auto put = [&](S* at, V p, int64_t jj) {
+            if constexpr (kDrop) (V::keep(keep[jj], p) * zs).store(at);
+            else p.store(at);
+          };
+          int64_t jj = 0;
+          for (; jj + 2 <= nk; jj += 2) {
+            S* s0 = st + jj * BQ + q;
+            const V p0 = V::exp2(V::fma(V::load(s0), cv, neg_m));
+            const V p1 = V::exp2(V::fma(V::load(s0 + BQ), cv, neg_m));
+            l = l + p0, l1 = l1 + p1;
+            put(s0, p0, jj), put(s0 + BQ, p1, jj + 1);
+          }
+          if (jj < nk) {
+            const V p0 = V::exp2(V::fma(V::load(st + jj * BQ + q), cv, neg_m));
+            l = l + p0;
+            put(st + jj * BQ + q, p0, jj);
+          }
+        };
+        if (a.dropout.enabled) exps(std::true_type{});
+        else exps(std::false_type{});
         (l + l1).store(f.l + q);
       }
       const S* vb = v0 + j0 * vs;

@@ -131,7 +131,21 @@ struct PhiloxLanes {
     return keep_bits(d, a) | keep_bits(d, b) << 32;
   }
   static uint64_t keep_bits(const DropoutParams& d, uint64_t c) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    uint32_t w[4];
+    keep_words(d, c, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), w);
+    return _pdep_u64(w[0], 0x11111111ull) | _pdep_u64(w[1], 0x22222222ull) | _pdep_u64(w[2], 0x44444444ull) |
+           _pdep_u64(w[3], 0x88888888ull);
+  }
+  // Counters c + lane * stride (lane * stride < 2^32): bit `lane` of out[w] is the keep-bit of the
+  // lane's word w (vec_avx512.h).
+  static void keep_words_strided(const DropoutParams& d, uint64_t c, uint32_t stride, uint32_t (&out)[4]) {
+    keep_words(d, c, _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(stride))),
+               out);
+  }
+
+ private:
+  // Philox4x32-10 of counters c + lane per lane; out[w] bit `lane`: word w >= threshold.
+  static void keep_words(const DropoutParams& d, uint64_t c, __m256i lane, uint32_t (&out)[4]) {
     const __m256i base = _mm256_set1_epi32(static_cast<int>(c));
     const __m256i lo = _mm256_add_epi32(base, lane);
     // Unsigned lo < base (a carry) via the sign-flip trick: AVX2 compares signed only.
@@ -164,11 +178,10 @@ struct PhiloxLanes {
       const __m256i lt = _mm256_cmpgt_epi32(t, _mm256_xor_si256(w, flip));
       return ~static_cast<uint64_t>(_mm256_movemask_ps(_mm256_castsi256_ps(lt))) & 0xFFu;
     };
-    return _pdep_u64(ge(x0), 0x11111111ull) | _pdep_u64(ge(x1), 0x22222222ull) |
-           _pdep_u64(ge(x2), 0x44444444ull) | _pdep_u64(ge(x3), 0x88888888ull);
+    out[0] = static_cast<uint32_t>(ge(x0)), out[1] = static_cast<uint32_t>(ge(x1));
+    out[2] = static_cast<uint32_t>(ge(x2)), out[3] = static_cast<uint32_t>(ge(x3));
   }
 
- private:
   static void mulhilo(__m256i m, __m256i x, __m256i& hi, __m256i& lo) {
     const __m256i even = _mm256_mul_epu32(m, x);
     const __m256i odd = _mm256_mul_epu32(m, _mm256_srli_epi64(x, 32));

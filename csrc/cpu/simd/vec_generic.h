@@ -19,4 +19,9 @@ struct PhiloxLanes {
     for (int k = 0; k < 4; ++k) bits |= static_cast<uint64_t>(w.v[k] >= d.threshold) << k;
     return bits;
   }
+  // Counter c in the one lane (vec_avx512.h: lanes c + lane * stride): out[w] = word w's keep-bit.
+  static void keep_words_strided(const DropoutParams& d, uint64_t c, uint32_t, uint32_t (&out)[4]) {
+    const Philox4x32 w = philox_words(d.seed, d.stream, c);
+    for (int k = 0; k < 4; ++k) out[k] = w.v[k] >= d.threshold;
+  }
 };
