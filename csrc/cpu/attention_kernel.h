@@ -355,9 +355,10 @@ struct Attention {
   // Query rows [i0, i0 + mq) of the float32 forward on transposed blocks: S^T = K Q^T per key
   // block, key rows by query lanes, so each vector holds one key's scores for W query rows. The
   // online softmax's running max and sum are then lane-wise vector operations down the key rows:
-  // no horizontal max and sum per row and block, no per-row scalar work. K is read in place as the product's broadcast operand, Q^T packed once per query block
-  // (unscaled: the exponent is s * c - m, one FMA), and P^T feeds O += P V as a strided operand.
-  // Padded keys past the last visible one are not rows at all.
+  // no horizontal max and sum per row and block, no per-row scalar work. K is read in place as
+  // the product's broadcast operand, Q^T packed once per query block (unscaled: the exponent is
+  // s * c - m, one FMA), and P^T feeds O += P V as a strided operand. Padded keys past the last
+  // visible one are not rows at all.
   void forward_block_t(int64_t b, int64_t h, int64_t i0, int64_t mq, const S* kbias, int64_t nvis,
                        const FwdScratch& f) const {
     const int64_t npq = padded(mq);

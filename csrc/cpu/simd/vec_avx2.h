@@ -139,8 +139,8 @@ struct PhiloxLanes {
   // Counters c + lane * stride (lane * stride < 2^32): bit `lane` of out[w] is the keep-bit of the
   // lane's word w (vec_avx512.h).
   static void keep_words_strided(const DropoutParams& d, uint64_t c, uint32_t stride, uint32_t (&out)[4]) {
-    keep_words(d, c, _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(stride))),
-               out);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    keep_words(d, c, _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(stride))), out);
   }
 
  private:

@@ -169,26 +169,22 @@ struct PhiloxLanes {
   static void keep_words_strided(const DropoutParams& d, uint64_t c, uint32_t stride, uint32_t (&out)[4]) {
     const __m512i lane = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(static_cast<int>(stride)));
-    __m512i x[4];
-    philox(d, _mm512_set1_epi32(static_cast<int>(c)), _mm512_set1_epi32(static_cast<int>(c >> 32)), lane, x);
-    const __m512i t = _mm512_set1_epi32(static_cast<int>(d.threshold));
-    for (int w = 0; w < 4; ++w) out[w] = _mm512_cmpge_epu32_mask(x[w], t);
+    keep_words(d, _mm512_set1_epi32(static_cast<int>(c)), _mm512_set1_epi32(static_cast<int>(c >> 32)), lane, out);
   }
 
  private:
   // Philox of counters (base_hi : base_lo) + lane per lane, then the keep test.
   static uint64_t keep_bits_from(const DropoutParams& d, __m512i base_lo, __m512i base_hi, __m512i lane) {
-    __m512i x[4];
-    philox(d, base_lo, base_hi, lane, x);
-    const __m512i t = _mm512_set1_epi32(static_cast<int>(d.threshold));
-    const uint64_t b0 = _mm512_cmpge_epu32_mask(x[0], t), b1 = _mm512_cmpge_epu32_mask(x[1], t);
-    const uint64_t b2 = _mm512_cmpge_epu32_mask(x[2], t), b3 = _mm512_cmpge_epu32_mask(x[3], t);
+    uint32_t w[4];
+    keep_words(d, base_lo, base_hi, lane, w);
     // Element 4 * lane + word: spread each word's lane bits to every fourth position.
-    return _pdep_u64(b0, 0x1111111111111111ull) | _pdep_u64(b1, 0x2222222222222222ull) |
-           _pdep_u64(b2, 0x4444444444444444ull) | _pdep_u64(b3, 0x8888888888888888ull);
+    return _pdep_u64(w[0], 0x1111111111111111ull) | _pdep_u64(w[1], 0x2222222222222222ull) |
+           _pdep_u64(w[2], 0x4444444444444444ull) | _pdep_u64(w[3], 0x8888888888888888ull);
   }
-  // Philox4x32-10 of counters (base_hi : base_lo) + lane per lane: the four output words.
-  static void philox(const DropoutParams& d, __m512i base_lo, __m512i base_hi, __m512i lane, __m512i (&x)[4]) {
+  // Philox4x32-10 of counters (base_hi : base_lo) + lane per lane; out[w] bit `lane`: word w >=
+  // the threshold (kept).
+  static void keep_words(const DropoutParams& d, __m512i base_lo, __m512i base_hi, __m512i lane,
+                         uint32_t (&out)[4]) {
     // Counter low words; a carry into the high word happens where the low word wrapped.
     const __m512i lo = _mm512_add_epi32(base_lo, lane);
     const __mmask16 carry = _mm512_cmplt_epu32_mask(lo, base_lo);
@@ -212,7 +208,9 @@ struct PhiloxLanes {
       x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(static_cast<int>(k1)));
       x3 = lo0;
     }
-    x[0] = x0, x[1] = x1, x[2] = x2, x[3] = x3;
+    const __m512i t = _mm512_set1_epi32(static_cast<int>(d.threshold));
+    out[0] = _mm512_cmpge_epu32_mask(x0, t), out[1] = _mm512_cmpge_epu32_mask(x1, t);
+    out[2] = _mm512_cmpge_epu32_mask(x2, t), out[3] = _mm512_cmpge_epu32_mask(x3, t);
   }
 
   static void mulhilo(__m512i m, __m512i x, __m512i& hi, __m512i& lo) {

@@ -14,9 +14,10 @@ struct PhiloxLanes {
   }
   // Keep-bits of the 4 * N elements of counters [c, c + N): bit 4 * lane + word.
   static uint64_t keep_bits(const DropoutParams& d, uint64_t c) {
-    const Philox4x32 w = philox_words(d.seed, d.stream, c);
+    uint32_t w[4];
+    keep_words_strided(d, c, 0, w);
     uint64_t bits = 0;
-    for (int k = 0; k < 4; ++k) bits |= static_cast<uint64_t>(w.v[k] >= d.threshold) << k;
+    for (int k = 0; k < 4; ++k) bits |= static_cast<uint64_t>(w[k]) << k;
     return bits;
   }
   // Counter c in the one lane (vec_avx512.h: lanes c + lane * stride): out[w] = word w's keep-bit.
