@@ -213,10 +213,12 @@ struct PhiloxLanes {
     out[2] = _mm512_cmpge_epu32_mask(x2, t), out[3] = _mm512_cmpge_epu32_mask(x3, t);
   }
 
+  // The 64-bit products of the even and the odd lanes, each half moved into place by one masked
+  // vpshufd (a shift and a blend each took two instructions: 25% more per Philox round).
   static void mulhilo(__m512i m, __m512i x, __m512i& hi, __m512i& lo) {
     const __m512i even = _mm512_mul_epu32(m, x);                        // lanes 0, 2, ...
     const __m512i odd = _mm512_mul_epu32(m, _mm512_srli_epi64(x, 32));  // lanes 1, 3, ...
-    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-    lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+    hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);   // even lanes: even's high halves
+    lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);   // odd lanes: odd's low halves
   }
 };
