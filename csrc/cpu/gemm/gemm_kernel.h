@@ -9,14 +9,15 @@
 // rows. A task (rows [m0, m1) x a range of panels, chosen by gemm/gemm.cpp so that the packed A
 // block, MC x K, stays in L2) packs its rows of A into micro-panels of MR rows, then for each B
 // panel (reused from L1/L2 by every micro-panel) runs the MR x NR micro-kernel over the *whole* K
-// with the tile in registers (MR * NV accumulators: 12 x 2 zmm on AVX-512, 6 x 2 ymm on AVX2) and
+// with the tile in registers (MR * NV accumulators: 14 x 2 zmm on AVX-512, 6 x 2 ymm on AVX2) and
 // applies the epilogue to the registers before the one store of C. Keeping the whole reduction in
 // registers means no partial C sums in memory and an epilogue that sees finished values.
 
-// Register tile per ISA: MR rows x NV vectors.
+// Register tile per ISA: MR rows x NV vectors. AVX-512: 14 x 2 (28 accumulators, 2 B vectors and
+// a broadcast: 31 of 32 zmm) ran 1-4% faster than 12 x 2 on linear at 384 .. 3072 rows.
 template <typename V>
 struct GemmTile {
-  static constexpr int MR = V::N == 16 ? 12 : V::N == 8 ? 6 : 4;
+  static constexpr int MR = V::N == 16 ? 14 : V::N == 8 ? 6 : 4;
   static constexpr int NV = V::N == 1 ? 4 : 2;
   static constexpr int NR = NV * V::N;
 };
@@ -324,9 +325,11 @@ void gemm_pack_a(const GemmArgs& g, int64_t m0, int64_t rows, P* out, bool want_
 }
 
 // K is reduced in blocks of kGemmKBlock steps: each block in fresh registers, the block sums
-// added into the tile's running total (in L1). Two-level summation keeps the rounding error of
-// long reductions (K = 4096) at the level of a blocked BLAS, for ~2% more instructions.
-constexpr int64_t kGemmKBlock = 64;
+// added into the tile's running total (in L1). One block per K slice (kGemmKSlice): blocks of 64
+// kept the error of K = 2048 .. 8192 at ~0.4-0.9x MKL's, but their running total (24 zmm, in
+// memory beside the 24 of the block) cost 2-4% of a forward GEMM; with 256 the error is MKL's
+// (0.8-1.06x, notes of session 9) and slices chain in `partial` as a blocked BLAS's do.
+constexpr int64_t kGemmKBlock = 256;
 // K slice kept in L1 per B panel (gemm_run_impl): 256 x 32 floats = 32 KiB on AVX-512.
 constexpr int64_t kGemmKSlice = 256;
 
@@ -686,8 +689,10 @@ struct GemmDotTile {
   static constexpr int CB = V::N > C ? V::N : C;      // columns per group: whole vectors
   static constexpr int NV = CB / V::N;
 };
+// k block of the dot-product path, in vectors: C rows of W x 64 vectors = 32 KiB on AVX-512 (L1).
+constexpr int64_t kGemmDotBlock = 64;
 
-// blk[r * C + c] = sum over k in [k0, k1) of A(r, k) * W(c, k): one block (at most kGemmKBlock
+// blk[r * C + c] = sum over k in [k0, k1) of A(r, k) * W(c, k): one block (at most kGemmDotBlock
 // vectors) of the two-level sum of gemm_dot_run.
 template <typename V, typename T, int C>
 inline void gemm_dot_block(const T* __restrict a0, const T* __restrict a1, const T* const* w, int64_t k0, int64_t k1,
@@ -722,7 +727,7 @@ inline void gemm_dot_block(const T* __restrict a0, const T* __restrict a1, const
 }
 
 // One task of the dot-product path: rows [m0, m1) x column groups [p0, p1) of dot_nr = CB.
-// Each (row pair, C rows of W) tile sums over k in blocks of kGemmKBlock vectors, the block sums
+// Each (row pair, C rows of W) tile sums over k in blocks of kGemmDotBlock vectors, the block sums
 // added in order (two-level, as in gemm_micro), then reduced across lanes. Loop order: C rows of W,
 // one k block of them (C x 1024 floats = 32 KiB on AVX-512, in L1), every row pair; the tiles'
 // running sums wait in `state` between blocks. So W is read from L2 once per k block whatever K is
@@ -733,7 +738,7 @@ void gemm_dot_run(const GemmArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t
   using S = typename V::Scalar;
   using D = GemmDotTile<V>;
   constexpr int N = V::N, C = D::C, CB = D::CB, NV = D::NV, kSums = 2 * C / N;
-  constexpr int64_t kBlock = kGemmKBlock * N;
+  constexpr int64_t kBlock = kGemmDotBlock * N;
   const T* a = static_cast<const T*>(g.a);
   const T* w = static_cast<const T*>(g.b_rows);
   const int64_t K = g.K, pairs = (m1 - m0 + 1) / 2;
