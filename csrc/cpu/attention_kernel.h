@@ -66,31 +66,28 @@ struct Attention {
     const int64_t np = (n + W - 1) / W * W;
     int64_t j = 0, dzero = 0;  // columns [n, np) of rows d >= dzero still need their zeros
     if constexpr (sizeof(T) == sizeof(S)) {
-      // Whole groups of W keys: W x W blocks transposed in registers (contiguous loads), the
-      // head-dim tail one element at a time.
+      // Groups of W rows: W x W blocks transposed in registers (contiguous loads). A last partial
+      // group goes through a block whose missing rows are zero, so the transpose writes the zero
+      // columns too (element by element that was ~2000 scalar stores per (b, h) at the paper's
+      // padded shape, 38 keys). The head-dim tail one element at a time.
       const int64_t ks = stride[2], dfull = D / W * W;
-      for (; j + W <= n; j += W) {
+      alignas(64) S blk[W * W];
+      for (; j < n; j += W) {
+        const int64_t cnt = imin(W, n - j);
         const S* src = reinterpret_cast<const S*>(row(base, stride, b, h, j0 + j));
-        for (int64_t d = 0; d < dfull; d += W) V::transpose(src + d, ks, dst + d * ld + j, ld);
-        for (int64_t d = dfull; d < D; ++d)
-          for (int64_t u = 0; u < W; ++u) dst[d * ld + j + u] = src[u * ks + d];
-      }
-      // The last partial group goes through a W x W block whose missing rows are zero, so the
-      // transpose writes the zero columns too (element by element this was ~2000 scalar stores per
-      // (b, h) at the paper's padded shape, 38 keys).
-      if (const int64_t rem = n - j; rem > 0 && dfull > 0) {
-        const S* src = reinterpret_cast<const S*>(row(base, stride, b, h, j0 + j));
-        alignas(64) S blk[W * W];
-        for (int64_t u = rem; u < W; ++u) V::zero().store(blk + u * W);
-        for (int64_t d = 0; d < dfull; d += W) {
-          for (int64_t u = 0; u < rem; ++u) V::load(src + u * ks + d).store(blk + u * W);
-          V::transpose(blk, W, dst + d * ld + j, ld);
+        if (cnt == W) {
+          for (int64_t d = 0; d < dfull; d += W) V::transpose(src + d, ks, dst + d * ld + j, ld);
+        } else {
+          for (int64_t u = cnt; u < W; ++u) V::zero().store(blk + u * W);
+          for (int64_t d = 0; d < dfull; d += W) {
+            for (int64_t u = 0; u < cnt; ++u) V::load(src + u * ks + d).store(blk + u * W);
+            V::transpose(blk, W, dst + d * ld + j, ld);
+          }
         }
         for (int64_t d = dfull; d < D; ++d)
-          for (int64_t u = 0; u < rem; ++u) dst[d * ld + j + u] = src[u * ks + d];
-        j = n;
-        dzero = dfull;
+          for (int64_t u = 0; u < cnt; ++u) dst[d * ld + j + u] = src[u * ks + d];
       }
+      dzero = dfull;
     }
     for (int64_t d = dzero; d < D; ++d)
       for (int64_t c = n; c < np; ++c) dst[d * ld + c] = S(0);
