@@ -260,6 +260,34 @@ def test_opcheck(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("logit_scale", [1.0, 300.0])
+def test_log_sum_exp(isa_bf16, rng_seed, dtype, logit_scale):
+    """The log-sum-exp attention_fwd saves for the backward (computed W rows at a time in float64,
+    Vec::log_sum_exp) against float64 with the 2x rule over torch's logsumexp in q's dtype (the
+    AMX softmax's short exp2 polynomial is bf16-grade, ~3e-5 here); +inf
+    for a fully masked row. Lengths around the vector widths (1, 7, 16, 17, 33, 100), large logits."""
+    for Lq, Lk in ((1, 5), (7, 48), (16, 16), (17, 129), (33, 40), (100, 7)):
+        q = rand(2, 2, Lq, 32, dtype=dtype, scale=logit_scale)
+        k, v = rand(2, 2, Lk, 32, dtype=dtype), rand(2, 2, Lk, 32, dtype=dtype)
+        pad = torch.rand(2, Lk) < 0.3
+        pad[0] = True  # batch 0: every row fully masked
+        pad[1, 0] = False
+        seed = torch.tensor([3], dtype=torch.int64)
+        _, lse = torch.ops.aiayn.attention_fwd(q, k, v, None, pad, 0.0, False, 0.125, seed)
+        assert lse.shape == (2, 2, Lq) and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert torch.isinf(lse[0]).all() and (lse[0] > 0).all()
+
+        def scores(dt):
+            s = (q[1:].to(dt) @ k[1:].to(dt).transpose(-1, -2)) * 0.125
+            return s.masked_fill(pad[1:, None, None, :], float("-inf"))
+
+        ref = torch.logsumexp(scores(torch.float64), -1)
+        theirs = torch.logsumexp(scores(dtype), -1)
+        slack = 1e-10 if dtype == torch.float64 else 1e-6 * logit_scale
+        assert_2x_rule(lse[1:], theirs, ref, f"lse {Lq}x{Lk}", slack=slack, seed=rng_seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_float_out(isa_bf16, rng_seed, dtype):
     """attention_fwd(float_out=True) returns the unrounded float32 output for a bfloat16 q (what
     autograd saves for the backward) and q's dtype otherwise; attention_bwd takes either."""

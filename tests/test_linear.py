@@ -139,9 +139,11 @@ def test_reused_scratch_does_not_change_bits():
 
 
 @pytest.mark.parametrize("tokens", [1, 13, 128, 200, 512, 1600])
-def test_task_split_does_not_change_bits(tokens):
+def test_task_split_does_not_change_bits(rng_seed, tokens):
     """The GEMM's split into row blocks x column chunks depends on M and the thread count (few rows:
-    column chunks); each output's sum order must not."""
+    column chunks); each output's sum order must not. The slack is two float32 ulps of the largest
+    output: with one token torch's max error over 700 outputs of ~|17| can be a quarter ulp, and
+    ours one ulp (a plain rounding) failed the 2x rule with a 1e-6 slack."""
     x, w, b = make(tokens, 300, 700, torch.float32)
     previous_path = aiayn._C.set_gemm_rows_path(0)
     try:
@@ -153,7 +155,8 @@ def test_task_split_does_not_change_bits(tokens):
         aiayn._C.set_gemm_rows_path(previous_path)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     ref = reference.linear(x.double(), w.double(), b.double())
-    assert_2x_rule(outs[0], reference.linear(x, w, b), ref, f"split {tokens}", seed=0)
+    slack = 2 * torch.finfo(torch.float32).eps * ref.abs().max().item()
+    assert_2x_rule(outs[0], reference.linear(x, w, b), ref, f"split {tokens}", slack=slack, seed=rng_seed)
 
 
 def test_forward_big_default_isa(rng_seed):

@@ -7,7 +7,6 @@
 // Scores are kept in the log2 domain (scaled by scale * log2 e) so that the softmax is exp2.
 
 constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
 
 template <typename V, typename T>
 struct Attention {
@@ -656,6 +655,11 @@ struct Attention {
       else return from_s(x);
     };
     S* lse = static_cast<S*>(a.lse) + (b * H + h) * Lq + i0;
+    // The log-sum-exps W rows at a time (fully masked rows, l = 0, are set below).
+    for (int64_t r = 0; r < mq; r += W) {
+      const int n = static_cast<int>(imin(W, mq - r));
+      V::log_sum_exp(V::load_partial(f.m + r, n), V::load_partial(f.l + r, n)).store_partial(lse + r, n);
+    }
     for (int64_t r = 0; r < mq; ++r) {
       const S lr = f.l[r];
       if (lr == S(0)) {  // a fully masked row: zeros, and +inf so the backward sees P = 0
@@ -663,7 +667,6 @@ struct Attention {
         lse[r] = __builtin_inf();
         continue;
       }
-      lse[r] = static_cast<S>((static_cast<double>(f.m[r]) + std::log2(static_cast<double>(lr))) * kLn2);
       if (in_out) {
         if (lr != lr)  // a NaN score: the row was zeroed, NaN as O / l gives it
           for (int64_t d = 0; d < D; ++d) out[r * D + d] = cast(lr);

@@ -40,6 +40,18 @@ constexpr float kExp2Minimax01Deg4[4] = {0.6930448412895203f, 0.2412800788879394
                                          0.013426518067717552f};
 constexpr float kExp2Minimax01Deg3[3] = {0.6951163411140442f, 0.22764700651168823f, 0.07706519961357117f};
 
+constexpr double kLn2 = 0.6931471805599453;
+
+// 1 / (2k + 1), k = 1..10: log2 t = (2 / ln 2) atanh(u) = (2 / ln 2)(u + u^3 / 3 + u^5 / 5 + ...)
+// with u = (t - 1) / (t + 1). For t in [0.75, 1.5), |u| <= 1/5, so the terms past u^21 / 21 are
+// below 1e-16 of the sum: the vector log-sum-exps (Vec::log_sum_exp) are float64-accurate.
+constexpr double kAtanhSeries[10] = {1.0 / 3,  1.0 / 5,  1.0 / 7,  1.0 / 9,  1.0 / 11,
+                                     1.0 / 13, 1.0 / 15, 1.0 / 17, 1.0 / 19, 1.0 / 21};
+
+// (m + log2 l) ln 2 in float64: the natural-log log-sum-exp of a softmax row whose running max
+// is m (log2 units) and whose sum is l > 0.
+inline double log_sum_exp_scalar(double m, double l) { return (m + std::log2(l)) * kLn2; }
+
 // Our own min/max, so kernels instantiate no std:: template in an ISA unit (kernels.h).
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }

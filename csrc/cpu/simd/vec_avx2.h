@@ -88,6 +88,36 @@ struct Vec {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return {_mm256_mul_ps(p, _mm256_castsi256_ps(e))};
   }
+  // (m + log2 l) ln 2 computed in float64, for l > 0 (NaN stays NaN): 8 rows' log-sum-exps.
+  static Vec log_sum_exp(Vec m, Vec l) {
+    const auto half = [](__m128 m4, __m128 l4) {
+      const __m256d sum = _mm256_add_pd(_mm256_cvtps_pd(m4), log2_pd(_mm256_cvtps_pd(l4)));
+      return _mm256_cvtpd_ps(_mm256_mul_pd(sum, _mm256_set1_pd(kLn2)));
+    };
+    const __m128 lo = half(_mm256_castps256_ps128(m.v), _mm256_castps256_ps128(l.v));
+    const __m128 hi = half(_mm256_extractf128_ps(m.v, 1), _mm256_extractf128_ps(l.v, 1));
+    return {_mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1)};
+  }
+  // log2 x for a normal x > 0 (NaN stays NaN), as vec_avx512.h's with the exponent and the
+  // [1, 2) mantissa taken from the bits (the exponent field read as a double through 2^52).
+  static __m256d log2_pd(__m256d x) {
+    const __m256d one = _mm256_set1_pd(1.0), two52 = _mm256_set1_pd(4503599627370496.0);
+    const __m256i bits = _mm256_castpd_si256(x);
+    __m256d t = _mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi64x(0x000FFFFFFFFFFFFFLL)),
+                                                    _mm256_set1_epi64x(0x3FF0000000000000LL)));
+    __m256d e = _mm256_castsi256_pd(_mm256_or_si256(_mm256_srli_epi64(bits, 52), _mm256_castpd_si256(two52)));
+    e = _mm256_sub_pd(e, _mm256_add_pd(two52, _mm256_set1_pd(1023.0)));
+    const __m256d big = _mm256_cmp_pd(t, _mm256_set1_pd(1.5), _CMP_GE_OQ);  // t -> t / 2 in [0.75, 1)
+    t = _mm256_blendv_pd(t, _mm256_mul_pd(t, _mm256_set1_pd(0.5)), big);
+    e = _mm256_add_pd(e, _mm256_and_pd(big, one));
+    const __m256d u = _mm256_div_pd(_mm256_sub_pd(t, one), _mm256_add_pd(t, one));
+    const __m256d u2 = _mm256_mul_pd(u, u);
+    __m256d p = _mm256_set1_pd(kAtanhSeries[9]);
+    for (int k = 8; k >= 0; --k) p = _mm256_fmadd_pd(p, u2, _mm256_set1_pd(kAtanhSeries[k]));
+    p = _mm256_fmadd_pd(p, u2, one);
+    const __m256d r = _mm256_fmadd_pd(_mm256_mul_pd(u, p), _mm256_set1_pd(2.0 / kLn2), e);
+    return _mm256_blendv_pd(r, x, _mm256_cmp_pd(x, x, _CMP_UNORD_Q));
+  }
   // Lane i = the sum of a[i]'s lanes, for 8 vectors at once (see vec_avx512.h).
   static Vec sum_lanes(const Vec* a) {
     __m256 b[4];

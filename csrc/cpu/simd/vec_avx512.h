@@ -54,13 +54,31 @@ struct Vec {
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
   }
   static Vec load_partial(const float* p, int n) { return {_mm512_maskz_loadu_ps(tail(n), p)}; }
-  // The 16 x 16 block at src (row stride ls) transposed into dst (row stride ld): contiguous
-  // loads and 64 in-register shuffles, about twice as fast as 16 gathers of strided columns.
+  // The 16 x 16 block at src (row stride ls) transposed into dst (row stride ld). The loads do
+  // the 128-bit lane moves: z[k] holds chunk c (columns 4c..4c+3) of rows k, 4 + k, 8 + k,
+  // 12 + k in its four lanes (a load and three inserts from memory, which issue on either vector
+  // ALU port), so only the 4 x 4 transposes within lanes are shuffles (32 on the shuffle port
+  // against 64 for transpose16x16), and each chunk of columns needs 8 registers, not 32 (no spills).
   static void transpose(const float* src, int64_t ls, float* dst, int64_t ld) {
-    __m512 r[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ls);
-    transpose16x16(r);
-    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ld, r[i]);
+    for (int c = 0; c < 4; ++c) {
+      __m512 z[4];
+      for (int k = 0; k < 4; ++k) {
+        const float* p = src + k * ls + 4 * c;
+        __m512 x = _mm512_castps128_ps512(_mm_loadu_ps(p));
+        x = _mm512_insertf32x4(x, _mm_loadu_ps(p + 4 * ls), 1);
+        x = _mm512_insertf32x4(x, _mm_loadu_ps(p + 8 * ls), 2);
+        z[k] = _mm512_insertf32x4(x, _mm_loadu_ps(p + 12 * ls), 3);
+      }
+      const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(z[0], z[1]));
+      const __m512d t1 = _mm512_castps_pd(_mm512_unpackhi_ps(z[0], z[1]));
+      const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(z[2], z[3]));
+      const __m512d t3 = _mm512_castps_pd(_mm512_unpackhi_ps(z[2], z[3]));
+      float* o = dst + 4 * c * ld;
+      _mm512_storeu_ps(o, _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2)));
+      _mm512_storeu_ps(o + ld, _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2)));
+      _mm512_storeu_ps(o + 2 * ld, _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3)));
+      _mm512_storeu_ps(o + 3 * ld, _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3)));
+    }
   }
   static Vec load_partial(const uint16_t* p, int n) {
     const __m256i h = _mm256_maskz_loadu_epi16(tail(n), p);
@@ -111,6 +129,31 @@ struct Vec {
                           _mm512_shuffle_ps(d0, d1, _MM_SHUFFLE(3, 1, 3, 1)))};
   }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
+  // (m + log2 l) ln 2 computed in float64, for l > 0 (NaN stays NaN): the log-sum-exps of 16
+  // softmax rows at once, where a libm log2 per row cost a call and its zmm spills.
+  static Vec log_sum_exp(Vec m, Vec l) {
+    const auto half = [](__m256 m8, __m256 l8) {
+      const __m512d sum = _mm512_add_pd(_mm512_cvtps_pd(m8), log2_pd(_mm512_cvtps_pd(l8)));
+      return _mm512_cvtpd_ps(_mm512_mul_pd(sum, _mm512_set1_pd(kLn2)));
+    };
+    const __m256 lo = half(_mm512_castps512_ps256(m.v), _mm512_castps512_ps256(l.v));
+    const __m256 hi = half(_mm512_extractf32x8_ps(m.v, 1), _mm512_extractf32x8_ps(l.v, 1));
+    return {_mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1)};
+  }
+  // log2 x for x > 0 (NaN stays NaN): x = 2^e t with t in [0.75, 1.5) (vgetmantpd; vgetexppd
+  // gives the exponent of x's [1, 2) mantissa, one less where t < 1), then the atanh series.
+  static __m512d log2_pd(__m512d x) {
+    const __m512d one = _mm512_set1_pd(1.0);
+    const __m512d t = _mm512_getmant_pd(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
+    __m512d e = _mm512_getexp_pd(x);
+    e = _mm512_mask_add_pd(e, _mm512_cmp_pd_mask(t, one, _CMP_LT_OQ), e, one);
+    const __m512d u = _mm512_div_pd(_mm512_sub_pd(t, one), _mm512_add_pd(t, one));
+    const __m512d u2 = _mm512_mul_pd(u, u);
+    __m512d p = _mm512_set1_pd(kAtanhSeries[9]);
+    for (int k = 8; k >= 0; --k) p = _mm512_fmadd_pd(p, u2, _mm512_set1_pd(kAtanhSeries[k]));
+    p = _mm512_fmadd_pd(p, u2, one);
+    return _mm512_fmadd_pd(_mm512_mul_pd(u, p), _mm512_set1_pd(2.0 / kLn2), e);
+  }
   // 2^x = 2^f * 2^floor(x): f = x - floor(x) in [0, 1] from one vreduceps, 2^f by the polynomial
   // 1 + c[0] f + ... + c[N-1] f^N (a minimax fit on [0, 1], scalar_math.h), 2^floor(x) applied by
   // vscalefps, which floors x itself.

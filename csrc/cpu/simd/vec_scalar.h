@@ -42,4 +42,8 @@ struct ScalarVec {
   S reduce_max() const { return v; }
   // 2^x; exactly 0 for x = -inf (masked scores).
   static ScalarVec exp2(ScalarVec x) { return {std::exp2(x.v)}; }
+  // (m + log2 l) ln 2 computed in float64, for l > 0 (NaN stays NaN): a softmax row's log-sum-exp.
+  static ScalarVec log_sum_exp(ScalarVec m, ScalarVec l) {
+    return {static_cast<S>(log_sum_exp_scalar(static_cast<double>(m.v), static_cast<double>(l.v)))};
+  }
 };
