@@ -469,6 +469,20 @@ struct Attention {
         (l + l1).store(f.l + q);
       }
       const S* vb = v0 + j0 * vs;
+      if (single && !diagonal) {
+        // One key block: l is final, so O = P V goes to the output normalised (1 / l as the
+        // product's row scale) with no pass over O of its own. A fully masked row (l = 0, P = 0)
+        // gets 0, a row with a NaN score NaN (its P holds it).
+        S* inv_l = f.m_new;
+        for (int64_t q = 0; q < npq; q += W) {
+          const V l = V::load(f.l + q);
+          V::where_positive(l, V::set1(S(1)) / l).store(inv_l + q);
+        }
+        S* out = static_cast<S*>(a.out) + ((b * H + h) * Lq + i0) * D;
+        Gemm::run(mq - r0, D, nk, st + r0, 1, BQ, vb, vs, out + r0 * D, D, false, inv_l + r0);
+        finish_rows(b, h, i0, mq, f, true);
+        return;
+      }
       if (!diagonal) {
         Gemm::run(mq - r0, D, nk, st + r0, 1, BQ, vb, vs, f.obuf + r0 * D, D, !single);
         continue;

@@ -57,6 +57,7 @@ struct Vec {
   Vec operator+(Vec b) const { return {_mm256_add_ps(v, b.v)}; }
   Vec operator-(Vec b) const { return {_mm256_sub_ps(v, b.v)}; }
   Vec operator*(Vec b) const { return {_mm256_mul_ps(v, b.v)}; }
+  Vec operator/(Vec b) const { return {_mm256_div_ps(v, b.v)}; }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec keep(uint64_t bits, Vec a) {
     const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);

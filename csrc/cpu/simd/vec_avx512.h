@@ -94,6 +94,7 @@ struct Vec {
   Vec operator+(Vec b) const { return {_mm512_add_ps(v, b.v)}; }
   Vec operator-(Vec b) const { return {_mm512_sub_ps(v, b.v)}; }
   Vec operator*(Vec b) const { return {_mm512_mul_ps(v, b.v)}; }
+  Vec operator/(Vec b) const { return {_mm512_div_ps(v, b.v)}; }
   static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   static Vec keep(uint64_t bits, Vec a) {
     return {_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), a.v)};

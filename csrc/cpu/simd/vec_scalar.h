@@ -27,6 +27,7 @@ struct ScalarVec {
   ScalarVec operator+(ScalarVec b) const { return {v + b.v}; }
   ScalarVec operator-(ScalarVec b) const { return {v - b.v}; }
   ScalarVec operator*(ScalarVec b) const { return {v * b.v}; }
+  ScalarVec operator/(ScalarVec b) const { return {v / b.v}; }
   static ScalarVec fma(ScalarVec a, ScalarVec b, ScalarVec c) { return {a.v * b.v + c.v}; }
   // Lanes whose bit in `keep` is 0 become 0.
   static ScalarVec keep(uint64_t bits, ScalarVec a) { return {(bits & 1u) ? a.v : S(0)}; }
