@@ -344,14 +344,23 @@ inline void amx_softmax_pairs(const float* st, int64_t nk, __m512 cv, __m512 mc,
   l = _mm512_add_ps(l, _mm512_add_ps(la, lb));
 }
 
+// O^T (D dims; in tmm4..7 if resident) times alpha, lane by lane.
+inline void amx_rescale_o(float* ot, int64_t D, bool resident, __m512 alpha) {
+  if (resident) amx_o_store(ot, D);
+  for (int64_t d = 0; d < D; ++d) _mm512_storeu_ps(ot + d * 16, _mm512_mul_ps(_mm512_loadu_ps(ot + d * 16), alpha));
+  if (resident) amx_o_load(ot, D);
+}
+
 // The online softmax of one key block for a group of 16 rows, on S^T (keys [0, nk), lanes =
 // rows; log2 units after the scale c > 0): key padding (kbias: 0 / -inf per key, or null) and the
 // causal mask (key j hidden from lanes below j + causal_shift, where causal) go in first; the
-// running max m and sum l (vectors) move, O^T (D dims; in tmm4..7 if resident) is rescaled where
-// the max moved, and P^T's tiles are written, zero for keys past nk up to whole 32-key chunks.
-inline void attention_amx_softmax_t(float* st, int64_t nk, float c, const float* kbias, bool causal,
-                                    int64_t causal_shift, __m512& m, __m512& l, float* ot, int64_t D,
-                                    bool resident, uint16_t* pt, uint16_t* pt_residual = nullptr) {
+// running max m and sum l (vectors) move, and P^T's tiles are written, zero for keys past nk up to
+// whole 32-key chunks. Returns whether O^T must be multiplied by `alpha` (the max moved in a lane
+// that holds something) before this block's P V is added: the caller does it (amx_rescale_o),
+// after the previous block's P V (amx_rows_t runs each block's P V one softmax later).
+inline bool attention_amx_softmax_t(float* st, int64_t nk, float c, const float* kbias, bool causal,
+                                    int64_t causal_shift, __m512& m, __m512& l, __m512& alpha_out,
+                                    uint16_t* pt, uint16_t* pt_residual = nullptr) {
   const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
   // The block's max in four independent chains (one would be a chain of nk dependent maxes).
   __m512 bmax[4] = {ninf, ninf, ninf, ninf};
@@ -400,13 +409,8 @@ inline void attention_amx_softmax_t(float* st, int64_t nk, float c, const float*
   const __m512 mc = _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(m, ninf, _CMP_EQ_OQ), _mm512_setzero_ps());
   if (pt_residual) amx_softmax_pairs<true>(st, nk, cv, mc, l, pt, pt_residual);
   else amx_softmax_pairs<false>(st, nk, cv, mc, l, pt, nullptr);
-  // O^T's rescale after the exponentials, not before: a resident O^T leaves its tiles only once
-  // the previous block's P V products are done, and by now they are.
-  if (rescale_o) {
-    if (resident) amx_o_store(ot, D);
-    for (int64_t d = 0; d < D; ++d) _mm512_storeu_ps(ot + d * 16, _mm512_mul_ps(_mm512_loadu_ps(ot + d * 16), alpha));
-    if (resident) amx_o_load(ot, D);
-  }
+  alpha_out = alpha;
+  return rescale_o;
 }
 
 #endif

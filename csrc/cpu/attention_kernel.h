@@ -229,8 +229,8 @@ struct Attention {
     f.k16 = ws.take<uint16_t>(tiles && !tr ? nkb * BK * D : 0);
     f.ktail = ws.take<uint16_t>(tr ? 16 * D : 0);
     f.qt16 = ws.take<uint16_t>(tr ? 16 * D : 0);
-    f.pt16 = ws.take<uint16_t>(tr ? 2 * 512 : 0);
-    f.pt16_residual = ws.take<uint16_t>(tr && a.out_float ? 2 * 512 : 0);
+    f.pt16 = ws.take<uint16_t>(tr ? 2 * 1024 : 0);  // two blocks: amx_rows_t's P V runs a block late
+    f.pt16_residual = ws.take<uint16_t>(tr && a.out_float ? 2 * 1024 : 0);
     f.st = ws.take<float>(tr ? 2 * BK * 16 : 0);  // two blocks: amx_rows_t's pipeline
     f.ot = ws.take<float>(tr ? D * 16 : 0);
     f.v16 = ws.take<uint16_t>(tiles ? nkb * BK * D : 0);
@@ -581,21 +581,32 @@ struct Attention {
       };
       // out_float: P's bf16 rounding residual goes through P V too (see amx_pv).
       uint16_t* residual = a.out_float ? f.pt16_residual : nullptr;
-      // Software-pipelined: the next block's S^T product is issued before this block's softmax
-      // (S^T alternates between two buffers), so the softmax's vector work need not wait for it.
-      int64_t kb = visible_from(0);
+      // Software-pipelined over key blocks: the next block's S^T product is issued before this
+      // block's softmax, and this block's P V after the next block's softmax (S^T and P^T alternate
+      // between two buffers), so neither the softmax's vector loads nor the P V's tile loads wait
+      // for stores just made by the other unit. A max that moves rescales O^T after the previous
+      // block's P V (O = alpha (O + P_prev V_prev) + P V).
+      auto pv = [&](int64_t pkb, int64_t pnk, int64_t slot) {
+        const int64_t kc = (pnk + 31) / 32;
+        attention_amx_pv_t(f.pt16 + slot * 1024, kc, f.v16 + pkb * BK * D, D, f.ot, resident);
+        if (residual) attention_amx_pv_t(residual + slot * 1024, kc, f.v16 + pkb * BK * D, D, f.ot, resident);
+      };
+      int64_t kb = visible_from(0), pending = -1, pending_nk = 0, pending_slot = 0;
       if (kb < kend) scores(kb, f.st);
       for (int64_t step = 0; kb < kend; ++step) {
         float* st = f.st + (step & 1) * BK * 16;
-        const int64_t next = visible_from(kb + 1);
+        const int64_t next = visible_from(kb + 1), slot = step & 1;
         if (next < kend) scores(next, f.st + ((step + 1) & 1) * BK * 16);
         const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0);
-        attention_amx_softmax_t(st, nk, c, kbias ? kbias + j0 : nullptr, a.causal, j0 - g0, mv, lv, f.ot, D,
-                                resident, f.pt16, residual);
-        attention_amx_pv_t(f.pt16, (nk + 31) / 32, f.v16 + kb * BK * D, D, f.ot, resident);
-        if (residual) attention_amx_pv_t(residual, (nk + 31) / 32, f.v16 + kb * BK * D, D, f.ot, resident);
+        __m512 alpha;
+        const bool rescale = attention_amx_softmax_t(st, nk, c, kbias ? kbias + j0 : nullptr, a.causal, j0 - g0, mv, lv,
+                                                     alpha, f.pt16 + slot * 1024, residual ? residual + slot * 1024 : nullptr);
+        if (pending >= 0) pv(pending, pending_nk, pending_slot);
+        if (rescale) amx_rescale_o(f.ot, D, resident, alpha);
+        pending = kb, pending_nk = nk, pending_slot = slot;
         kb = next;
       }
+      if (pending >= 0) pv(pending, pending_nk, pending_slot);
       if (resident) amx_o_store(f.ot, D);
       _mm512_storeu_ps(f.m, mv);
       _mm512_storeu_ps(f.l, lv);
