@@ -141,9 +141,10 @@ def test_reused_scratch_does_not_change_bits():
 @pytest.mark.parametrize("tokens", [1, 13, 128, 200, 512, 1600])
 def test_task_split_does_not_change_bits(rng_seed, tokens):
     """The GEMM's split into row blocks x column chunks depends on M and the thread count (few rows:
-    column chunks); each output's sum order must not. The slack is two float32 ulps of the largest
-    output: with one token torch's max error over 700 outputs of ~|17| can be a quarter ulp, and
-    ours one ulp (a plain rounding) failed the 2x rule with a 1e-6 slack."""
+    column chunks); each output's sum order must not. The slack is this file's float32 one
+    (slack_for): with one token the forced packed path sums each output's 300 products in one
+    accumulator lane while torch (MKL's gemv) keeps partial sums, so its error is ~3x smaller
+    (median over 300 draws; 0.87x from 13 tokens on), and a 1e-6 slack failed 1 draw in 12."""
     x, w, b = make(tokens, 300, 700, torch.float32)
     previous_path = aiayn._C.set_gemm_rows_path(0)
     try:
@@ -155,8 +156,8 @@ def test_task_split_does_not_change_bits(rng_seed, tokens):
         aiayn._C.set_gemm_rows_path(previous_path)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     ref = reference.linear(x.double(), w.double(), b.double())
-    slack = 2 * torch.finfo(torch.float32).eps * ref.abs().max().item()
-    assert_2x_rule(outs[0], reference.linear(x, w, b), ref, f"split {tokens}", slack=slack, seed=rng_seed)
+    assert_2x_rule(outs[0], reference.linear(x, w, b), ref, f"split {tokens}", slack=slack_for(ref, torch.float32),
+                   seed=rng_seed)
 
 
 def test_forward_big_default_isa(rng_seed):
