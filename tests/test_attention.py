@@ -264,8 +264,8 @@ def test_opcheck(dtype):
 def test_log_sum_exp(isa_bf16, rng_seed, dtype, logit_scale):
     """The log-sum-exp attention_fwd saves for the backward (computed W rows at a time in float64,
     Vec::log_sum_exp) against float64 with the 2x rule over torch's logsumexp in q's dtype (the
-    AMX softmax's short exp2 polynomial is bf16-grade, ~3e-5 here); +inf
-    for a fully masked row. Lengths around the vector widths (1, 7, 16, 17, 33, 100), large logits."""
+    AMX softmax's short exp2 polynomial is bf16-grade, ~3e-5 here); +inf for a fully masked row.
+    Lengths around the vector widths (1, 7, 16, 17, 33, 100), large logits."""
     for Lq, Lk in ((1, 5), (7, 48), (16, 16), (17, 129), (33, 40), (100, 7)):
         q = rand(2, 2, Lq, 32, dtype=dtype, scale=logit_scale)
         k, v = rand(2, 2, Lk, 32, dtype=dtype), rand(2, 2, Lk, 32, dtype=dtype)

@@ -143,8 +143,9 @@ def test_task_split_does_not_change_bits(rng_seed, tokens):
     """The GEMM's split into row blocks x column chunks depends on M and the thread count (few rows:
     column chunks); each output's sum order must not. The slack is this file's float32 one
     (slack_for): with one token the forced packed path sums each output's 300 products in one
-    accumulator lane while torch (MKL's gemv) keeps partial sums, so its error is ~3x smaller
-    (median over 300 draws; 0.87x from 13 tokens on), and a 1e-6 slack failed 1 draw in 12."""
+    accumulator lane while torch (MKL's gemv) keeps partial sums, so torch's error is ~3x smaller
+    (median over 300 draws; from 13 tokens on ours is 0.87x torch's), and a 1e-6 slack failed 1
+    full run in 12."""
     x, w, b = make(tokens, 300, 700, torch.float32)
     previous_path = aiayn._C.set_gemm_rows_path(0)
     try:

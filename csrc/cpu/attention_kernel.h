@@ -14,6 +14,8 @@ struct Attention {
   using Gemm = SmallGemm<V>;
   static constexpr int W = V::N;
   static constexpr int64_t BQ = kAttentionBlockQ, BK = kAttentionBlockK;
+  // Transposed AMX: one key block's S^T (float) or P^T (bf16 key pairs) for a group of 16 rows.
+  static constexpr int64_t kAmxBlockT = BK * 16;
 
   const AttentionArgs& a;
   const int64_t D, Lq, Lk, H;
@@ -229,9 +231,10 @@ struct Attention {
     f.k16 = ws.take<uint16_t>(tiles && !tr ? nkb * BK * D : 0);
     f.ktail = ws.take<uint16_t>(tr ? 16 * D : 0);
     f.qt16 = ws.take<uint16_t>(tr ? 16 * D : 0);
-    f.pt16 = ws.take<uint16_t>(tr ? 2 * 1024 : 0);  // two blocks: amx_rows_t's P V runs a block late
-    f.pt16_residual = ws.take<uint16_t>(tr && a.out_float ? 2 * 1024 : 0);
-    f.st = ws.take<float>(tr ? 2 * BK * 16 : 0);  // two blocks: amx_rows_t's pipeline
+    // Two blocks each: amx_rows_t's pipeline (S^T one block ahead, P V one block late).
+    f.pt16 = ws.take<uint16_t>(tr ? 2 * kAmxBlockT : 0);
+    f.pt16_residual = ws.take<uint16_t>(tr && a.out_float ? 2 * kAmxBlockT : 0);
+    f.st = ws.take<float>(tr ? 2 * kAmxBlockT : 0);
     f.ot = ws.take<float>(tr ? D * 16 : 0);
     f.v16 = ws.take<uint16_t>(tiles ? nkb * BK * D : 0);
     f.q16 = ws.take<uint16_t>(tiles ? BQ * D : 0);
@@ -588,19 +591,20 @@ struct Attention {
       // block's P V (O = alpha (O + P_prev V_prev) + P V).
       auto pv = [&](int64_t pkb, int64_t pnk, int64_t slot) {
         const int64_t kc = (pnk + 31) / 32;
-        attention_amx_pv_t(f.pt16 + slot * 1024, kc, f.v16 + pkb * BK * D, D, f.ot, resident);
-        if (residual) attention_amx_pv_t(residual + slot * 1024, kc, f.v16 + pkb * BK * D, D, f.ot, resident);
+        attention_amx_pv_t(f.pt16 + slot * kAmxBlockT, kc, f.v16 + pkb * BK * D, D, f.ot, resident);
+        if (residual) attention_amx_pv_t(residual + slot * kAmxBlockT, kc, f.v16 + pkb * BK * D, D, f.ot, resident);
       };
       int64_t kb = visible_from(0), pending = -1, pending_nk = 0, pending_slot = 0;
       if (kb < kend) scores(kb, f.st);
       for (int64_t step = 0; kb < kend; ++step) {
-        float* st = f.st + (step & 1) * BK * 16;
         const int64_t next = visible_from(kb + 1), slot = step & 1;
-        if (next < kend) scores(next, f.st + ((step + 1) & 1) * BK * 16);
+        float* st = f.st + slot * kAmxBlockT;
+        if (next < kend) scores(next, f.st + (slot ^ 1) * kAmxBlockT);
         const int64_t j0 = kb * BK, nk = imin(BK, nvis - j0);
         __m512 alpha;
         const bool rescale = attention_amx_softmax_t(st, nk, c, kbias ? kbias + j0 : nullptr, a.causal, j0 - g0, mv, lv,
-                                                     alpha, f.pt16 + slot * 1024, residual ? residual + slot * 1024 : nullptr);
+                                                     alpha, f.pt16 + slot * kAmxBlockT,
+                                                     residual ? residual + slot * kAmxBlockT : nullptr);
         if (pending >= 0) pv(pending, pending_nk, pending_slot);
         if (rescale) amx_rescale_o(f.ot, D, resident, alpha);
         pending = kb, pending_nk = nk, pending_slot = slot;
