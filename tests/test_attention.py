@@ -2,11 +2,13 @@
 the float64 reference with the 2x rule, on every ISA variant; masks, causal, dropout (exact, with
 the returned mask), gradients, opcheck, torch.compile, odd lengths, strided inputs and bad calls."""
 
+import collections
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 import aiayn  # noqa: F401  (registers the ops)
 from aiayn import functional as AF
@@ -105,6 +107,47 @@ def test_forward_matches_reference(rng_seed, B, H, Lq, Lk, D, dtype, causal):
     assert_2x_rule(out, theirs, ref, f"fwd {dtype} causal={causal} {B, H, Lq, Lk, D}", seed=rng_seed, slack=1e-6)
 
 
+def _better_of_torch(q, k, v, kpm, causal, ref, theirs):
+    """torch's math in q's dtype or its SDPA kernel (mask = causal & ~key padding), whichever is
+    closer to the reference: the 2x rule's baseline at its strictest."""
+    visible = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    if kpm is not None:
+        visible = visible & ~kpm[:, None, None, :]
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    return sdpa if (sdpa.double() - ref).abs().max() < (theirs.double() - ref).abs().max() else theirs
+
+
+LONG_CASES = [(512, 512, 80), (1000, 1000, 64), (512, 1000, 80), (1000, 512, 64)]  # (Lq, Lk, D)
+
+
+def _check_long_sequences(isa, rng_seed, Lq, Lk, D, dtype):
+    B, H = 1, 2
+    q, k, v = rand(B, H, Lq, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype)
+    _, pad = make_mask("key_padding", B, H, Lq, Lk, dtype)  # key 0 kept: no row loses every key
+    for kpm, causal in ((None, False), (pad, False), (pad, True)):
+        out = AF.scaled_dot_product_attention(q, k, v, key_padding_mask=kpm, is_causal=causal)
+        ref, theirs = references(q, k, v, None, kpm, 0.0, causal, None, None)
+        theirs = _better_of_torch(q, k, v, kpm, causal, ref, theirs)
+        assert_2x_rule(out, theirs, ref, f"{isa} {dtype} Lq={Lq} Lk={Lk} D={D} padded={kpm is not None} "
+                       f"causal={causal}", seed=rng_seed, slack=1e-6)
+
+
+@pytest.mark.parametrize("Lq,Lk,D", LONG_CASES)
+def test_long_sequences_every_isa(isa, rng_seed, Lq, Lk, D):
+    """Hundreds of keys (many 64-key blocks, rescaled running max), D = 80 (not a multiple of the
+    16 lanes), Lq != Lk both ways, key padding and causal (Lq > Lk: the last rows see every key) on
+    each ISA variant, float32."""
+    _check_long_sequences(isa, rng_seed, Lq, Lk, D, torch.float32)
+
+
+@pytest.mark.parametrize("Lq,Lk,D", LONG_CASES)
+def test_long_sequences_every_isa_bf16(isa_bf16, rng_seed, Lq, Lk, D):
+    """test_long_sequences_every_isa in bfloat16, with every bf16 GEMM mode of AVX-512."""
+    _check_long_sequences(isa_bf16, rng_seed, Lq, Lk, D, torch.bfloat16)
+
+
 @pytest.mark.parametrize("kind", ["key_padding", "bool", "float", "full_rows"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -132,33 +175,92 @@ def test_every_isa(isa, rng_seed, B, H, Lq, Lk, D, dtype):
         assert_2x_rule(out, theirs, ref, f"{isa} {dtype} causal={causal}", seed=rng_seed, slack=1e-6)
 
 
-def test_strided_views_of_fused_qkv_are_not_copied(rng_seed):
+def _aten_ops(fn):
+    """The aten ops fn() dispatches on the CPU, counted by name (torch.profiler)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return collections.Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+
+
+# What a copy of an input shows in the profile: Tensor::contiguous() -> clone -> copy_.
+COPY_OPS = ("aten::contiguous", "aten::clone")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_views_of_fused_qkv_are_not_copied(rng_seed, dtype):
+    """Views of a fused (B, L, 3, H, D) projection (last dim contiguous) go to the kernels as they
+    are, forward and backward: the profile shows the same aten ops as for contiguous inputs (no
+    contiguous / clone / extra copy_), while a strided last dim (the positive control) is copied."""
     B, L, H, D = 2, 37, 4, 32
-    qkv = rand(B, L, 3, H, D)
+    qkv = rand(B, L, 3, H, D, dtype=dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, D) views, last dim contiguous
     assert not q.is_contiguous() and q.stride(-1) == 1
-    out = AF.scaled_dot_product_attention(q, k, v, is_causal=True)
-    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
+    qt = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # q's values, strided last dim
+    assert qt.stride(-1) != 1
+
+    def fwd(q, k, v):
+        return AF.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    views, contiguous, control = _aten_ops(lambda: fwd(q, k, v)), _aten_ops(lambda: fwd(qc, kc, vc)), \
+        _aten_ops(lambda: fwd(qt, k, v))
+    assert views == contiguous and not any(views[n] for n in COPY_OPS), f"forward copies: {views} vs {contiguous}"
+    assert all(control[n] for n in COPY_OPS) and control["aten::copy_"] > views["aten::copy_"], control
+    out = fwd(q, k, v)
+    assert torch.equal(out, fwd(qc, kc, vc)) and torch.equal(fwd(qt, k, v), out)
+    ref, theirs = references(q, k, v, None, None, 0.0, True, None, None)
     theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert_2x_rule(out, theirs, ref, "fused qkv views", seed=rng_seed)
-    # A strided last dim is accepted too (copied).
-    qt = rand(B, H, D, L).transpose(-1, -2)
-    out2 = AF.scaled_dot_product_attention(qt, k, v)
-    assert_2x_rule(out2, F.scaled_dot_product_attention(qt, k, v),
-                   reference.scaled_dot_product_attention(qt.double(), k.double(), v.double()), "strided last dim")
+    assert_2x_rule(out, theirs, ref, f"fused qkv views {dtype}", seed=rng_seed)
+
+    # The backward op on the same views, with dO the view a (B, L, H, D) -> (B, H, L, D) transpose
+    # gives (bfloat16: dQ's float32 accumulator is rounded with one copy_, whatever the inputs).
+    seed = torch.tensor([1], dtype=torch.int64)
+    out, lse = torch.ops.aiayn.attention_fwd(q, k, v, None, None, 0.0, True, D ** -0.5, seed, True)
+    grad = rand(B, L, H, D, dtype=dtype).transpose(1, 2)
+    grad_c = grad.contiguous()
+
+    def bwd(grad, q, k, v):
+        return torch.ops.aiayn.attention_bwd(grad, q, k, v, out, lse, None, None, 0.0, True, D ** -0.5, seed)
+
+    views, contiguous, control = (_aten_ops(lambda: bwd(grad, q, k, v)),
+                                  _aten_ops(lambda: bwd(grad_c, qc, kc, vc)),
+                                  _aten_ops(lambda: bwd(grad, qt, k, v)))
+    assert views == contiguous and not any(views[n] for n in COPY_OPS), f"backward copies: {views} vs {contiguous}"
+    assert all(control[n] for n in COPY_OPS) and control["aten::copy_"] > views["aten::copy_"], control
+    for a, b in zip(bwd(grad, q, k, v), bwd(grad_c, qc, kc, vc)):
+        assert torch.equal(a, b)
 
 
-def test_large_logits_do_not_overflow(isa, rng_seed):
-    q, k, v = rand(1, 2, 33, 64, scale=30.0), rand(1, 2, 40, 64, scale=30.0), rand(1, 2, 40, 64)
-    scores = (q.double() @ k.double().transpose(-1, -2)).abs().max().item() / 8
-    assert scores > 1e3  # logits of magnitude ~1e4
+def _logit_slack(max_logit, ref):
+    """What float32 logits of magnitude max_logit carry: absolute rounding errors of a few ulps
+    (2^-24 |s| each), which move exp(s) relatively by as much, hence the result by that times its
+    magnitude; plus 1e-3 for rows near one-hot, whose tiny probabilities rounding makes nonzero."""
+    return 8 * 2.0 ** -24 * max_logit * ref.abs().max().item() + 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_logits_do_not_overflow(isa, rng_seed, dtype):
+    """Logits |q . k * scale| of 1e4 and more (q, k ~ 64 N(0, 1)): the online softmax subtracts the
+    running max before exp, so nothing overflows, forward or backward. The errors both we and
+    torch make there are those of rounding logits near 1e4 (see _logit_slack)."""
+    B, H, Lq, Lk, D = 1, 2, 33, 40, 64
+    q, k, v = rand(B, H, Lq, D, dtype=dtype, scale=64.0), rand(B, H, Lk, D, dtype=dtype, scale=64.0), \
+        rand(B, H, Lk, D, dtype=dtype)
+    max_logit = (q.double() @ k.double().transpose(-1, -2)).abs().max().item() / math.sqrt(D)
+    assert max_logit >= 1e4, f"max |logit| {max_logit:.3g} (seed {rng_seed})"
     out = AF.scaled_dot_product_attention(q, k, v)
-    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    assert not torch.isnan(out).any()
-    # Logits near 1e4 carry absolute rounding errors near 1e-3 in float32 (ours and torch's alike),
-    # which move the probabilities by about as much: the slack says so; the point is no overflow.
     assert torch.isfinite(out).all()
-    assert_2x_rule(out, F.scaled_dot_product_attention(q, k, v), ref, "large logits", seed=rng_seed, slack=5e-3)
+    ref, theirs = references(q, k, v, None, None, 0.0, False, None, None)
+    assert_2x_rule(out, theirs, ref, f"large logits {isa} {dtype}", seed=rng_seed, slack=_logit_slack(max_logit, ref))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = AF.scaled_dot_product_attention(*leaves)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    _, ref_leaves, _, t_leaves = reference_backward(q, k, v, grad, None, None, 0.0, False, None)
+    for name, ours, r, t in zip("qkv", leaves, ref_leaves, t_leaves):
+        assert torch.isfinite(ours.grad).all()
+        assert_2x_rule(ours.grad, t.grad, r.grad, f"large logits grad {name} {isa} {dtype}", seed=rng_seed,
+                       slack=_logit_slack(max_logit, r.grad))
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
@@ -168,6 +270,8 @@ def test_backward_matches_reference(isa, rng_seed, dtype, kind, causal, p):
     B, H, Lq, Lk, D = 2, 2, 67, 75, 24
     q, k, v = rand(B, H, Lq, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype)
     attn_mask, kpm = make_mask(kind, B, H, Lq, Lk, dtype)
+    if kind == "full_rows":
+        attn_mask[:, -1] = False  # and a key no query sees
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, keep = AF.scaled_dot_product_attention(*leaves, attn_mask=attn_mask, key_padding_mask=kpm, dropout_p=p,
                                                 is_causal=causal, return_dropout_mask=True)
@@ -180,6 +284,37 @@ def test_backward_matches_reference(isa, rng_seed, dtype, kind, causal, p):
                        seed=rng_seed, slack=1e-5 if dtype != torch.float64 else 1e-10)
     if kind == "full_rows":
         assert torch.equal(leaves[0].grad[:, :, ::3], torch.zeros_like(leaves[0].grad[:, :, ::3]))
+        # The key no query sees gets exactly zero dK and dV; and the fully masked rows add nothing
+        # to any gradient: dO on those rows alone gives dQ = dK = dV = 0 exactly.
+        assert torch.equal(leaves[1].grad[..., -1, :], torch.zeros_like(leaves[1].grad[..., -1, :]))
+        assert torch.equal(leaves[2].grad[..., -1, :], torch.zeros_like(leaves[2].grad[..., -1, :]))
+        dead_grad = torch.zeros_like(grad)
+        dead_grad[:, :, ::3] = grad[:, :, ::3]
+        out = AF.scaled_dot_product_attention(*leaves, attn_mask=attn_mask, is_causal=causal)
+        for name, g in zip("qkv", torch.autograd.grad(out, leaves, dead_grad)):
+            assert torch.equal(g, torch.zeros_like(g)), f"d{name} from fully masked rows (seed {rng_seed})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Lq,Lk,causal", [(513, 513, True), (300, 700, False)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_backward_long_sequences(isa, rng_seed, dtype, Lq, Lk, causal, padded):
+    """Gradients over many 64-key blocks (513: one key and one query past a block) at D = 80, with
+    and without key padding, on each ISA variant: dQ, dK, dV by the 2x rule."""
+    B, H, D = 1, 1, 80
+    q, k, v = rand(B, H, Lq, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype)
+    kpm = make_mask("key_padding", B, H, Lq, Lk, dtype)[1] if padded else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = AF.scaled_dot_product_attention(*leaves, key_padding_mask=kpm, is_causal=causal)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    _, ref_leaves, _, t_leaves = reference_backward(q, k, v, grad, None, kpm, 0.0, causal, None)
+    for name, ours, r, t in zip("qkv", leaves, ref_leaves, t_leaves):
+        assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} {isa} {dtype} Lq={Lq} Lk={Lk} causal={causal} "
+                       f"padded={padded}", seed=rng_seed, slack=1e-5)
+    if padded:  # padded keys: exactly zero dK, dV
+        assert torch.equal(leaves[1].grad[:, :, kpm[0]], torch.zeros_like(leaves[1].grad[:, :, kpm[0]]))
+        assert torch.equal(leaves[2].grad[:, :, kpm[0]], torch.zeros_like(leaves[2].grad[:, :, kpm[0]]))
 
 
 def _tail_padding(B, Lk, lengths):
@@ -257,6 +392,25 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.aiayn.attention_fwd.default, (q, k, v, None, None, 0.0, False, 0.25, seed))
     torch.library.opcheck(torch.ops.aiayn.attention_fwd.default, (q, k, v, mask, pad, 0.2, True, 0.25, seed))
     torch.library.opcheck(torch.ops.aiayn.attention_fwd.default, (q, k, v, mask, pad, 0.2, True, 0.25, seed, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_backward(dtype):
+    """attention_bwd (the backward op autograd calls) passes opcheck like the forward: schema, fake
+    kernel, autograd registration, AOT dispatch; with the saved output in q's dtype and in float32
+    (float_out, bfloat16 training), masks, dropout, causal, and fused-QKV views."""
+    q, k, v = (rand(2, 2, s, 16, dtype=dtype) for s in (5, 9, 9))
+    pad = torch.rand(2, 9) < 0.3
+    mask = torch.randn(5, 9)
+    seed = torch.tensor([5], dtype=torch.int64)
+    qkv = rand(2, 9, 3, 2, 16, dtype=dtype)
+    views = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    for (q, k, v), rest in (((q, k, v), (None, None, 0.0, False, 0.25)), ((q, k, v), (mask, pad, 0.2, True, 0.25)),
+                            (views, (None, pad, 0.1, True, 0.25))):
+        for float_out in (False, True):
+            out, lse = torch.ops.aiayn.attention_fwd(q, k, v, *rest, seed, float_out)
+            grad = rand(*out.shape, dtype=dtype)
+            torch.library.opcheck(torch.ops.aiayn.attention_bwd.default, (grad, q, k, v, out, lse, *rest, seed))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -399,6 +553,34 @@ def test_decode_step_shapes(isa, rng_seed):
         out = AF.scaled_dot_product_attention(q, k, v, key_padding_mask=pad)
         ref, theirs = references(q, k, v, None, pad, 0.0, False, None, None)
         assert_2x_rule(out, theirs, ref, f"decode Lq={Lq} Lk={Lk}", seed=rng_seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_decode_step_masks_dropout_and_gradients(isa, rng_seed, dtype, causal):
+    """Decode steps (1 to 4 query rows against a longer cache) with a float attn_mask (-inf holes),
+    dropout and, causal, torch's top-left alignment (query i sees keys 0..i only, however long the
+    cache): the output against the reference with the returned dropout mask (float32: exactly, as
+    test_dropout_exact_and_keep_rate; bfloat16: 2x rule), and the gradients by the 2x rule."""
+    B, H, D, p = 4, 4, 64, 0.2
+    for Lq, Lk in [(1, 48), (3, 130), (4, 300)]:
+        q, k, v = rand(B, H, Lq, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype), rand(B, H, Lk, D, dtype=dtype)
+        attn_mask, _ = make_mask("float", B, H, Lq, Lk, dtype)  # key 0 never -inf: no row loses every key
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, keep = AF.scaled_dot_product_attention(*leaves, attn_mask=attn_mask, dropout_p=p, is_causal=causal,
+                                                    return_dropout_mask=True)
+        assert out.shape == (B, H, Lq, D) and keep.shape == (B, H, Lq, Lk)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        ref, ref_leaves, theirs, t_leaves = reference_backward(q, k, v, grad, attn_mask, None, p, causal, keep)
+        what = f"decode {isa} {dtype} Lq={Lq} Lk={Lk} causal={causal}"
+        if dtype == torch.float32:
+            assert (out.double() - ref).abs().max().item() < 1e-5, what
+        assert_2x_rule(out, theirs, ref, what, seed=rng_seed, slack=1e-6)
+        for name, ours, r, t in zip("qkv", leaves, ref_leaves, t_leaves):
+            assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} {what}", seed=rng_seed, slack=1e-5)
+        if causal:  # keys past Lq take part in no row
+            assert torch.equal(leaves[2].grad[:, :, Lq:], torch.zeros_like(leaves[2].grad[:, :, Lq:]))
 
 
 def test_empty_and_degenerate():

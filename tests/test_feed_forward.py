@@ -1,8 +1,11 @@
 """feed_forward on the CPU: FFN(x) = dropout(relu(x W1^T + b1)) W2^T + b2 (paper §3.3) on aiayn's own
-GEMM. Checked against the float64 reference with the 2x rule: small and odd sizes on every ISA
-variant and dtype, the big sizes in float32 on the default ISA only (keeps the suite fast).
-Gradients, gradcheck, opcheck, exact dropout with the returned mask, strides, the packed-weight
-cache, and the errors of bad calls."""
+GEMM. Checked against the float64 reference with the 2x rule: small and odd sizes (the rows path)
+and two packed-path sizes on every ISA variant and dtype, issue 4's whole size grid in float32 (a
+pairwise covering of it in bf16) on the default ISA. Gradients (also at a packed size on every
+ISA), gradcheck, opcheck, exact dropout with the returned mask, strides, 1-D x, the packed-weight
+cache (same results as without it), and the errors of bad calls."""
+
+import contextlib
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ import torch
 import aiayn
 from aiayn import functional as AF
 from aiayn import reference
-from conftest import assert_2x_rule
+from conftest import BF16_MODES, assert_2x_rule, bf16_mode
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -57,7 +60,9 @@ def check_backward(x, params, p, what, seed, slack_for):
         assert_2x_rule(ours.grad, t.grad, r.grad, f"grad {name} {what}", seed=seed, slack=slack_for(r.grad))
 
 
-def check_forward(x, params, p, what, seed):
+def check_forward(x, params, p, what, seed, slack=None):
+    """Forward output and dropout mask against the float64 reference (2x rule); `slack` replaces
+    the default one below."""
     w1, b1, w2, b2 = params
     out, mask = AF.feed_forward(x, w1, b1, w2, b2, dropout_p=p, return_dropout_mask=True)
     assert out.dtype == x.dtype and out.shape == x.shape
@@ -67,8 +72,23 @@ def check_forward(x, params, p, what, seed):
     # bf16: the hidden activation is rounded to bf16 once (torch: after the first GEMM and again
     # after the dropout scaling); with few terms the max error of either is a rounding or two, so
     # allow half a bf16 ulp of the largest output on top of the 2x rule.
-    slack = 2**-9 * ref.abs().max().item() if x.dtype == torch.bfloat16 and ref.numel() else 1e-6
+    if slack is None:
+        slack = 2**-9 * ref.abs().max().item() if x.dtype == torch.bfloat16 and ref.numel() else 1e-6
     assert_2x_rule(out, theirs, ref, what, seed=seed, slack=slack)
+
+
+def ffn_outputs(x, params, p, seed, grad):
+    """Output and the gradients of x, w1, b1, w2, b2 of one forward + backward, the parameters
+    passed as they are (the same tensors every call, so a packed-weight cache can hit)."""
+    for t in params:
+        t.grad = None
+    xl = x.clone().requires_grad_()
+    out = AF.feed_forward(xl, *params, dropout_p=p, seed=seed)
+    out.backward(grad)
+    return [out.detach(), xl.grad] + [t.grad for t in params]
+
+
+OUTPUT_NAMES = ("out", "grad x", "grad w1", "grad b1", "grad w2", "grad b2")
 
 
 # Small and odd sizes on every ISA variant: tokens x d_model x d_ff from the issue's grid.
@@ -96,6 +116,47 @@ def test_forward_big_default_isa(rng_seed, dtype, tokens, d_model, d_ff):
     check_forward(x, make_params(d_model, d_ff, dtype), 0.1, f"fwd {dtype} {tokens}x{d_model}x{d_ff}", rng_seed)
 
 
+# Sizes on the packed forward path (more than 160 rows of x in float32, more than 96 in bf16; see
+# gemm_use_rows_path). The second is a multiple of no micro-tile's rows (14 / 6 / 4, AMX 16) or
+# columns, nor of AMX's 32-deep k step, in either GEMM.
+PACKED = [(512, 512, 2048), (517, 1000, 4100)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,d_model,d_ff", PACKED)
+def test_forward_packed_every_isa(isa_bf16, rng_seed, dtype, tokens, d_model, d_ff):
+    """The packed path (packed W panels, register-blocked micro-kernels, fused bias / ReLU /
+    dropout epilogue) on every ISA and bf16 GEMM mode: SMALL above only reaches the rows path, and
+    the big sizes elsewhere run on the default ISA only. Pure 2x rule (tiny slack) in bf16 too:
+    with 512+ rows both errors are many roundings, not the one or two check_forward's bf16 slack
+    is for."""
+    isa = isa_bf16
+    if isa.endswith("widened") and dtype != torch.bfloat16:
+        pytest.skip("the bf16 mode only changes bf16")
+    x = torch.randn(tokens, d_model).to(dtype)
+    check_forward(x, make_params(d_model, d_ff, dtype), 0.1, f"fwd packed {isa} {dtype} {tokens}x{d_model}x{d_ff}",
+                  rng_seed, slack=1e-6)
+
+
+GRID_TOKENS, GRID_D_MODEL, GRID_D_FF = (1, 3, 17, 512, 3072), (8, 64, 512, 1000), (32, 2048, 4100)
+FULL_GRID = [(t, d, f) for t in GRID_TOKENS for d in GRID_D_MODEL for f in GRID_D_FF]
+# bf16: every (tokens, d_model) pair once, d_ff cycling so that every (tokens, d_ff) and
+# (d_model, d_ff) pair occurs too (20 of the 60).
+PAIRWISE_GRID = [(t, d, GRID_D_FF[(i + j) % 3]) for i, t in enumerate(GRID_TOKENS) for j, d in enumerate(GRID_D_MODEL)]
+
+
+@pytest.mark.parametrize("dtype,tokens,d_model,d_ff",
+                         [(torch.float32, *s) for s in FULL_GRID] + [(torch.bfloat16, *s) for s in PAIRWISE_GRID])
+def test_forward_grid_default_isa(rng_seed, dtype, tokens, d_model, d_ff):
+    """Issue 4's grid, tokens {1, 3, 17, 512, 3072} x d_model {8, 64, 512, 1000} x d_ff {32, 2048,
+    4100}, on the default ISA with dropout: all 60 combinations in float32 (the whole grid, float64
+    reference included, takes ~4 s on 2 cores, so no combination is left out); in bf16 a pairwise
+    covering subset (every pair of values of two axes at least once: 20 combinations); bf16 on
+    every ISA: test_forward_small_every_isa and test_forward_packed_every_isa."""
+    x = torch.randn(tokens, d_model).to(dtype)
+    check_forward(x, make_params(d_model, d_ff, dtype), 0.1, f"fwd grid {dtype} {tokens}x{d_model}x{d_ff}", rng_seed)
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("tokens,d_model,d_ff", [(1, 8, 32), (17, 64, 100), (40, 33, 2048)])
 @pytest.mark.parametrize("p", [0.0, 0.2])
@@ -116,6 +177,25 @@ def test_backward_big_default_isa(rng_seed):
     tokens, d_model, d_ff, p = 512, 512, 2048, 0.1
     x, params = kink_free(tokens, d_model, d_ff, torch.float32)
     check_backward(x, params, p, "big", rng_seed, lambda ref_grad: 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_packed_every_isa(isa_bf16, rng_seed, dtype):
+    """All five gradients at 512 tokens, d_model 512, d_ff 2048 (the packed forward path; the
+    backward's GEMMs at full size, K = 512 tokens in the weight gradients) with dropout via the
+    returned mask, on every ISA in float32 and on the AVX-512 bf16 modes (vdpbf16ps, widened, AMX;
+    bf16 on avx2 / generic is covered at small sizes by test_backward_matches_reference and costs
+    ~2 s here). Pure 2x rule (tiny slack) in bf16: with 512 tokens both errors are sums of many
+    roundings, not the single rounding test_backward_matches_reference's bf16 slack is for."""
+    isa = isa_bf16
+    if isa.endswith("widened") and dtype != torch.bfloat16:
+        pytest.skip("the bf16 mode only changes bf16")
+    if dtype == torch.bfloat16 and not isa.startswith("avx512"):
+        pytest.skip("bf16 backward on avx2 / generic: small sizes only (test_backward_matches_reference)")
+    tokens, d_model, d_ff, p = 512, 512, 2048, 0.1
+    x, params = kink_free(tokens, d_model, d_ff, dtype)
+    check_backward(x, params, p, f"packed {isa} {dtype}", rng_seed,
+                   lambda ref_grad: 1e-5 if dtype == torch.float32 else 1e-6)
 
 
 def test_gradcheck_float64(isa):
@@ -218,6 +298,38 @@ def test_strided_and_batched_inputs(isa, rng_seed, dtype):
     assert xg.grad.shape == xg.shape
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d_model,d_ff", [(8, 32), (1000, 260)])
+def test_one_dimensional_x(isa, rng_seed, dtype, d_model, d_ff):
+    """x of shape (d_model,), one token without a batch dim (as nn.Linear takes it), for
+    feed_forward and linear: output (d_model,) / (out_features,), feed_forward's mask (d_ff,) with
+    the Philox numbering of one row, x's gradient (d_model,), values by the 2x rule."""
+    x = torch.randn(d_model).to(dtype)
+    params = w1, b1, w2, b2 = make_params(d_model, d_ff, dtype)
+    check_forward(x, params, 0.2, f"1-d {isa} {dtype} {d_model}x{d_ff}", rng_seed)
+    seed = torch.tensor([rng_seed], dtype=torch.int64)
+    out, mask = AF.feed_forward(x, *params, dropout_p=0.2, seed=seed, return_dropout_mask=True)
+    assert out.shape == (d_model,) and mask.shape == (d_ff,)
+    assert torch.equal(mask, reference.dropout_mask((d_ff,), 0.2, seed))
+    # Gradients: x's in x's shape, all of them the same bits as the one-row 2-D call's.
+    grad = torch.randn(d_model).to(dtype)
+    one = ffn_outputs(x, [t.clone().requires_grad_() for t in params], 0.2, seed, grad)
+    two = ffn_outputs(x[None], [t.clone().requires_grad_() for t in params], 0.2, seed, grad[None])
+    assert one[1].shape == (d_model,)
+    for name, a, b in zip(OUTPUT_NAMES, one, two):
+        assert torch.equal(a, b.reshape(a.shape)), f"{name}: 1-d x != one-row 2-d x"
+    for activation in (None, "relu"):
+        y = AF.linear(x, w1, b1, activation)
+        assert y.shape == (d_ff,) and y.dtype == dtype
+        ref = reference.linear(x.double(), dbl(w1), dbl(b1), activation)
+        slack = 2**-9 * ref.abs().max().item() if dtype == torch.bfloat16 else 1e-5  # as in test_linear.py
+        assert_2x_rule(y, reference.linear(x, w1, b1, activation), ref,
+                       f"linear 1-d {isa} {dtype} {d_model}x{d_ff} {activation}", seed=rng_seed, slack=slack)
+        xg = x.clone().requires_grad_()
+        AF.linear(xg, w1, b1, activation).backward(torch.ones(d_ff, dtype=dtype))
+        assert xg.grad.shape == (d_model,)
+
+
 @aiayn.packed_weight_cache()
 def test_packed_weight_cache_sees_in_place_updates():
     assert aiayn._C.set_pack_cache(True), "the decorator turned the cache on"
@@ -236,6 +348,97 @@ def test_packed_weight_cache_sees_in_place_updates():
         torch.testing.assert_close(AF.feed_forward(x, w, b1, w2, b2), reference.feed_forward(x, w, b1, w2, b2),
                                    rtol=1e-5, atol=1e-5)
     aiayn._C.clear_pack_cache()
+
+
+def cache_variants(dtype, every_isa):
+    """(ISA, bf16 GEMM mode) pairs: every ISA, and in bf16 every AVX-512 mode (as isa_bf16), or
+    just the defaults (None, None)."""
+    if not every_isa:
+        return [(None, None)]
+    out = []
+    for name in ("avx512", "avx2", "generic"):
+        if not aiayn._C.cpu_isa_supported(name):
+            continue
+        modes = [-1]
+        if name == "avx512" and dtype == torch.bfloat16:
+            modes = [BF16_MODES["avx512"], BF16_MODES["avx512-bf16-widened"]]
+            modes += [BF16_MODES["avx512-amx"]] if aiayn._C.amx_supported() else []
+        out += [(name, mode) for mode in modes]
+    return out
+
+
+def check_cached_against_reference(ours, x, params, p, seed, grad, what, rng_seed):
+    """2x rule for ffn_outputs' results, with check_forward's and test_backward_matches_reference's
+    slacks."""
+    mask = reference.dropout_mask((x.shape[0], params[0].shape[0]), p, seed)
+    refs = []
+    for dtype in (torch.float64, x.dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, *params)]
+        out = reference.feed_forward(*leaves, p, mask)
+        out.backward(grad.to(dtype))
+        refs.append([out.detach()] + [t.grad for t in leaves])
+    for name, o, r, t in zip(OUTPUT_NAMES, ours, *refs):
+        slack = (2**-9 if name == "out" else 2**-8) * r.abs().max().item() if x.dtype == torch.bfloat16 else 1e-5
+        assert_2x_rule(o, t, r, f"{name} {what}", seed=rng_seed, slack=slack)
+
+
+@pytest.mark.parametrize("dtype,tokens,d_model,d_ff,every_isa", [
+    (dtype, tokens, 64, 200, True) for dtype in DTYPES for tokens in (5, 50, 300)] + [
+    # 4100 x 1040 floats, 4100 x 2100 bf16 (17 MB each): packed a chunk per task when not cached
+    # (over 16 MiB), whole when cached.
+    (torch.float32, 300, 1040, 4100, False), (torch.bfloat16, 300, 2100, 4100, False)])
+def test_packed_weight_cache_gives_the_same_results(rng_seed, dtype, tokens, d_model, d_ff, every_isa):
+    """Forward + backward inside aiayn.packed_weight_cache() (first call: packs and caches; second:
+    hits) against the same calls with the cache off, before and after an optimizer-style in-place
+    update of every weight (optimizer.step() on w2, b2; add_ on w1, b1). The same weight tensors go
+    through every ISA and bf16 mode in turn, so an entry packed for one layout must not be reused
+    by another. Bit-exact where both take the same path: the cache changes gemm_use_rows_path's
+    threshold (8 rows when cached, else 160 in float32 / 96 in bf16), so 5 rows (rows path both
+    ways) and 300 rows (packed both ways; the chunked packing of a huge uncached weight uses the
+    same tiles and k order) must give the same bits. 50 rows take the rows path uncached and the
+    packed one cached: 2x rule against the float64 reference instead. Inputs from kink_free, and
+    w1, b1 stay on its grid after the update, so the gradients have no ReLU kinks."""
+    p = 0.1
+    x, params = kink_free(tokens, d_model, d_ff, dtype)
+    params = [t.requires_grad_() for t in params]
+    w1, b1, w2, b2 = params
+    seed = torch.tensor([rng_seed], dtype=torch.int64)
+    grad = torch.randn(tokens, d_model).to(dtype)
+    optimizer = torch.optim.SGD([w2, b2], lr=0.1, momentum=0.9)
+    first_outs = {}
+    aiayn._C.clear_pack_cache()
+    try:
+        for step in range(2):
+            for isa, mode in cache_variants(dtype, every_isa):
+                with contextlib.ExitStack() as stack:
+                    if isa is not None:
+                        stack.enter_context(aiayn.cpu_isa(isa))
+                        stack.enter_context(bf16_mode(mode))
+                    with aiayn.packed_weight_cache(False):
+                        off = ffn_outputs(x, params, p, seed, grad)
+                    with aiayn.packed_weight_cache():
+                        on = ffn_outputs(x, params, p, seed, grad)
+                        hit = ffn_outputs(x, params, p, seed, grad)
+                what = f"cache {isa} bf16 mode {mode} {dtype} {tokens}x{d_model}x{d_ff} step {step}"
+                for name, a, b in zip(OUTPUT_NAMES, on, hit):
+                    assert torch.equal(a, b), f"{name} {what}: a cache hit changed the result (seed {rng_seed})"
+                if tokens <= 8 or tokens > 160:
+                    for name, a, b in zip(OUTPUT_NAMES, on, off):
+                        assert torch.equal(a, b), f"{name} {what}: cache on != off (seed {rng_seed})"
+                else:
+                    check_cached_against_reference(on, x, params, p, seed, grad, what, rng_seed)
+                if step == 0:
+                    first_outs[isa, mode] = on[0]
+                else:
+                    assert not torch.equal(first_outs[isa, mode], on[0]), f"{what}: the update changed nothing"
+            # The update: a momentum SGD step on w2, b2 (grads of the last call); w1, b1 moved on
+            # kink_free's grids (x W1^T + b1 stays exact and nonzero).
+            with torch.no_grad():
+                optimizer.step()
+                w1.add_(torch.randint(-2, 3, w1.shape).to(dtype) / 32)
+                b1.add_(torch.randint(-8, 9, b1.shape).to(dtype) / 128)
+    finally:
+        aiayn._C.clear_pack_cache()
 
 
 def test_empty_and_degenerate_sizes():
@@ -301,6 +504,22 @@ def test_bad_inputs_name_the_argument():
         torch.ops.aiayn.feed_forward_bwd(x[:2], x, w1, w2, hidden, 0.0)
     with pytest.raises(ValueError, match="'hidden'"):
         torch.ops.aiayn.feed_forward_bwd(x, x, w1, w2, hidden[:, :3], 0.0)
+
+
+@pytest.mark.parametrize("arg", ["x", "w1", "b1", "w2", "b2"])
+def test_device_mismatch_names_the_argument(arg):
+    """One argument on another device (meta: this machine may have no GPU), the others on the CPU:
+    a ValueError naming it and its device, raised before any kernel runs."""
+    x = torch.randn(4, 16)
+    w1, b1, w2, b2 = make_params(16, 32, torch.float32)
+    args = dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
+    args[arg] = args[arg].to("meta")
+    with pytest.raises(ValueError, match=f"'{arg}' is on meta"):
+        AF.feed_forward(**args)
+    # linear's x and b too (its w: test_linear.py).
+    if arg in ("x", "b1"):
+        with pytest.raises(ValueError, match="'x' is on meta" if arg == "x" else "'b' is on meta"):
+            AF.linear(args["x"], w1, args["b1"])
 
 
 def test_torch_compile_fullgraph(rng_seed):

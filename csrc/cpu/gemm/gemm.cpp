@@ -263,13 +263,16 @@ GemmPlan make_plan(GemmArgs g, const at::Tensor& packed, int64_t threads) {
   if (g.b_rows) {
     // Rows paths (dot products, or W's rows broadcast): every task takes all rows and a range of
     // column groups; the split does not change any result (gemm_kernel.h). The broadcast path packs
-    // A^T once per task, so it gets fewer tasks.
+    // A^T once per task, so it gets one task per thread: the FFN at T = 64 ran ~2% faster than
+    // with two (whose dynamic schedule balances a noisy machine better, but packs A^T twice as
+    // often; a packed A^T shared by the tasks, each panel packed by whoever claimed it first, was
+    // no faster than one task per thread).
     TORCH_INTERNAL_ASSERT(g.a_cs == 1 && !g.a_gate && !g.a_row_sums);
     const int64_t unit = g.b_rows_bcast ? info.mr : info.dot_nr;
     pl.panels = (g.N + unit - 1) / unit;
     pl.mpanels = pl.mblocks = 1;
     pl.info.mr = static_cast<int>(std::max<int64_t>(1, g.M));
-    pl.nchunks = threads > 1 ? std::max<int64_t>(1, std::min(pl.panels, (g.b_rows_bcast ? 2 : 4) * threads)) : 1;
+    pl.nchunks = threads > 1 ? std::max<int64_t>(1, std::min(pl.panels, (g.b_rows_bcast ? 1 : 4) * threads)) : 1;
     pl.chunk_args.assign(1, g);
     pl.g = g;
     return pl;
