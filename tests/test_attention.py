@@ -643,8 +643,11 @@ def test_every_key_padded_and_nan_scores(isa, rng_seed, Lq, Lk, causal, scale):
         assert torch.equal(out[2, :, :2], torch.zeros_like(out[2, :, :2]))
     keep = torch.tensor([0, 2])
     ref, theirs = references(q[keep], k[keep], v[keep], None, kpm[keep], 0.0, causal, scale, None)
+    # test_masks's float32 slack: with ~30% of the keys padded, one element in a few thousand draws
+    # has ours at ~2.5e-6 where torch's row happened to be at ~7e-7 (over 2000 draws our max error
+    # was 2.0e-6, torch's 2.7e-6), which failed 2x + 1e-6.
     assert_2x_rule(out[keep], theirs, ref, f"{isa} Lq={Lq} Lk={Lk} causal={causal} scale={scale}",
-                   seed=rng_seed, slack=1e-6)
+                   seed=rng_seed, slack=2e-6)
     k[0, 1, 0, 3] = float("nan")  # key 0: every query of head (0, 1) sees it
     q[2, 0, Lq // 2, 5] = float("nan")
     out = AF.scaled_dot_product_attention(q, k, v, key_padding_mask=kpm, is_causal=causal, scale=scale)
