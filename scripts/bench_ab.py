@@ -2,7 +2,8 @@
 """A/B of aiayn builds (or of environment settings) on benchmark cases, for a noisy machine.
 
 Each round runs every variant once, in its own subprocess, in alternating order; a run times
-aiayn and torch interleaved on the named `aiayn bench` cases (median of --samples) and reports
+aiayn and torch interleaved on the named `aiayn bench` cases as `aiayn bench` does
+(aiayn/bench/timing.py's time_interleaved, median of --samples) and reports
 aiayn's time and its speed-up over torch measured in that same process. The table gives, per case
 and variant, the median over the rounds. Compare the speed-ups, not the times: on a shared machine
 only ratios measured side by side mean anything.
@@ -20,7 +21,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 
 def run_cases(cases, dtype_name, samples):
@@ -28,23 +28,13 @@ def run_cases(cases, dtype_name, samples):
     import torch
 
     from aiayn.bench.cases import CASES
+    from aiayn.bench.timing import time_interleaved
 
     dtype = getattr(torch, dtype_name)
     out = {}
     for name in cases:
         bench = CASES[name].make(torch.device("cpu"), dtype, False)
-        for f in (bench.aiayn, bench.torch):  # warm-up: packing caches, thread pools, first touches
-            f()
-            f()
-        ours, theirs = [], []
-        for _ in range(samples):
-            t0 = time.perf_counter()
-            bench.aiayn()
-            t1 = time.perf_counter()
-            bench.torch()
-            t2 = time.perf_counter()
-            ours.append(t1 - t0)
-            theirs.append(t2 - t1)
+        ours, theirs = time_interleaved([bench.aiayn, bench.torch], device="cpu", repeats=samples)
         mo, mt = statistics.median(ours), statistics.median(theirs)
         out[name] = (mo, mt / mo)
     return out
