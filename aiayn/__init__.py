@@ -39,6 +39,24 @@ from . import functional, reference  # noqa: E402,F401
 from . import nn  # noqa: E402,F401  (the Transformer modules)
 from ._ops import cpu_isa, packed_weight_cache  # noqa: E402
 
+# The submodules a user reaches as `aiayn.<name>` after a bare `import aiayn`. The core ones are
+# imported above; the rest load on first attribute access (PEP 562), so `import aiayn` does not pay
+# for sentencepiece, sacrebleu or matplotlib until a program uses them.
+_LAZY_SUBMODULES = ("bench", "cli", "data", "decoding", "demo", "errors", "interop", "train",
+                    "translate")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")  # the import binds it: later look-ups skip this
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 
 def build_info():
     """What this build contains: version, the torch it was built against, CPU ISA variants compiled
@@ -46,4 +64,5 @@ def build_info():
     return _C.build_info()
 
 
-__all__ = ["build_info", "cpu_isa", "packed_weight_cache", "functional", "nn", "reference", "__version__"]
+__all__ = ["build_info", "cpu_isa", "packed_weight_cache", "functional", "nn", "reference", "__version__",
+           *_LAZY_SUBMODULES]

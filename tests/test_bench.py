@@ -70,16 +70,117 @@ def test_cli_writes_json(quick_run):
         assert r["peak_kind"] == "bandwidth" and r["pct_peak"] > 0
 
 
-def test_peaks_are_cached(tmp_path, monkeypatch):
+def _fake_machine(monkeypatch, tmp_path, measured, probe):
+    """peaks() with measure_cpu returning `measured` (a dict, or a list taken in turn) and the
+    cache check's probe returning `probe` FLOP/s; returns the list of measure_cpu calls."""
     monkeypatch.setenv("AIAYN_CACHE_DIR", str(tmp_path))
     calls = []
-    monkeypatch.setattr(bench.peak, "measure_cpu", lambda: calls.append(1) or {"flops": {"float32": 1e9}, "bandwidth": 1e9})
+
+    def measure():
+        calls.append(1)
+        m = measured[len(calls) - 1] if isinstance(measured, list) else measured
+        return json.loads(json.dumps(m))  # a fresh copy each time, as a real measurement is
+
+    monkeypatch.setattr(bench.peak, "measure_cpu", measure)
+    monkeypatch.setattr(bench.peak, "_probe_flops", lambda *a, **k: probe)
+    return calls
+
+
+def test_peaks_are_cached(tmp_path, monkeypatch):
+    calls = _fake_machine(monkeypatch, tmp_path, {"flops": {"float32": 1e9}, "bandwidth": 1e9}, probe=0.9e9)
     first = bench.peak.peaks("cpu")
     second = bench.peak.peaks("cpu")
     assert not first["cached"] and second["cached"] and first["cache"] == second["cache"] and len(calls) == 1
-    assert second["flops"] == {"float32": 1e9}
+    assert second["flops"] == {"float32": 1e9} and "warning" not in second and "corrected_from" not in second
     bench.peak.peaks("cpu", remeasure=True)
     assert len(calls) == 2
+
+
+def test_too_low_cached_peak_is_corrected(tmp_path, monkeypatch):
+    """A peak cached while another program used the CPU (issue 23: 105 GFLOP/s cached on a ~200
+    GFLOP/s machine) is measured again as soon as a probe beats it, and the better values stay."""
+    low = {"flops": {"float32": 1e9, "bfloat16": 3e9}, "bandwidth": 5e9}
+    good = {"flops": {"float32": 4e9, "bfloat16": 2e9}, "bandwidth": 1e9}  # bf16/bandwidth: busy this time
+    calls = _fake_machine(monkeypatch, tmp_path, [low, good], probe=1.5e9)
+    bench.peak.peaks("cpu")
+    fixed = bench.peak.peaks("cpu")
+    assert len(calls) == 2 and not fixed["cached"] and fixed["corrected_from"] == 1e9
+    assert fixed["flops"] == {"float32": 4e9, "bfloat16": 3e9} and fixed["bandwidth"] == 5e9  # max of both
+    on_disk = json.loads(open(fixed["cache"]).read())
+    assert on_disk["flops"]["float32"] == 4e9 and "corrected_from" not in on_disk
+    again = bench.peak.peaks("cpu")  # the probe (1.5e9) no longer beats the cache: no third measurement
+    assert again["cached"] and again["flops"]["float32"] == 4e9 and len(calls) == 2
+
+
+def test_real_probe_corrects_an_impossible_cache(tmp_path, monkeypatch):
+    """The same with the real probe: 1 MFLOP/s cached is below anything a CPU does."""
+    monkeypatch.setenv("AIAYN_CACHE_DIR", str(tmp_path))
+    measured = []
+    monkeypatch.setattr(bench.peak, "measure_cpu",
+                        lambda: measured.append(1) or {"flops": {"float32": 1e6 if len(measured) == 1 else 2e11},
+                                                       "bandwidth": 1e9})
+    bench.peak.peaks("cpu")
+    fixed = bench.peak.peaks("cpu")
+    assert len(measured) == 2 and fixed["corrected_from"] == 1e6 and fixed["flops"]["float32"] == 2e11
+
+
+def test_busy_machine_is_reported_not_cached(tmp_path, monkeypatch):
+    calls = _fake_machine(monkeypatch, tmp_path, {"flops": {"float32": 4e9}, "bandwidth": 1e9}, probe=1e9)
+    bench.peak.peaks("cpu")
+    busy = bench.peak.peaks("cpu")
+    assert len(calls) == 1 and busy["cached"] and busy["flops"]["float32"] == 4e9
+    assert "busy" in busy["warning"] and "25%" in busy["warning"]
+    assert "warning" not in json.loads(open(busy["cache"]).read())
+
+
+def test_busy_fresh_measurement_is_reported(tmp_path, monkeypatch):
+    _fake_machine(monkeypatch, tmp_path, {"flops": {"float32": 4e9}, "bandwidth": 1e9, "float32_runs": [1e9, 4e9]},
+                  probe=4e9)
+    first = bench.peak.peaks("cpu")
+    assert not first["cached"] and "looked busy" in first["warning"]
+
+
+def test_case_faster_than_the_peak_raises_it(tmp_path, monkeypatch, restore_registry):
+    """A case cannot beat the machine's peak, so when it seems to the peak is raised (in the run and
+    in the cache) and the row never shows more than 100%."""
+    calls = _fake_machine(monkeypatch, tmp_path, {"flops": {"float32": 1e3}, "bandwidth": 1e12}, probe=1e3)
+    peaks = bench.peak.peaks("cpu")
+    assert len(calls) == 1
+
+    @bench.register("toy.flops", dtypes=(torch.float32,), devices=("cpu",))
+    def _(device, dtype, quick):
+        x = torch.randn(4096, device=device, dtype=dtype)
+        return bench.Bench(aiayn=lambda: x * 2, torch=lambda: x + x, shape=x.shape, flops=4096)
+
+    r = bench.run_case(bench.CASES["toy.flops"], torch.float32, "cpu", repeats=2, peaks=peaks, warmup=1,
+                       min_sample_s=1e-4)
+    assert r["status"] == "ok" and r["gflops"] * 1e9 > 1e3
+    assert r["peak_kind"] == "float32 peak" and r["pct_peak"] <= 100.0 + 1e-9
+    assert r["peak_raised"]["from"] == 1e3 and r["peak_raised"]["to"] >= r["gflops"] * 1e9
+    assert peaks["raised"] == {"float32": 1e3}
+    on_disk = json.loads(open(peaks["cache"]).read())
+    assert on_disk["flops"]["float32"] == peaks["flops"]["float32"] and "raised" not in on_disk
+
+
+def test_cli_never_prints_more_than_100_percent_of_peak(tmp_path):
+    """A cache holding an impossible peak (1 GFLOP/s): the run measures again before timing, and
+    no row's % peak column exceeds 100."""
+    cache = tmp_path / "cache"
+    first = _run("--quick", "--filter", "feed_forward.fwd_small$", "--repeats", "2", cache_dir=cache)
+    assert first.returncode == 0, first.stderr
+    (path,) = cache.glob("peaks-*.json")
+    data = json.loads(path.read_text())
+    data["flops"]["float32"] = 1e9
+    path.write_text(json.dumps(data))
+    out = _run("--quick", "--filter", "feed_forward.fwd_small$", "--repeats", "2", cache_dir=cache)
+    assert out.returncode == 0, out.stderr
+    assert "measured again" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line.startswith("feed_forward.fwd_small")]
+    assert rows
+    for row in rows:
+        pct = int(row.split()[-3].rstrip("%"))
+        assert 0 < pct <= 100, row
+    assert json.loads(path.read_text())["flops"]["float32"] > 1e9
 
 
 @pytest.fixture

@@ -42,6 +42,10 @@ def run_case(case, dtype, device, *, repeats, peaks, quick=False, warmup=3, min_
     if b.flops:
         result.update(gflops=b.flops / a / 1e9, torch_gflops=b.flops / t / 1e9)
         if peak.peak_for(peaks, dtype):
+            if b.flops / a > peak.peak_for(peaks, dtype):
+                # Nothing runs faster than the peak: the cached one was measured on a busy machine.
+                old, new = peak.raise_peak(peaks, dtype, b.flops / a)
+                result["peak_raised"] = {"from": old, "to": new}
             pct[f"{result['dtype']} peak"] = 100 * b.flops / a / peak.peak_for(peaks, dtype)
     if b.bytes:
         result.update(gbps=b.bytes / a / 1e9, torch_gbps=b.bytes / t / 1e9)
