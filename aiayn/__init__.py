@@ -42,8 +42,8 @@ from ._ops import cpu_isa, packed_weight_cache  # noqa: E402
 # The submodules a user reaches as `aiayn.<name>` after a bare `import aiayn`. The core ones are
 # imported above; the rest load on first attribute access (PEP 562), so `import aiayn` does not pay
 # for sentencepiece, sacrebleu or matplotlib until a program uses them.
-_LAZY_SUBMODULES = ("bench", "cli", "data", "decoding", "demo", "errors", "interop", "train",
-                    "translate")
+_LAZY_SUBMODULES = ("bench", "cli", "data", "decoding", "demo", "errors", "evaluate", "interop", "quantization",
+                    "train", "translate")
 
 
 def __getattr__(name):
@@ -51,11 +51,15 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")  # the import binds it: later look-ups skip this
+    if name == "quantize":  # aiayn.quantize(model, "bf16"): the function, from aiayn.quantization
+        from .quantization import quantize
+
+        return quantize
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES) | {"quantize"})
 
 
 def build_info():
@@ -64,5 +68,5 @@ def build_info():
     return _C.build_info()
 
 
-__all__ = ["build_info", "cpu_isa", "packed_weight_cache", "functional", "nn", "reference", "__version__",
-           *_LAZY_SUBMODULES]
+__all__ = ["build_info", "cpu_isa", "packed_weight_cache", "functional", "nn", "reference", "quantize",
+           "__version__", *_LAZY_SUBMODULES]

@@ -172,6 +172,153 @@ torch.library.register_autograd(f"{_lib}::feed_forward_fwd", _feed_forward_backw
                                 setup_context=_feed_forward_setup)
 
 
+# --- linear_cross_entropy ------------------------------------------------------------------
+
+
+def _rows(x):
+    rows = 1
+    for s in x.shape[:-1]:
+        rows = rows * s
+    return rows
+
+
+@torch.library.register_fake(f"{_lib}::linear_cross_entropy_fwd")
+def _linear_cross_entropy_fwd_fake(x, weight, target, label_smoothing, ignore_index, reduction, compute_grad):
+    acc = _acc_dtype(x)
+    shape = target.shape if reduction == 0 else ()
+    return (x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc), x.new_empty((_rows(x),), dtype=acc),
+            x.new_empty(x.shape if compute_grad else (0,), dtype=acc),
+            x.new_empty(weight.shape if compute_grad else (0,), dtype=acc))
+
+
+@torch.library.register_fake(f"{_lib}::linear_cross_entropy_bwd")
+def _linear_cross_entropy_bwd_fake(grad_loss, grad_nll, x, weight, target, lse, label_smoothing, ignore_index):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _linear_cross_entropy_setup(ctx, inputs, output):
+    x, weight, target, label_smoothing, ignore_index, reduction, compute_grad = inputs
+    _, _, lse, grad_x, grad_weight = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse, grad_x, grad_weight)
+    ctx.args = (label_smoothing, ignore_index, reduction, compute_grad)
+    ctx.dtypes = (x.dtype, weight.dtype)
+    ctx.save_for_backward(x, weight, target, lse, grad_x, grad_weight)
+
+
+def _linear_cross_entropy_backward(ctx, grad_loss, grad_nll, *_):
+    x, weight, target, lse, grad_x, grad_weight = ctx.saved_tensors
+    label_smoothing, ignore_index, reduction, compute_grad = ctx.args
+    if grad_loss is None and grad_nll is None:
+        return None, None, None, None, None, None, None
+    if compute_grad and grad_nll is None:
+        # The forward already holds the gradient of the reduced loss: scale it (float32, rounded
+        # to the inputs' dtype once, here).
+        gx = (grad_x * grad_loss).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        gw = (grad_weight * grad_loss).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return gx, gw, None, None, None, None, None
+    # Per-row output gradients: recompute the logits chunk by chunk from the saved lse.
+    if reduction != 0:
+        scale = 1.0
+        if reduction == 1:
+            scale = 1.0 / (target != ignore_index).sum().clamp_min(1)
+        grad_loss = None if grad_loss is None else (grad_loss * scale).expand(target.shape)
+        grad_nll = None if grad_nll is None else (grad_nll * scale).expand(target.shape)
+    if grad_loss is None:
+        grad_loss = torch.zeros(target.shape, dtype=lse.dtype, device=lse.device)
+    gx, gw = torch.ops.aiayn.linear_cross_entropy_bwd(grad_loss, grad_nll, x, weight, target, lse, label_smoothing,
+                                                      ignore_index)
+    return gx, gw, None, None, None, None, None
+
+
+torch.library.register_autograd(f"{_lib}::linear_cross_entropy_fwd", _linear_cross_entropy_backward,
+                                setup_context=_linear_cross_entropy_setup)
+
+
+def _linear_cross_entropy_fwd_chunked(x, weight, target, label_smoothing, ignore_index, reduction, compute_grad,
+                                      chunk_bytes=64 << 20):
+    """linear_cross_entropy_fwd in chunked pure PyTorch, for devices without a kernel of ours (CUDA:
+    registered below, NOT YET RUN ON A GPU; the tests run it on CPU tensors against the reference).
+    Same math as the CPU kernel: per chunk of rows the logits in the accumulation type, their
+    log-sum-exp, the loss terms and, with compute_grad, dlogits consumed at once by dx and dW."""
+    acc = _acc_dtype(x)
+    d, V = x.shape[-1], weight.shape[0]
+    xr, w, t = x.reshape(-1, d).to(acc), weight.to(acc), target.reshape(-1)
+    bad = (t != ignore_index) & ((t < 0) | (t >= V))
+    if bool(bad.any()):
+        raise ValueError(f"linear_cross_entropy: argument 'target' holds {int(t[bad][0])}, outside "
+                         f"[0, vocab_size={V}) and not ignore_index={ignore_index}")
+    rows = xr.shape[0]
+    valid = t != ignore_index
+    count = int(valid.sum())
+    scale = (1.0 / count if count else float("inf")) if reduction == 1 else 1.0
+    chunk = max(1, min(rows, chunk_bytes // (4 * V)))
+    loss_rows = x.new_empty((rows,), dtype=acc)
+    nll_rows = x.new_empty((rows,), dtype=acc)
+    lse = x.new_empty((rows,), dtype=acc)
+    gx = torch.empty_like(xr) if compute_grad else x.new_empty((0,), dtype=acc)
+    gw = torch.zeros_like(w) if compute_grad else x.new_empty((0,), dtype=acc)
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        z = xr[r0:r1] @ w.t()
+        v, ts = valid[r0:r1], t[r0:r1].masked_fill(~valid[r0:r1], 0)
+        l = torch.logsumexp(z, 1)
+        lse[r0:r1] = l
+        nll = (l - z.gather(1, ts[:, None])[:, 0]).masked_fill(~v, 0)
+        loss = nll
+        if label_smoothing > 0:
+            loss = (nll * (1 - label_smoothing) + (l - z.mean(1)) * label_smoothing).masked_fill(~v, 0)
+        loss_rows[r0:r1], nll_rows[r0:r1] = loss, nll
+        if compute_grad:
+            coef = torch.where(v, scale, 0.0).to(acc)
+            g = torch.exp(z - l[:, None]) * coef[:, None]
+            g.scatter_add_(1, ts[:, None], (coef * -(1 - label_smoothing))[:, None])
+            if label_smoothing > 0:
+                g -= (coef * (label_smoothing / V))[:, None]
+            g.masked_fill_(~v[:, None], 0)
+            gx[r0:r1] = g @ w
+            gw += g.t() @ xr[r0:r1]
+    if reduction == 0:
+        loss, nll = loss_rows.view(target.shape), nll_rows.view(target.shape)
+    else:
+        div = count if reduction == 1 else 1  # mean over no counted row: 0 / 0 = NaN, as torch
+        loss, nll = ((r.double().sum() / div).to(acc) for r in (loss_rows, nll_rows))
+    return loss, nll, lse, gx.view(x.shape) if compute_grad else gx, gw
+
+
+def _linear_cross_entropy_bwd_chunked(grad_loss, grad_nll, x, weight, target, lse, label_smoothing, ignore_index,
+                                      chunk_bytes=64 << 20):
+    """linear_cross_entropy_bwd in chunked pure PyTorch (see _linear_cross_entropy_fwd_chunked)."""
+    acc = _acc_dtype(x)
+    d, V = x.shape[-1], weight.shape[0]
+    xr, w, t = x.reshape(-1, d).to(acc), weight.to(acc), target.reshape(-1)
+    valid = t != ignore_index
+    a = torch.where(valid, grad_loss.reshape(-1).to(acc), 0.0)
+    b = None if grad_nll is None else torch.where(valid, grad_nll.reshape(-1).to(acc), 0.0)
+    rows = xr.shape[0]
+    chunk = max(1, min(rows, chunk_bytes // (4 * V)))
+    gx, gw = torch.empty_like(xr), torch.zeros_like(w)
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        ac = a[r0:r1]
+        bc = None if b is None else b[r0:r1]
+        ts = t[r0:r1].masked_fill(~valid[r0:r1], 0)
+        g = torch.exp(xr[r0:r1] @ w.t() - lse[r0:r1, None]) * (ac if bc is None else ac + bc)[:, None]
+        hot = ac * -(1 - label_smoothing) - (0 if bc is None else bc)
+        g.scatter_add_(1, ts[:, None], hot[:, None])
+        if label_smoothing > 0:
+            g -= (ac * (label_smoothing / V))[:, None]
+        g.masked_fill_(~valid[r0:r1, None], 0)
+        gx[r0:r1] = g @ w
+        gw += g.t() @ xr[r0:r1]
+    return gx.view(x.shape).to(x.dtype), gw.to(weight.dtype)
+
+
+# CUDA: the chunked PyTorch version above (no kernel of ours yet; unverified on a GPU).
+torch.library.register_kernel(f"{_lib}::linear_cross_entropy_fwd", "cuda", _linear_cross_entropy_fwd_chunked)
+torch.library.register_kernel(f"{_lib}::linear_cross_entropy_bwd", "cuda", _linear_cross_entropy_bwd_chunked)
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 

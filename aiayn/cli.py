@@ -1,8 +1,9 @@
-"""The `aiayn` command (also `python -m aiayn`): info, bench, demo, train, translate,
+"""The `aiayn` command (also `python -m aiayn`): info, bench, demo, train, translate, evaluate,
 average-checkpoints. Mistakes in the user's input (files, checkpoints, options) end in one line on
 stderr and exit status 2, never a traceback."""
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -17,6 +18,96 @@ def _positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+CHECKPOINT_HELP = ("a .safetensors file, or a run directory: its averaged.safetensors if present (aiayn "
+                   "average-checkpoints), else its best.safetensors (best dev BLEU, or dev loss without BLEU), "
+                   "else its newest checkpoint_<step>.safetensors")
+
+
+def _add_train_parser(sub):
+    from aiayn.nn.config import PRESETS
+    from aiayn.train.config_file import TrainSettings
+
+    d = TrainSettings()
+    presets = "|".join(sorted(PRESETS))
+    train = sub.add_parser(
+        "train", help="train on parallel text files (runs under torchrun too)",
+        description="Train a Transformer on parallel text files. Settings come from a preset, overridden by a "
+                    "config file (--config FILE.json|FILE.toml: keys preset, [model] TransformerConfig fields, "
+                    "[train] these options with underscores), overridden by the flags below. The run directory "
+                    "collects vocab.model, run.json, checkpoint_<step>.safetensors + .state.pt, best.safetensors + "
+                    "best.json, log.json, loss_curve.png and bleu_curve.png.")
+    files = train.add_argument_group("files")
+    files.add_argument("--src", help="training source sentences, one per line (with --resume: the run's)")
+    files.add_argument("--tgt", help="training target sentences, aligned with --src")
+    files.add_argument("--valid-src", help="dev source sentences (validation: loss, perplexity, BLEU)")
+    files.add_argument("--valid-tgt", help="dev target sentences")
+    files.add_argument("--out", required=True, help="run directory")
+    files.add_argument("--vocab", help="use this sentencepiece model instead of learning one")
+    files.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in --out, exactly (same losses as a run never "
+                            "stopped). Model flags must match the run's and can be left out, as can the files; "
+                            "every other setting (limits included) defaults to the run's (run.json), so raise "
+                            "--steps / --max-epochs / --max-time to go on after a stop")
+
+    model = train.add_argument_group("model (over the preset and the config file)")
+    model.add_argument("--config", metavar="PRESET|FILE",
+                       help=f"a preset ({presets}; default base, or the resumed run's config) or a .json / .toml "
+                            "config file")
+    model.add_argument("--preset", choices=sorted(PRESETS), help="the preset, also when --config names a file")
+    model.add_argument("--layers", type=int, help="encoder and decoder layers each (N)")
+    model.add_argument("--d-model", type=int)
+    model.add_argument("--d-ff", type=int)
+    model.add_argument("--heads", type=int, help="attention heads (h); must divide --d-model")
+    model.add_argument("--dropout", type=float, help="P_drop (§5.4)")
+    model.add_argument("--attention-dropout", type=float, help="dropout on attention probabilities")
+    model.add_argument("--ffn-dropout", type=float, help="dropout on the feed-forward hidden activation")
+    model.add_argument("--label-smoothing", type=float, help="epsilon_ls (§5.4)")
+    model.add_argument("--norm-first", action=argparse.BooleanOptionalAction, help="pre-LN instead of post-LN")
+    model.add_argument("--share-embeddings", action=argparse.BooleanOptionalAction,
+                       help="one embedding matrix for source, target and output (default: on)")
+    model.add_argument("--max-len", type=int, help="longest sentence in tokens (longer training pairs are dropped)")
+    model.add_argument("--layer-norm-eps", type=float)
+
+    stop = train.add_argument_group("how long (the first limit reached stops the run, with a checkpoint)")
+    stop.add_argument("--steps", type=int, help=f"optimizer steps in all (default {d.steps})")
+    stop.add_argument("--max-epochs", type=int, help="passes over the training pairs in all")
+    stop.add_argument("--max-time", type=float, metavar="MINUTES",
+                      help="minutes of training in all: the wall-clock time of the training loop (steps, "
+                           "validation, checkpoints), summed over --resume; vocabulary learning and data "
+                           "loading do not count")
+    stop.add_argument("--early-stop", type=int, metavar="PATIENCE",
+                      help="stop after PATIENCE validations without a new best")
+
+    opt = train.add_argument_group("training (a resumed run keeps its own)")
+    opt.add_argument("--max-tokens", type=int,
+                     help=f"padded source + target tokens per optimizer step over all ranks (default {d.max_tokens}; "
+                          "paper: ~50000)")
+    opt.add_argument("--micro-tokens", type=int,
+                     help="tokens per forward pass; less than a rank's share accumulates gradients")
+    opt.add_argument("--warmup", type=int, help=f"warm-up steps (default {d.warmup})")
+    opt.add_argument("--lr-scale", type=float, help="factor on the paper's learning rate (default 1)")
+    opt.add_argument("--clip-norm", type=float, help="gradient-norm clipping (default 0 = off)")
+    opt.add_argument("--bf16", action="store_const", const=True, help="bf16 autocast")
+    opt.add_argument("--seed", type=int, help=f"default {d.seed}")
+    opt.add_argument("--vocab-size", type=int, help=f"shared vocabulary pieces (default {d.vocab_size}; paper ~37000)")
+    opt.add_argument("--vocab-type", choices=["bpe", "unigram"], help="default bpe")
+
+    val = train.add_argument_group("validation and checkpoints")
+    val.add_argument("--valid-every", type=int,
+                     help=f"validate every N steps (default {d.valid_every}; 0 = only by epoch and at the end); "
+                          "one line each: step, epoch, elapsed, tokens/s, dev loss, perplexity, BLEU")
+    val.add_argument("--valid-every-epoch", action="store_const", const=True, help="also validate at each epoch's end")
+    val.add_argument("--bleu-sentences", type=int,
+                     help=f"dev sentences decoded for BLEU (default {d.bleu_sentences}; 0 = none: the best "
+                          "checkpoint is then chosen by dev loss)")
+    val.add_argument("--beam", type=int, help=f"beam size for dev BLEU (default {d.beam})")
+    val.add_argument("--alpha", type=float, help=f"length penalty for dev BLEU (default {d.alpha})")
+    val.add_argument("--save-every", type=int, help=f"checkpoint every N steps (default {d.save_every})")
+    val.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints (default 0 = all)")
+    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--no-progress", action="store_true")
 
 
 def _parser():
@@ -34,45 +125,44 @@ def _parser():
     demo.add_argument("--beam", type=_positive_int, default=4)
     demo.add_argument("--no-progress", action="store_true")
 
-    train = sub.add_parser("train", help="train on parallel text files (runs under torchrun too)")
-    train.add_argument("--src", required=True, help="training source sentences, one per line")
-    train.add_argument("--tgt", required=True, help="training target sentences, aligned with --src")
-    train.add_argument("--valid-src", required=True)
-    train.add_argument("--valid-tgt", required=True)
-    train.add_argument("--config", default="base", choices=["base", "big", "tiny"])
-    train.add_argument("--out", required=True, help="run directory: vocabulary, checkpoints, log, loss curve")
-    train.add_argument("--max-tokens", type=_positive_int, default=25000,
-                       help="padded source + target tokens per optimizer step over all ranks (paper: ~50000)")
-    train.add_argument("--micro-tokens", type=_positive_int, default=None,
-                       help="tokens per forward pass; less than a rank's share accumulates gradients")
-    train.add_argument("--steps", type=_positive_int, default=100_000)
-    train.add_argument("--warmup", type=_positive_int, default=4000)
-    train.add_argument("--lr-scale", type=float, default=1.0, help="factor on the paper's learning rate")
-    train.add_argument("--clip-norm", type=float, default=0.0, help="gradient-norm clipping (0 = off)")
-    train.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    train.add_argument("--dropout", type=float, default=None, help="override the preset's P_drop")
-    train.add_argument("--seed", type=int, default=1)
-    train.add_argument("--vocab-size", type=_positive_int, default=8000, help="paper: ~37000 shared BPE pieces")
-    train.add_argument("--vocab-type", default="bpe", choices=["bpe", "unigram"])
-    train.add_argument("--vocab", help="use this sentencepiece model instead of learning one")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    train.add_argument("--save-every", type=_positive_int, default=1000)
-    train.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
-    train.add_argument("--valid-every", type=_positive_int, default=1000)
-    train.add_argument("--bleu-sentences", type=int, default=500, help="dev sentences decoded for BLEU (0 = none)")
-    train.add_argument("--beam", type=_positive_int, default=4)
-    train.add_argument("--alpha", type=float, default=0.6)
-    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    train.add_argument("--no-progress", action="store_true")
+    _add_train_parser(sub)
 
-    tr = sub.add_parser("translate", help="translate stdin to stdout, line by line")
-    tr.add_argument("--checkpoint", required=True,
-                    help="run directory (its averaged model, else its newest checkpoint) or a .safetensors file")
+    tr = sub.add_parser(
+        "translate", help="translate a file or stdin, one line each",
+        description="Translate text, one sentence per line, into one translation per line in input order. "
+                    "Lines are read in chunks (16 batches), sorted by length into batches, translated with beam "
+                    "search and written back in order; an interactive terminal is translated line by line. The "
+                    "last line on stderr gives sentences and target tokens per second.")
+    tr.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     tr.add_argument("--vocab", help="sentencepiece model (default: vocab.model next to the checkpoint)")
+    tr.add_argument("--input", "-i", help="source file (default: standard input)")
+    tr.add_argument("--output", "-o", help="translations file (default: standard output)")
     tr.add_argument("--beam", type=_positive_int, default=4)
     tr.add_argument("--alpha", type=float, default=0.6, help="length penalty (§6.1)")
     tr.add_argument("--max-len-offset", type=int, default=50, help="output length <= input length + this")
+    tr.add_argument("--batch-size", type=_positive_int, default=32, help="sentences per beam search (default 32)")
+    tr.add_argument("--max-tokens", type=_positive_int,
+                    help="also cap each batch at this many padded source tokens")
+    tr.add_argument("--quantize", choices=["bf16"],
+                    help="bf16: weights, activations and key/value caches in bfloat16 (float32 softmax and "
+                         "LayerNorm statistics); fast on CPUs with AVX-512-BF16 or AMX")
+    tr.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's, all cores)")
     tr.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar (shown on stderr for --input files)")
+    tr.add_argument("--quiet", "-q", action="store_true", help="no speed line on stderr")
+
+    ev = sub.add_parser("evaluate", help="translate a test set and score it: BLEU and chrF (sacrebleu, with signatures)")
+    ev.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    ev.add_argument("--src", required=True, help="source sentences, one per line")
+    ev.add_argument("--ref", required=True, help="reference translations, aligned with --src")
+    ev.add_argument("--output", help="write the translations here, one per line in input order")
+    ev.add_argument("--vocab", help="sentencepiece model (default: vocab.model next to the checkpoint)")
+    ev.add_argument("--beam", type=_positive_int, default=4)
+    ev.add_argument("--alpha", type=float, default=0.6, help="length penalty (§6.1)")
+    ev.add_argument("--max-len-offset", type=int, default=50, help="output length <= input length + this")
+    ev.add_argument("--batch-size", type=_positive_int, default=64, help="sentences per beam search")
+    ev.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of the two lines")
 
     avg = sub.add_parser("average-checkpoints", help="average the newest N checkpoints of a run (§6.1)")
     avg.add_argument("dir", help="run directory")
@@ -82,17 +172,30 @@ def _parser():
 
 
 def _train(args):
+    from aiayn.train.config_file import MODEL_FLAGS, TrainSettings
     from aiayn.train.run import RunArgs, run_training
-    from aiayn.train.trainer import TrainOptions
 
-    options = TrainOptions(max_tokens=args.max_tokens, micro_tokens=args.micro_tokens or 0, warmup=args.warmup,
-                           lr_scale=args.lr_scale, clip_norm=args.clip_norm, bf16=args.bf16, seed=args.seed)
+    model = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in MODEL_FLAGS.items()}
+    train = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)}
     run_training(RunArgs(
-        src=args.src, tgt=args.tgt, valid_src=args.valid_src, valid_tgt=args.valid_tgt, out=args.out,
-        config=args.config, steps=args.steps, options=options, vocab_size=args.vocab_size, vocab_type=args.vocab_type,
-        vocab=args.vocab, resume=args.resume, save_every=args.save_every, keep_last=args.keep_last,
-        valid_every=args.valid_every, bleu_sentences=args.bleu_sentences, beam=args.beam, alpha=args.alpha,
-        device=args.device, dropout=args.dropout, progress=not args.no_progress))
+        out=args.out, src=args.src, tgt=args.tgt, valid_src=args.valid_src, valid_tgt=args.valid_tgt,
+        config=args.config, preset=args.preset,
+        model={k: v for k, v in model.items() if v is not None}, train={k: v for k, v in train.items() if v is not None},
+        vocab=args.vocab, resume=args.resume, device=args.device, progress=not args.no_progress))
+    return 0
+
+
+def _evaluate(args):
+    from aiayn.evaluate import evaluate_file
+
+    result = evaluate_file(args.checkpoint, args.src, args.ref, output=args.output, vocab=args.vocab,
+                           beam=args.beam, alpha=args.alpha, max_len_offset=args.max_len_offset,
+                           batch_size=args.batch_size, device=args.device)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "hypotheses"}, indent=1))
+    else:
+        print(f"{result['bleu_text']}  signature: {result['bleu_signature']}")
+        print(f"{result['chrf_text']}  signature: {result['chrf_signature']}")
     return 0
 
 
@@ -108,12 +211,12 @@ def _run(args):
                  progress=not args.no_progress)
     elif args.command == "train":
         return _train(args)
+    elif args.command == "evaluate":
+        return _evaluate(args)
     elif args.command == "translate":
-        from aiayn.translate import load_translator, translate_lines
+        from aiayn.translate import run_translate
 
-        model, vocab = load_translator(args.checkpoint, args.vocab, args.device)
-        translate_lines(model, vocab, sys.stdin, sys.stdout, beam=args.beam, alpha=args.alpha,
-                        max_len_offset=args.max_len_offset)
+        return run_translate(args)
     elif args.command == "average-checkpoints":
         from aiayn.train.checkpoint import average_checkpoints
 

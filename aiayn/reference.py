@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["philox4x32_10", "dropout_mask", "add_dropout_layer_norm", "linear", "feed_forward",
-           "scaled_dot_product_attention"]
+           "scaled_dot_product_attention", "linear_cross_entropy"]
 
 import math
 
@@ -85,6 +85,23 @@ def feed_forward(x, w1, b1, w2, b2, p=0.0, keep_mask=None):
         scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
         h = h * keep_mask.to(h.dtype) * scale
     return F.linear(h, w2, b2)
+
+
+def linear_cross_entropy(x, weight, target, label_smoothing=0.0, ignore_index=-100, reduction="mean",
+                         return_nll=False):
+    """``F.cross_entropy(x @ weight.T, target, ...)`` over x's leading dims, materialising the
+    logits, computed in x's dtype (torch's label-smoothing convention, §5.4: ``(1 - eps) nll + eps
+    mean_j(-log p_j)``). ``return_nll``: also the unsmoothed loss, same reduction. Results shaped
+    like ``target`` for ``reduction="none"``."""
+    logits = F.linear(x, weight).reshape(-1, weight.shape[0])
+    t = target.reshape(-1)
+
+    def ce(eps):
+        out = F.cross_entropy(logits, t, ignore_index=ignore_index, label_smoothing=eps, reduction=reduction)
+        return out.view(target.shape) if reduction == "none" else out
+
+    loss = ce(label_smoothing)
+    return (loss, ce(0.0)) if return_nll else loss
 
 
 def scaled_dot_product_attention(q, k, v, attn_mask=None, key_padding_mask=None, dropout_p=0.0, is_causal=False,

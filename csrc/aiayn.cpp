@@ -48,6 +48,19 @@ TORCH_LIBRARY(aiayn, m) {
         "Tensor seed) -> (Tensor, Tensor, Tensor)");
   // The keep-mask (bool, shaped like `like`) that the ops above draw for (p, seed).
   m.def("dropout_mask(Tensor like, float p, Tensor seed) -> Tensor");
+  // Label-smoothed cross-entropy (§5.4) of the logits z = x weight^T (the pre-softmax projection,
+  // §3.4), never forming them whole: x (..., d), weight (V, d), target (...) int64. Per row:
+  // nll = lse(z) - z[t], loss = (1 - eps) nll + eps (lse(z) - mean(z)); both 0 where t ==
+  // ignore_index. reduction 0: (loss, nll) shaped like target; 1: their means over the counted
+  // rows (NaN when none counts); 2: their sums. Accumulation type (float32; float64 for float64).
+  // lse: (rows,) for the backward. compute_grad (reductions 1, 2): grad_x (x's shape), grad_weight
+  // (V, d) of the reduced loss, accumulation type; else both empty.
+  m.def("linear_cross_entropy_fwd(Tensor x, Tensor weight, Tensor target, float label_smoothing, int ignore_index, "
+        "int reduction, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (grad_x, grad_weight) in x's / weight's dtype for per-row output gradients grad_loss and
+  // grad_nll (shaped like target; ignored rows contribute nothing); the logits are recomputed.
+  m.def("linear_cross_entropy_bwd(Tensor grad_loss, Tensor? grad_nll, Tensor x, Tensor weight, Tensor target, "
+        "Tensor lse, float label_smoothing, int ignore_index) -> (Tensor, Tensor)");
 }
 
 #ifdef AIAYN_WITH_PYTHON

@@ -257,3 +257,71 @@ def test_ddp_two_processes_match_one(tmp_path):
             d = v.numel() // 3
             v, ddp = torch.cat([v[:d], v[2 * d:]]), torch.cat([ddp[:d], ddp[2 * d:]])
         torch.testing.assert_close(ddp, v, rtol=1e-4, atol=2e-5, msg=k)
+
+
+# -- the loss fused with the projection (aiayn.functional.linear_cross_entropy) -------------------
+
+@pytest.mark.parametrize("share_embeddings", [True, False])
+def test_fused_loss_step_matches_unfused(share_embeddings):
+    """A training step with the fused loss (decoder states + projection matrix, the default) and
+    one with full logits + label_smoothed_cross_entropy: same losses and gradients up to rounding
+    (dropout on: both draw the same masks from the same RNG state)."""
+    from aiayn.train.loss import fused_label_smoothed_cross_entropy
+
+    grads, stats = [], []
+    for fused in (True, False):
+        torch.manual_seed(3)
+        model = Transformer(small_config(share_embeddings=share_embeddings))
+        trainer = Trainer(model, PAIRS, TrainOptions(max_tokens=600, micro_tokens=250, warmup=5, seed=3),
+                          fused_loss=fused)
+        valid = trainer.evaluate(PAIRS[:50])
+        stats.append(dict(trainer.train_step(), valid=valid))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})  # the step's, kept by step()
+    for key in ("loss", "nll"):
+        assert stats[0][key] == pytest.approx(stats[1][key], rel=1e-5)
+    assert stats[0]["valid"] == pytest.approx(stats[1]["valid"], rel=1e-5)
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    # the function on its own: sums over non-padding positions, as the unfused loss
+    hidden = torch.randn(3, 7, 32)
+    weight = torch.randn(13, 32) / 32 ** 0.5
+    target = torch.randint(1, 13, (3, 7))
+    target[0, 4:] = 0
+    fused = fused_label_smoothed_cross_entropy(hidden, weight, target, 0.1, 0)
+    unfused = label_smoothed_cross_entropy(hidden @ weight.t(), target, 0.1, 0)
+    torch.testing.assert_close(fused, unfused)
+    with pytest.raises(ValueError, match="do not match"):
+        fused_label_smoothed_cross_entropy(hidden, weight, target[:, :5], 0.1, 0)
+
+
+def test_fused_loss_bf16_step_close_to_unfused():
+    """Under bf16 autocast the fused loss does not round the logits to bf16 (the unfused path
+    does): losses agree to bf16 precision."""
+    losses = []
+    for fused in (True, False):
+        torch.manual_seed(4)
+        trainer = Trainer(Transformer(small_config()), PAIRS, TrainOptions(max_tokens=600, warmup=5, bf16=True),
+                          fused_loss=fused)
+        losses.append([trainer.train_step()["loss"] for _ in range(2)])
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)
+
+
+def test_make_optimizer_is_fused_adam_where_available():
+    """make_optimizer takes torch's fused Adam (foreach where fused is unavailable): same update
+    as the per-tensor loop up to rounding."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = make_optimizer(params)
+    assert opt.defaults.get("fused") or opt.defaults.get("foreach")
+    loop = torch.optim.Adam(twins, lr=1.0, betas=(0.9, 0.98), eps=1e-9, foreach=False)
+    for _ in range(3):
+        for a, b in zip(params, twins):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        for o in (opt, loop):
+            for g in o.param_groups:
+                g["lr"] = 1e-3
+            o.step()
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(a, b)

@@ -333,6 +333,37 @@ _attention_cuda_case("attention.cuda.fwd.paper_padding", B=512, H=8, L=48, D=64,
 _attention_cuda_case("attention.cuda.decode", B=256, H=8, L=48, D=64, Lq=1)
 
 
+# --- linear_cross_entropy: the pre-softmax projection fused with the label-smoothed loss (§3.4, §5.4)
+
+
+def _linear_cross_entropy_bench(device, dtype, T, d, V):
+    x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(V, d, device=device) / d ** 0.5).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (T,), device=device)
+
+    def ours():
+        return torch.autograd.grad(aiayn.functional.linear_cross_entropy(x, w, t, label_smoothing=0.1), (x, w))
+
+    def theirs():  # materialises the T x V logits, their log-probabilities and gradient
+        return torch.autograd.grad(F.cross_entropy(F.linear(x, w), t, label_smoothing=0.1), (x, w))
+
+    # 3 GEMMs of the logits' size: logits, dx = G W, dW = G^T x.
+    return Bench(aiayn=ours, torch=theirs, shape=(T, d, V), flops=3 * 2 * T * d * V)
+
+
+@register("linear_cross_entropy.fwd_bwd", dtypes=(torch.float32, torch.bfloat16))
+def _linear_cross_entropy_fwd_bwd(device, dtype, quick):
+    # The Multi30k training shape: ~1250 target tokens per batch, d_model 256, an 8000-token vocabulary.
+    return _linear_cross_entropy_bench(device, dtype, 1250, 256, 8000)
+
+
+@register("linear_cross_entropy.fwd_bwd_base", dtypes=(torch.float32,))
+def _linear_cross_entropy_fwd_bwd_base(device, dtype, quick):
+    # The base model's (Table 3) projection: 4096 target tokens, d_model 512, 37000 tokens (torch's
+    # logits, log-probabilities and their gradient are 606 MB each in float32).
+    return _linear_cross_entropy_bench(device, dtype, 1024 if quick else 4096, 512, 37000)
+
+
 # --- the whole model: a training step and beam-search decoding (aiayn.nn) ----------------------
 
 
@@ -405,6 +436,47 @@ def _model_train_step(device, dtype, quick):
     return Bench(aiayn=_train_step(ours, src, tgt, torch.optim.Adam(ours.parameters(), **adam), 0.1),
                  torch=_train_step(theirs, src, tgt, torch.optim.Adam(theirs.parameters(), **adam), 0.1),
                  shape=(B, L, L))
+
+
+def _corpus_pairs(n, vocab, seed=0):
+    """Synthetic (source, target) id pairs with Multi30k's length profile (German ~15 and English ~16
+    BPE pieces per sentence at 8000 pieces, spread 4-40): the batching and padding of the real data
+    without needing it."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        s = min(40, max(4, int(rng.gauss(15, 5))))
+        t = min(40, max(4, int(s * rng.uniform(0.8, 1.3))))
+        pairs.append(([rng.randrange(4, vocab) for _ in range(s)], [rng.randrange(4, vocab) for _ in range(t)]))
+    return pairs
+
+
+@register("model.train_step.multi30k", devices=("cpu",), baseline="nn.Transformer, same Trainer")
+def _model_train_step_multi30k(device, dtype, quick):
+    # Issue 21's end-to-end number: the Multi30k-size model (the "small" preset: 3 + 3 layers,
+    # d_model 256, d_ff 1024, 4 heads, a shared 8000-piece vocabulary) trained by aiayn's Trainer on
+    # 2500-token batches (fused projection + loss, fused Adam, the paper's schedule), against the
+    # same model built from nn.Transformer + nn.Embedding + the tied projection driven by the same
+    # Trainer (unfused loss: it has no decoder-state output) on the same batches. Both take the
+    # same sequence of batches: each sample is one optimizer step.
+    import warnings
+
+    from aiayn.train.trainer import Trainer, TrainOptions
+
+    cfg = aiayn.nn.TransformerConfig.preset("small", 8000)
+    pairs = _corpus_pairs(600 if quick else 4000, 8000)
+    options = TrainOptions(max_tokens=2500, warmup=400, seed=1)
+    torch.manual_seed(0)
+    ours = Trainer(aiayn.nn.Transformer(cfg), pairs, options, device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nn.Transformer's note on its nested-tensor fast path
+        model = _torch_transformer_model(cfg, device)
+    model.config = cfg
+    theirs = Trainer(model, pairs, options, device, fused_loss=False)
+    tokens = sum(len(s) + len(t) + 2 for s, t in pairs) / max(1, len(ours._epoch_plan()))
+    return Bench(aiayn=ours.train_step, torch=theirs.train_step, shape=(int(tokens), cfg.d_model, 8000))
 
 
 @register("model.decode_beam4.base", devices=("cpu", "cuda"), baseline="aiayn without cache")

@@ -160,24 +160,35 @@ class Transformer(nn.Module):
         src_key_padding_mask = self._padding_mask(src, src_key_padding_mask)
         return self.encoder(self._embed(self.src_embed, src, embedded=_embedded), src_key_padding_mask)
 
+    @property
+    def projection_weight(self):
+        """The pre-softmax projection's ``(tgt_vocab_size, d_model)`` matrix: the shared embedding
+        matrix (§3.4; used unscaled here, the sqrt(d_model) factor belongs to the lookup), or the
+        generator's own. ``project(x) = x @ projection_weight.T``; losses fused with the projection
+        (``aiayn.train.loss.fused_label_smoothed_cross_entropy``) take it with the decoder states."""
+        return self.tgt_embed.weight if self.generator is None else self.generator.weight
+
     def project(self, x):
         """Logits over the target vocabulary for decoder states ``(..., d_model)``."""
-        w = self.tgt_embed.weight if self.generator is None else self.generator.weight
-        return backend.linear(x, w)
+        return backend.linear(x, self.projection_weight)
 
     def decode(self, tgt_in, memory, src_key_padding_mask=None, tgt_key_padding_mask=None, cache=None, start=0,
-               _embedded=None):
+               _embedded=None, return_hidden=False):
         """Logits ``(B, T, tgt_vocab_size)`` for target ids ``tgt_in`` given the encoder output.
         ``src_key_padding_mask`` must be given explicitly when the source had padding (the source ids
         are not seen here). With ``cache`` (from ``self.decoder.new_cache()``), ``tgt_in`` holds the
-        tokens at positions ``start ..`` only and earlier keys/values come from the cache."""
+        tokens at positions ``start ..`` only and earlier keys/values come from the cache.
+        ``return_hidden``: the decoder's final states ``(B, T, d_model)`` instead (no projection)."""
         if cache is None:
             tgt_key_padding_mask = self._padding_mask(tgt_in, tgt_key_padding_mask)
         x = self._embed(self.tgt_embed, tgt_in, start, _embedded)
         x = self.decoder(x, memory, tgt_key_padding_mask, src_key_padding_mask, is_causal=True, cache=cache)
-        return self.project(x)
+        return x if return_hidden else self.project(x)
 
-    def forward(self, src, tgt_in, src_key_padding_mask=None, tgt_key_padding_mask=None):
+    def forward(self, src, tgt_in, src_key_padding_mask=None, tgt_key_padding_mask=None, return_hidden=False):
+        """Logits ``(B, T, tgt_vocab_size)``; with ``return_hidden`` the decoder's final states
+        ``(B, T, d_model)`` before the projection, for a loss fused with it (the training loop
+        calls it so through DDP's forward; ``projection_weight`` is the matrix to apply)."""
         src_key_padding_mask = self._padding_mask(src, src_key_padding_mask)
         src_emb = tgt_emb = None
         if self.src_embed is self.tgt_embed and torch.is_grad_enabled() and self.src_embed.weight.requires_grad:
@@ -187,7 +198,8 @@ class Transformer(nn.Module):
             src_emb = both[:src.numel()].view(*src.shape, -1)
             tgt_emb = both[src.numel():].view(*tgt_in.shape, -1)
         memory = self.encode(src, src_key_padding_mask, _embedded=src_emb)
-        return self.decode(tgt_in, memory, src_key_padding_mask, tgt_key_padding_mask, _embedded=tgt_emb)
+        return self.decode(tgt_in, memory, src_key_padding_mask, tgt_key_padding_mask, _embedded=tgt_emb,
+                           return_hidden=return_hidden)
 
     # --- decoding ----------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 file's metadata) and the rest of the training state (optimizer, scheduler, RNG, step, data
 position, log) with torch.save; both written atomically (temp file + os.replace), so a crash never
 leaves a half-written file under a checkpoint's name. Averaging of the last N checkpoints (§6.1:
-the base models average the last 5, the big ones the last 20)."""
+the base models average the last 5, the big ones the last 20). The model a run directory stands
+for (resolve_model_file): averaged.safetensors, else best.safetensors, else the newest checkpoint."""
 
 import os
 import re
@@ -14,6 +15,7 @@ from aiayn.errors import UserInputError
 
 _NAME = re.compile(r"^checkpoint_(\d+)\.safetensors$")
 AVERAGED = "averaged.safetensors"
+BEST, BEST_INFO = "best.safetensors", "best.json"   # the best model by dev BLEU (or loss), its step and score
 
 
 def model_path(out_dir, step):
@@ -97,14 +99,18 @@ def check_config(model, expected_config, path):
 
 
 def resolve_model_file(path):
-    """A model file from a path that is either a .safetensors file or a run directory (its averaged
-    model if there is one, else its newest checkpoint)."""
+    """A model file from a path that is either a .safetensors file or a run directory: its
+    averaged.safetensors (`aiayn average-checkpoints`, made on purpose, so it wins) if present, else
+    best.safetensors (the best by dev BLEU, or dev loss without BLEU), else the newest
+    checkpoint_<step>.safetensors."""
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, AVERAGED)):
-            return os.path.join(path, AVERAGED)
+        for name in (AVERAGED, BEST):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
         steps = checkpoint_steps(path)
         if not steps:
-            raise UserInputError(f"checkpoint directory {path!r} holds no checkpoint_*.safetensors file")
+            raise UserInputError(f"checkpoint directory {path!r} holds no {AVERAGED}, {BEST} or "
+                                 "checkpoint_*.safetensors file")
         return model_path(path, steps[-1])
     if not os.path.exists(path):
         raise UserInputError(f"checkpoint {path!r} does not exist")

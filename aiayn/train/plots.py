@@ -1,4 +1,5 @@
-"""Pictures of a run: the loss curve and the attention maps (matplotlib, Agg backend: no display)."""
+"""Pictures of a run: the loss curve, dev BLEU over time and the attention maps (matplotlib, Agg
+backend: no display)."""
 
 
 def _pyplot():
@@ -33,6 +34,30 @@ def plot_loss_curve(log, path, title="training loss"):
         lr_ax.set_ylabel("learning rate")
         lr_ax.legend(loc="upper center", fontsize=8)
     ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_bleu_curve(log, path, title="dev BLEU"):
+    """Dev BLEU against training time in minutes (the log's cumulative "elapsed", so a resumed run
+    continues the same axis); the best point marked. The question it answers is what a given time
+    budget buys, hence wall-clock time rather than steps."""
+    plt = _pyplot()
+    valid = [e for e in log.get("valid", []) if e.get("bleu") is not None and e.get("elapsed") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if valid:
+        minutes = [e["elapsed"] / 60 for e in valid]
+        bleu = [e["bleu"] for e in valid]
+        ax.plot(minutes, bleu, "o-", label="dev BLEU")
+        best = max(range(len(bleu)), key=bleu.__getitem__)
+        ax.plot([minutes[best]], [bleu[best]], "*", ms=14, color="tab:red",
+                label=f"best {bleu[best]:.2f} (step {valid[best]['step']})")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("training time (minutes)")
+    ax.set_ylabel("BLEU")
+    ax.grid(True, alpha=0.3)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -1,8 +1,9 @@
 """One optimizer step at a time (§5): a token-budget batch, this rank's shard of it in micro-batches
-(gradient accumulation), label-smoothed cross-entropy normalized by the batch's target tokens over
-all ranks, optional bf16 autocast and gradient clipping, Adam with the warm-up schedule. The state
-(optimizer, scheduler, RNG, data position) round-trips exactly, so a resumed run computes the same
-losses as an uninterrupted one."""
+(gradient accumulation), label-smoothed cross-entropy (fused with the pre-softmax projection: the
+logits are never formed whole) normalized by the batch's target tokens over all ranks, optional
+bf16 autocast and gradient clipping, Adam with the warm-up schedule. The state (optimizer,
+scheduler, RNG, data position) round-trips exactly, so a resumed run computes the same losses as an
+uninterrupted one."""
 
 import contextlib
 import inspect
@@ -13,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aiayn.train.batching import collate, micro_batches, pair_lengths, shard, token_batches
 from aiayn.train.distributed import DistContext, all_gather_objects, all_reduce_sum
-from aiayn.train.loss import label_smoothed_cross_entropy
+from aiayn.train.loss import fused_label_smoothed_cross_entropy, label_smoothed_cross_entropy
 from aiayn.train.schedule import NoamLR, make_optimizer
 
 
@@ -35,9 +36,14 @@ class TrainOptions:
 class Trainer:
     """Trains `model` (an aiayn.nn.Transformer) on (source ids, target ids) pairs. Under a process
     group (`ctx.world_size` > 1) every rank holds the same pairs, builds the same batches and trains
-    on its shard; DDP averages the gradients."""
+    on its shard; DDP averages the gradients.
 
-    def __init__(self, model, pairs, options=None, device="cpu", ctx=None):
+    ``fused_loss`` (default): the loss takes the decoder's final states and the projection matrix
+    (``aiayn.functional.linear_cross_entropy`` on the non-padding positions) instead of full logits;
+    False computes the logits and ``label_smoothed_cross_entropy`` on them (same values up to
+    rounding; kept for comparison)."""
+
+    def __init__(self, model, pairs, options=None, device="cpu", ctx=None, fused_loss=True):
         self.options = options or TrainOptions()
         self.ctx = ctx or DistContext()
         self.device = torch.device(device)
@@ -45,6 +51,7 @@ class Trainer:
         cfg = model.config
         self.pad_id, self.bos_id, self.eos_id = cfg.pad_id, cfg.bos_id, cfg.eos_id
         self.label_smoothing = cfg.label_smoothing
+        self.fused_loss = fused_loss
         self.pairs = pairs
         self.lengths = pair_lengths(pairs)
         self.forward = model
@@ -85,6 +92,18 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     # -- training -----------------------------------------------------------------------------
+    def _loss(self, forward, src, tgt_in, tgt_out):
+        """(smoothed loss, nll) sums over the target tokens of one micro-batch. The decoder states
+        come through `forward` (the DDP wrapper when distributed: its hooks see the call); the
+        fused loss runs under the same autocast as the projection it replaces."""
+        with self._autocast():
+            if self.fused_loss:
+                hidden = forward(src, tgt_in, return_hidden=True)
+                return fused_label_smoothed_cross_entropy(hidden, self.model.projection_weight, tgt_out,
+                                                          self.label_smoothing, self.pad_id)
+            logits = forward(src, tgt_in)
+        return label_smoothed_cross_entropy(logits, tgt_out, self.label_smoothing, self.pad_id)
+
     def train_step(self):
         """One optimizer step; returns {step, loss, nll, lr, tokens, target_tokens, grad_norm}, the
         losses per target token over the whole batch (all ranks)."""
@@ -108,9 +127,7 @@ class Trainer:
             last = n == len(pieces) - 1
             sync = contextlib.nullcontext() if last or not self.ctx.active else self.forward.no_sync()
             with sync:
-                with self._autocast():
-                    logits = self.forward(src, tgt_in)
-                loss, nll = label_smoothed_cross_entropy(logits, tgt_out, self.label_smoothing, self.pad_id)
+                loss, nll = self._loss(self.forward, src, tgt_in, tgt_out)
                 (loss * scale).backward()
             loss_sum += loss.item()
             nll_sum += nll.item()
@@ -134,9 +151,7 @@ class Trainer:
         for piece in micro_batches(range(len(pairs)), lengths, max_tokens or self.options.max_tokens):
             src, tgt_in, tgt_out = collate([pairs[i] for i in piece], self.pad_id, self.bos_id, self.eos_id,
                                            self.device)
-            with self._autocast():
-                logits = self.model(src, tgt_in)
-            loss, nll = label_smoothed_cross_entropy(logits, tgt_out, self.label_smoothing, self.pad_id)
+            loss, nll = self._loss(self.model, src, tgt_in, tgt_out)
             loss_sum, nll_sum = loss_sum + loss.item(), nll_sum + nll.item()
             tokens += sum(lengths[i][1] for i in piece)
         return loss_sum / tokens, nll_sum / tokens
