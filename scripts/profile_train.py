@@ -33,14 +33,16 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::line
 
 
 def category(name, shapes, vocab):
+    """What an op event is. aiayn's ops show as their own name (backward kernels) or as
+    GeneratedBackwardFor_aiayn_<op>_fwd_default (the autograd wrapper, where the forward runs)."""
     n = name.lower()
-    if n.startswith("aiayn::linear_cross_entropy"):
-        return "vocab projection + loss (fused)"
-    if name in GEMM_OPS or n.startswith("aiayn::linear") or "feed_forward" in n:
+    if "linear_cross_entropy" in n:
+        return "vocab projection + loss (fused op)"
+    if name in GEMM_OPS or "aiayn::linear" in n or "aiayn_linear" in n or "feed_forward" in n:
         if any(vocab in s for s in shapes if s):
             return "vocab projection GEMMs"
         return "GEMMs (linear, FFN)"
-    if "attention" in n or "scaled_dot_product" in n or "multi_head" in n or "softmax" in n and "log" not in n:
+    if "attention" in n or "scaled_dot_product" in n or "multi_head" in n or ("softmax" in n and "log" not in n):
         return "attention"
     if "layer_norm" in n:
         return "layer norm (+ residual, dropout)"
@@ -92,6 +94,7 @@ def main(argv=None):
     p.add_argument("--baseline", action="store_true", help="the nn.Transformer model instead of aiayn's")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--top-gemms", type=int, default=8)
+    p.add_argument("--top-ops", type=int, default=0, help="also list the N ops with the most self time")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -122,7 +125,7 @@ def main(argv=None):
         wall = time.perf_counter() - t0
 
     # Self time of each op event on the main thread, by category; the optimizer's ops by ancestry.
-    totals, gemms = defaultdict(float), defaultdict(lambda: [0.0, 0])
+    totals, gemms, by_op = defaultdict(float), defaultdict(lambda: [0.0, 0]), defaultdict(float)
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     main_thread = max(set(e.thread for e in events), key=lambda t: sum(e.self_cpu_time_total for e in events
                                                                          if e.thread == t))
@@ -138,6 +141,7 @@ def main(argv=None):
         else:
             cat = category(e.name, shapes, vocab)
         totals[cat] += e.self_cpu_time_total / 1e3
+        by_op[(e.name, cat)] += e.self_cpu_time_total / 1e3
         if cat.startswith(("GEMMs", "vocab projection GEMMs")) and e.self_cpu_time_total > 0:
             key = (e.name, " x ".join("x".join(map(str, s)) for s in shapes if s))
             gemms[key][0] += e.self_cpu_time_total / 1e3
@@ -155,6 +159,10 @@ def main(argv=None):
     print(f"{'category':<52} {'ms/step':>8} {'share':>6}")
     for cat, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"{cat:<52} {ms / args.steps:8.2f} {ms / wall_ms:6.1%}")
+    if args.top_ops:
+        print(f"\nops by self time (top {args.top_ops}):")
+        for (name, cat), ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:args.top_ops]:
+            print(f"  {ms / args.steps:7.2f} ms/step  {name}  [{cat}]")
     print(f"\nGEMMs by op and input shapes (top {args.top_gemms}):")
     for (name, shape), (ms, count) in sorted(gemms.items(), key=lambda kv: -kv[1][0])[:args.top_gemms]:
         print(f"  {ms / args.steps:7.2f} ms/step  {count // args.steps:3d}x  {name}  {shape}")

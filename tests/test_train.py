@@ -325,3 +325,25 @@ def test_make_optimizer_is_fused_adam_where_available():
             o.step()
     for a, b in zip(params, twins):
         torch.testing.assert_close(a, b)
+
+
+def test_optimizer_step_is_seen_by_the_packed_weight_cache():
+    """Every optimizer step bumps the parameters' versions (torch's fused Adam on the CPU does not
+    by itself), so linear / feed_forward under the packed-weight cache (on while decoding, e.g. the
+    dev BLEU of a run) use the new weights: the same output as without the cache."""
+    import aiayn
+    from aiayn.train.schedule import make_optimizer
+
+    lin = torch.nn.Linear(48, 40)
+    opt = make_optimizer(lin.parameters())
+    for g in opt.param_groups:
+        g["lr"] = 1e-2
+    x = torch.randn(7, 48)
+    for _ in range(3):
+        before = lin.weight._version
+        with torch.no_grad(), aiayn.packed_weight_cache():
+            cached = aiayn.functional.linear(x, lin.weight, lin.bias)
+        assert torch.equal(cached, aiayn.functional.linear(x, lin.weight, lin.bias).detach())
+        lin.weight.grad, lin.bias.grad = torch.randn_like(lin.weight), torch.randn_like(lin.bias)
+        opt.step()
+        assert lin.weight._version > before

@@ -43,6 +43,19 @@ def make_optimizer(parameters, betas=(0.9, 0.98), eps=1e-9):
     stays exact."""
     parameters = list(parameters)
     try:
-        return torch.optim.Adam(parameters, lr=1.0, betas=betas, eps=eps, fused=True)
+        optimizer = torch.optim.Adam(parameters, lr=1.0, betas=betas, eps=eps, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(parameters, lr=1.0, betas=betas, eps=eps, foreach=True)
+    optimizer.register_step_post_hook(_mark_parameters_changed)
+    return optimizer
+
+
+def _mark_parameters_changed(optimizer, args, kwargs):
+    """torch's fused Adam (CPU, torch 2.14) writes the parameters without bumping their version
+    counters, so everything keyed on ``w._version`` would keep seeing the old weights: above all
+    the packed-weight cache of linear / feed_forward (``aiayn.packed_weight_cache``, on while
+    decoding), which then decoded every validation after the first with the weights of that first
+    one (dev BLEU flat while dev perplexity fell). Bump them as any in-place update would."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            torch.autograd.graph.increment_version(p)
