@@ -35,8 +35,11 @@ def load_translator(checkpoint, vocab=None, device=None, precision="float32"):
     if precision not in PRECISIONS:
         raise UserInputError(f"--quantize must be one of {', '.join(PRECISIONS[1:])}, not {precision!r}")
     if precision == "bf16":
-        from aiayn.quantization import quantize
+        from aiayn.quantization import quantization_of, quantize
 
+        if quantization_of(model):
+            raise UserInputError(f"--quantize bf16: checkpoint {path!r} is already quantized "
+                                 f"({quantization_of(model)}); drop --quantize")
         model = quantize(model, "bf16", inplace=True)
     return model.eval(), vocabulary
 

@@ -175,3 +175,24 @@ def test_bf16_logits_close_to_float32():
         ref = torch.log_softmax(model(src, tgt).double(), -1)
         got = torch.log_softmax(q(src, tgt).double(), -1)
     assert (got - ref).abs().max() < 0.15
+
+
+def test_bf16_model_saves_loads_and_translates(checkpoint, tmp_path):
+    """A quantized model round-trips through safetensors in bf16 (marked), `aiayn translate` takes
+    it as is, and quantizing it again is a one-line error."""
+    model = Transformer.load(str(checkpoint / "checkpoint_00000001.safetensors"))
+    q = aiayn.quantize(model, "bf16")
+    run = tmp_path / "bf16run"
+    run.mkdir()
+    q.save(str(run / "checkpoint_00000001.safetensors"))
+    (run / "vocab.model").write_bytes((checkpoint / "vocab.model").read_bytes())
+    back = Transformer.load(str(run / "checkpoint_00000001.safetensors"))
+    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+    assert aiayn.quantization.quantization_of(back) == "bf16"
+    for k, v in q.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    r = run_aiayn("translate", "--checkpoint", str(run), "--beam", "2", "--max-len-offset", "4", "-q",
+                  stdin=b"the cat\n")
+    assert r.returncode == 0 and len(r.stdout.decode().split("\n")) == 2, r.stderr.decode()
+    r = run_aiayn("translate", "--checkpoint", str(run), "--quantize", "bf16", stdin=b"the cat\n")
+    assert "already quantized" in _one_line_error(r)

@@ -259,7 +259,11 @@ class Transformer(nn.Module):
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
         os.close(fd)
         try:
-            save_model(self, tmp, metadata={"aiayn_config": self.config.to_json(), "format": "pt"})
+            metadata = {"aiayn_config": self.config.to_json(), "format": "pt"}
+            quantized = getattr(self, "_aiayn_quantization", None)  # aiayn.quantize's mark ("bf16")
+            if quantized:
+                metadata["aiayn_quantization"] = quantized
+            save_model(self, tmp, metadata=metadata)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -290,9 +294,19 @@ class Transformer(nn.Module):
 
     @classmethod
     def load(cls, path, map_location="cpu"):
-        """The model saved by :meth:`save` (config from the file)."""
+        """The model saved by :meth:`save` (config from the file); a model saved after
+        ``aiayn.quantize(model, "bf16")`` loads in bf16, marked as such."""
+        from safetensors import safe_open
         from safetensors.torch import load_model
         model = cls(cls.read_config(path))
+        with safe_open(os.fspath(path), framework="pt") as f:
+            quantized = (f.metadata() or {}).get("aiayn_quantization")
+        if quantized == "bf16":
+            model.to(torch.bfloat16)
+            model._aiayn_quantization = quantized
+        elif quantized is not None:
+            raise ValueError(f"Transformer.load: {path} holds a model quantized as {quantized!r}, which this "
+                             "version of aiayn cannot load")
         try:
             load_model(model, os.fspath(path), strict=True, device=str(map_location))
         except Exception as e:
