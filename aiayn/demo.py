@@ -13,8 +13,8 @@ from aiayn.data import BOS_ID, EOS_ID, synthetic_pairs
 from aiayn.train.checkpoint import average_state_dicts
 from aiayn.train.loop import fit, write_log
 from aiayn.train.plots import plot_attention
-from aiayn.train.run import translate_ids
 from aiayn.train.trainer import Trainer, TrainOptions
+from aiayn.translate import translate_ids
 
 NUM_SYMBOLS, MAX_LEN = 10, 20
 AVERAGE_LAST, AVERAGE_EVERY = 5, 40
@@ -82,7 +82,7 @@ def run_demo(task="copy", quick=False, out_dir="aiayn-demo", steps=None, seed=0,
     train_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    hyps = translate_ids(model, [s for s, _ in test_pairs], beam=beam, alpha=0.6, device="cpu", batch_sentences=100)
+    hyps = translate_ids(model, [s for s, _ in test_pairs], beam=beam, alpha=0.6, batch_size=100)
     decode_seconds = time.perf_counter() - start
     correct = [h == t for h, (_, t) in zip(hyps, test_pairs)]
     accuracy = sum(correct) / len(correct)

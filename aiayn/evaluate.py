@@ -9,8 +9,7 @@ import time
 from aiayn.data import read_lines
 from aiayn.errors import UserInputError
 from aiayn.train.checkpoint import atomic_write, resolve_model_file
-from aiayn.train.run import translate_ids
-from aiayn.translate import load_translator
+from aiayn.translate import load_translator, translate_ids
 
 
 def score(hypotheses, references):
@@ -44,14 +43,13 @@ def evaluate_file(checkpoint, src, ref, *, output=None, vocab=None, beam=4, alph
     path = resolve_model_file(checkpoint)
     model, vocabulary = load_translator(path, vocab, device)
     cfg = model.config
-    device = next(model.parameters()).device
     # as `aiayn translate` does: a sentence longer than the model's positions is cut
     ids = [vocabulary.encode(line)[:cfg.max_len - 1] for line in src_lines]
     if progress:
         print(f"translating {len(ids)} sentences with {path} (beam {beam}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    hyps = [vocabulary.decode(h) for h in translate_ids(model, ids, beam=beam, alpha=alpha, device=device,
-                                                        batch_sentences=batch_size, max_len_offset=max_len_offset)]
+    hyps = [vocabulary.decode(h) for h in translate_ids(model, ids, beam=beam, alpha=alpha, batch_size=batch_size,
+                                                        max_len_offset=max_len_offset)]
     seconds = time.perf_counter() - start
     result = {"checkpoint": path, "sentences": len(hyps), "seconds": round(seconds, 3), **score(hyps, ref_lines),
               "hypotheses": hyps}

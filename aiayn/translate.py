@@ -137,14 +137,6 @@ def translate_stream(model, vocab, stream, out, *, beam=4, alpha=0.6, max_len_of
     return stats
 
 
-def translate_lines(model, vocab, lines, out, *, beam=4, alpha=0.6, max_len_offset=50):
-    """Writes one translation per input line (text, as from a text stream) to ``out``, each flushed
-    as soon as it is translated."""
-    encoded = (line.encode("utf-8") for line in lines)
-    return translate_stream(model, vocab, encoded, out, beam=beam, alpha=alpha, max_len_offset=max_len_offset,
-                            chunk_lines=1)
-
-
 def run_translate(args):
     """The `aiayn translate` command: options from argparse (see aiayn.cli)."""
     if args.threads is not None:

@@ -71,14 +71,6 @@ def _say(ctx, *parts):
         print(*parts, file=sys.stderr, flush=True)
 
 
-def translate_ids(model, src_ids, *, beam, alpha, device=None, batch_sentences=64, max_len_offset=50):
-    """Beam-search translations (token ids) of token-id sentences, batched by length, in input order
-    (aiayn.translate.translate_ids, on the device the model is on; ``device`` is kept for callers)."""
-    from aiayn.translate import translate_ids as batched
-
-    return batched(model, src_ids, beam=beam, alpha=alpha, max_len_offset=max_len_offset, batch_size=batch_sentences)
-
-
 def _read_run_info(out):
     path = os.path.join(out, RUN_INFO)
     if not os.path.isfile(path):
@@ -236,8 +228,10 @@ def run_training(a):
         result = {"loss": loss, "nll": nll, "ppl": math.exp(min(nll, 100.0))}
         if settings.bleu_sentences:
             subset = valid_pairs[:settings.bleu_sentences]
+            from aiayn.translate import translate_ids  # here: aiayn.translate imports this module
+
             hyps = translate_ids(model, [s for s, _ in subset], beam=settings.beam, alpha=settings.alpha,
-                                 device=device)
+                                 batch_size=64)
             result["bleu"] = corpus_bleu([vocab.decode(h) for h in hyps], valid_refs[:len(subset)])
         return result
 
