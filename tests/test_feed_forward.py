@@ -378,7 +378,11 @@ def check_cached_against_reference(ours, x, params, p, seed, grad, what, rng_see
         out.backward(grad.to(dtype))
         refs.append([out.detach()] + [t.grad for t in leaves])
     for name, o, r, t in zip(OUTPUT_NAMES, ours, *refs):
-        slack = (2**-9 if name == "out" else 2**-8) * r.abs().max().item() if x.dtype == torch.bfloat16 else 1e-5
+        # float32: a few ulps of the largest value as well. After the optimizer step the outputs reach
+        # ~100, where one ulp is 7.6e-6: the rows path and the packed path sum the 200 hidden units in
+        # different orders, and on one seed in a thousand their errors differ by more than 2x + 1e-5.
+        slack = ((2**-9 if name == "out" else 2**-8) * r.abs().max().item() if x.dtype == torch.bfloat16
+                 else max(1e-5, 2**-20 * r.abs().max().item()))
         assert_2x_rule(o, t, r, f"{name} {what}", seed=rng_seed, slack=slack)
 
 
