@@ -191,6 +191,12 @@ def _linear_cross_entropy_fwd_fake(x, weight, target, label_smoothing, ignore_in
             x.new_empty(weight.shape if compute_grad else (0,), dtype=acc))
 
 
+@torch.library.register_fake(f"{_lib}::log_softmax_topk")
+def _log_softmax_topk_fake(logits, k, exclude):
+    shape = (*logits.shape[:-1], k)
+    return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int64)
+
+
 @torch.library.register_fake(f"{_lib}::linear_cross_entropy_bwd")
 def _linear_cross_entropy_bwd_fake(grad_loss, grad_nll, x, weight, target, lse, label_smoothing, ignore_index):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)

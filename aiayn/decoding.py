@@ -13,6 +13,7 @@ import contextlib
 import torch
 
 from ._ops import packed_weight_cache
+from .functional import log_softmax_topk
 
 __all__ = ["generate", "greedy_search", "beam_search", "gnmt_length_penalty"]
 
@@ -62,17 +63,28 @@ class _Decoder:
     def expand(self, times):
         self.select(torch.arange(self.tokens.shape[0], device=self.tokens.device).repeat_interleave(times))
 
-    def log_probs(self):
-        """log P(next token | prefix) for every row, ``(rows, vocab)`` in float32."""
+    def logits(self):
+        """The next-token logits of every row, ``(rows, vocab)``."""
         t = self.tokens.shape[1] - 1
         if self.use_cache:
             logits = self.model.decode(self.tokens[:, -1:], self.memory, self.mask, cache=self.cache, start=t)
         else:
             no_padding = torch.zeros_like(self.tokens, dtype=torch.bool)
             logits = self.model.decode(self.tokens, self.memory, self.mask, tgt_key_padding_mask=no_padding)
-        logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        return logits[:, -1]
+
+    def log_probs(self):
+        """log P(next token | prefix) for every row, ``(rows, vocab)`` in float32."""
+        logp = torch.log_softmax(self.logits().float(), dim=-1)
         logp[:, self.banned] = float("-inf")  # never emit padding or a second BOS
         return logp
+
+    def top_log_probs(self, k):
+        """The ``k`` (at most the vocabulary size) most probable next tokens of every row and their log-probabilities (float32),
+        ``(rows, k)`` each, never padding or a second BOS: one pass over the logits
+        (:func:`aiayn.functional.log_softmax_topk`)."""
+        logits = self.logits()
+        return log_softmax_topk(logits, min(k, logits.shape[-1]), self.banned)
 
     def select(self, rows, same_sources=False):
         """Keep ``rows`` (in this order). ``same_sources``: every new row decodes the same source
@@ -94,8 +106,11 @@ def _frozen_weights():
     """No autograd, and each weight packed into the GEMM's panel layout once instead of once per
     step (the weights do not change while decoding). The packed copies stay cached while the weights
     live and are unchanged, so later searches (``aiayn translate`` calls one per batch) reuse them;
-    they take about the model's size again, and ``aiayn._C.clear_pack_cache()`` frees them."""
-    with torch.no_grad(), packed_weight_cache():
+    they take about the model's size again, and ``aiayn._C.clear_pack_cache()`` frees them.
+    Inference mode rather than no_grad: it takes the autograd dispatch keys out altogether, so each
+    of aiayn's ops skips its Python autograd kernel (~10 us a call, ~30 calls a decoder step); the
+    tensors made here (caches, scores) never leave the search."""
+    with torch.inference_mode(), packed_weight_cache():
         yield
 
 
@@ -156,54 +171,68 @@ def beam_search(model, src, src_key_padding_mask=None, beam_size=4, length_penal
 
 
 def _beam_search(model, src, src_key_padding_mask, k, alpha, max_len_offset, use_cache):
+    """The search as tensor work over all live sentences at once: a step costs a fixed number of
+    small ops whatever the batch, with no Python loop over sentences or candidates."""
     run = _Decoder(model, src, src_key_padding_mask, max_len_offset, use_cache)
     eos = model.config.eos_id
     device = run.tokens.device
     B = src.shape[0]
     run.expand(k)
-    finished = [[] for _ in range(B)]
-    alive = list(range(B))  # sentence of each block of k rows
+    max_len = torch.tensor(run.max_len, device=device)
+    sent = torch.arange(B, device=device)  # sentence of each block of k rows
     scores = torch.full((B, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all k rows start identical: extend only the first
-    while alive:
-        logp = run.log_probs()
-        V = logp.shape[-1]
-        t = run.tokens.shape[1] - 1
-        for i, b in enumerate(alive):
-            if t >= run.max_len[b]:
-                rows = logp[i * k:(i + 1) * k]
-                rows[:] = float("-inf")
-                rows[:, eos] = 0.0
-        cand = (scores[:, :, None] + logp.view(len(alive), k, V)).view(len(alive), k * V)
-        top, index = (x.cpu() for x in cand.topk(min(2 * k, k * V), dim=-1))
-        prev_tokens = run.tokens.cpu()
-        rows, next_tokens, next_scores, keep = [], [], [], []
-        for i, b in enumerate(alive):
-            lives = []
-            for rank, (score, flat) in enumerate(zip(top[i].tolist(), index[i].tolist())):
-                if score == float("-inf"):
-                    break
-                beam, token = divmod(flat, V)
-                if token == eos:
-                    if rank < k:
-                        hyp = prev_tokens[i * k + beam, 1:].tolist()
-                        finished[b].append((score / gnmt_length_penalty(len(hyp) + 1, alpha), hyp))
-                elif len(lives) < k:
-                    lives.append((i * k + beam, token, score))
-            if len(finished[b]) >= k or not lives:
-                continue
-            while len(lives) < k:  # fewer live candidates than beams (tiny vocabularies): dead rows
-                lives.append((lives[0][0], lives[0][1], float("-inf")))
-            keep.append(b)
-            for row, token, score in lives:
-                rows.append(row)
-                next_tokens.append(token)
-                next_scores.append(score)
-        same_sources = len(keep) == len(alive)
-        alive = keep
-        if not alive:
+    n_finished = torch.zeros(B, dtype=torch.long, device=device)
+    best_score = torch.full((B,), float("-inf"), dtype=torch.float64, device=device)
+    best = [None] * B  # tokens of each sentence's best finished hypothesis
+    while True:
+        A, t = len(sent), run.tokens.shape[1] - 1
+        # Each row's best 2k continuations hold every candidate of its sentence's top 2k.
+        logp, tok = run.top_log_probs(2 * k)
+        per_row = logp.shape[-1]
+        forced = t >= max_len[sent]
+        if bool(forced.any()):  # maximum length: EOS is the only continuation
+            logp.view(A, k, per_row)[forced] = float("-inf")
+            logp.view(A, k, per_row)[forced, :, 0] = 0.0
+            tok.view(A, k, per_row)[forced, :, 0] = eos
+        cand = (scores[:, :, None] + logp.view(A, k, per_row)).view(A, k * per_row)
+        width = min(2 * k, k * per_row)
+        top, index = cand.topk(width, dim=-1)
+        beam, token = index // per_row, tok.view(A, k * per_row).gather(1, index)
+        valid = top != float("-inf")  # topk sorts: the -inf tail is never a hypothesis
+        ends = valid & (token == eos)
+        rank = torch.arange(width, device=device)
+        finishing = ends & (rank < k)  # EOS among the first k: a finished hypothesis
+        if bool(finishing.any()):
+            # Every hypothesis finishing now has t tokens + EOS: one length penalty for the step.
+            # float64 division, so scores compare as Python floats would.
+            norm = (top.double() / gnmt_length_penalty(t + 1, alpha)).masked_fill(~finishing, float("-inf"))
+            step_best, at = norm.max(dim=1)  # the first of equal maxima, as max() over the list
+            improved = finishing.any(1) & (step_best > best_score[sent])
+            n_finished[sent] += finishing.sum(1)
+            if bool(improved.any()):
+                where = improved.nonzero().squeeze(1)
+                best_score[sent[where]] = step_best[where]
+                row = where * k + beam[where, at[where]]
+                for b, hyp in zip(sent[where].tolist(), run.tokens[row, 1:]):
+                    best[b] = hyp
+        live = valid & ~ends
+        n_live = live.sum(1)
+        keep = (n_finished[sent] < k) & (n_live > 0)
+        if not bool(keep.any()):
             break
-        run.select(torch.tensor(rows, device=device), same_sources)
-        run.tokens = torch.cat([run.tokens, torch.tensor(next_tokens, device=device)[:, None]], 1)
-        scores = torch.tensor(next_scores, device=device).view(len(alive), k)
-    return [_strip(max(f, key=lambda h: h[0])[1], eos) if f else [] for f in finished]
+        # The first k live candidates of each kept sentence, in rank order; fewer than k (tiny
+        # vocabularies): the first one again with score -inf (a dead row).
+        order = torch.where(live, rank, rank + width).argsort(dim=1, stable=True)[:, :k]
+        kept = keep.nonzero().squeeze(1)
+        pick = order[kept]
+        dead = torch.arange(k, device=device)[None, :] >= n_live[kept, None]
+        pick = torch.where(dead, pick[:, :1], pick)
+        rows = (kept[:, None] * k + beam[kept[:, None], pick]).view(-1)
+        next_tokens = token[kept[:, None], pick].view(-1, 1)
+        scores = top[kept[:, None], pick].masked_fill(dead, float("-inf"))
+        same_sources = len(kept) == A
+        sent = sent[kept]
+        run.select(rows, same_sources)
+        run.tokens = torch.cat([run.tokens, next_tokens], 1)
+    return [_strip(hyp.tolist(), eos) if hyp is not None else [] for hyp in best]

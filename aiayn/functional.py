@@ -4,9 +4,11 @@ holds the pure-PyTorch definition of the same semantics, used by the tests."""
 import torch
 
 __all__ = ["add_dropout_layer_norm", "dropout_mask", "feed_forward", "linear", "linear_cross_entropy",
-           "new_dropout_seed", "scaled_dot_product_attention"]
+           "log_softmax_topk", "new_dropout_seed", "scaled_dot_product_attention"]
 
 import math
+
+from . import reference
 
 
 def new_dropout_seed():
@@ -267,3 +269,30 @@ def linear_cross_entropy(x, weight, target, label_smoothing=0.0, ignore_index=-1
     loss, nll, _, _, _ = torch.ops.aiayn.linear_cross_entropy_fwd(x, weight, target, label_smoothing,
                                                                   int(ignore_index), mode, compute_grad)
     return (loss, nll) if return_nll else loss
+
+
+def log_softmax_topk(logits, k, exclude=()):
+    """Beam search's scoring of one step: the ``k`` largest entries of
+    ``log_softmax(logits.float(), -1)`` along the last dim, descending, and their indices, never
+    choosing a column in ``exclude`` (padding, BOS: they still count in the normaliser), as
+    ``(values float32, indices int64)`` shaped ``(..., k)``. Equal values come lower index first;
+    where a row has fewer than ``k`` finite, non-excluded values the remaining slots hold -inf and
+    index -1.
+
+    On the CPU for float32 and bfloat16 logits one pass per row (max, then the sum of exponentials
+    with the top-k selection beside it) replaces ``log_softmax`` writing the rows x vocabulary
+    log-probabilities and ``topk`` reading them back; the values agree with torch's
+    ``log_softmax`` to float32 rounding (tests). Elsewhere (other dtypes, CUDA): the reference,
+    ``aiayn.reference.log_softmax_topk``. Inference only (no autograd). ``k`` at most 64.
+    """
+    if not torch.is_tensor(logits):
+        raise TypeError(f"log_softmax_topk: argument 'logits' must be a tensor, got {type(logits).__name__}")
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"log_softmax_topk: argument 'k' must be an int, got {type(k).__name__}")
+    exclude = [int(e) for e in exclude]
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16):
+        return torch.ops.aiayn.log_softmax_topk(logits, k, exclude)
+    if logits.dim() < 1 or logits.shape[-1] == 0 or not 1 <= k <= min(logits.shape[-1], 64):
+        raise ValueError(f"log_softmax_topk: argument 'k' must be in [1, min(V, 64)] for logits of shape "
+                         f"{tuple(logits.shape)}, got {k}")
+    return reference.log_softmax_topk(logits, k, exclude)

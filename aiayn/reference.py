@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["philox4x32_10", "dropout_mask", "add_dropout_layer_norm", "linear", "feed_forward",
-           "scaled_dot_product_attention", "linear_cross_entropy"]
+           "scaled_dot_product_attention", "linear_cross_entropy", "log_softmax_topk"]
 
 import math
 
@@ -134,3 +134,15 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, key_padding_mask=None,
     if keep_mask is not None and dropout_p > 0.0:
         p = p * keep_mask.to(p.dtype) * (0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
     return p @ v
+
+
+def log_softmax_topk(logits, k, exclude=()):
+    """``log_softmax(logits.float())`` with the ``exclude`` columns set to -inf afterwards, then its
+    ``k`` largest entries and their indices (-inf slots get index -1; a row without a finite logit
+    is all -inf): beam search's scoring of a step as torch writes it (aiayn 0.1's decoding.py)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = logp.masked_fill(logp.isnan(), float("-inf"))  # a row of -inf logits: nothing to choose
+    if len(exclude):
+        logp[..., list(exclude)] = float("-inf")
+    values, indices = logp.topk(k, dim=-1)
+    return values, indices.masked_fill(values == float("-inf"), -1)

@@ -61,6 +61,11 @@ TORCH_LIBRARY(aiayn, m) {
   // grad_nll (shaped like target; ignored rows contribute nothing); the logits are recomputed.
   m.def("linear_cross_entropy_bwd(Tensor grad_loss, Tensor? grad_nll, Tensor x, Tensor weight, Tensor target, "
         "Tensor lse, float label_smoothing, int ignore_index) -> (Tensor, Tensor)");
+  // Beam search's step scoring: over the last dim of logits (..., V) (float32 or bfloat16), the
+  // k largest of log_softmax(logits) descending (equal values: lower index first), float32, and
+  // their int64 indices, never choosing a column in `exclude` (which still counts in the
+  // normaliser); slots beyond the finite, non-excluded values: -inf and index -1. Inference only.
+  m.def("log_softmax_topk(Tensor logits, int k, int[] exclude) -> (Tensor, Tensor)");
 }
 
 #ifdef AIAYN_WITH_PYTHON

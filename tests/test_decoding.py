@@ -146,3 +146,55 @@ def test_generate_rejects_bad_arguments():
         m.generate(sources(), max_len_offset=-1)
     with pytest.raises(ValueError, match="src_key_padding_mask"):
         m.generate(sources(), src_key_padding_mask=torch.zeros(1, 2, dtype=torch.bool))
+
+
+# -- the batched search against the loop it replaced ---------------------------------------------
+
+@pytest.mark.parametrize("beam_size,vocab,eos_offset,max_len_offset", [
+    (4, 23, None, 6), (4, 23, 1.0, 6), (3, 23, 1.5, 2), (5, 23, 0.5, 8), (2, 23, 2.0, 0),
+    (4, 5, 1.0, 6),  # 5 tokens, 3 of them special: fewer live candidates than beams (dead rows)
+    (6, 4, None, 3),  # 4 tokens: k * V < 2k candidates
+])
+def test_batched_beam_search_matches_the_loop_reference(rng_seed, beam_size, vocab, eos_offset, max_len_offset):
+    """Token for token the search of aiayn 0.1 (tests/reference_beam_search.py): same candidates,
+    finished hypotheses, early stopping, forced EOS at the maximum length, dead rows, sentences
+    leaving the batch."""
+    from reference_beam_search import reference_beam_search
+
+    m = model64(rng_seed, vocab=vocab)
+    if eos_offset is not None:
+        favour_eos(m, eos_offset)
+    src = sources(vocab, lengths=(6, 3, 9, 1, 4, 7, 2, 5))
+    ours = decoding.beam_search(m, src, beam_size=beam_size, max_len_offset=max_len_offset)
+    ref = reference_beam_search(m, src, beam_size=beam_size, max_len_offset=max_len_offset)
+    assert ours == ref
+
+
+def test_batched_beam_search_matches_the_reference_on_a_float32_model(rng_seed):
+    """float32 with aiayn's kernels and the packed-weight cache, batch 12, beam 4."""
+    from reference_beam_search import reference_beam_search
+
+    m = favour_eos(model64(rng_seed, vocab=40).float(), 1.0)
+    src = sources(40, lengths=(11, 3, 9, 1, 14, 7, 2, 5, 8, 8, 6, 12))
+    assert decoding.beam_search(m, src, beam_size=4, max_len_offset=10) == \
+        reference_beam_search(m, src, beam_size=4, max_len_offset=10)
+
+
+def test_kv_cache_reorder_gathers_the_filled_prefix():
+    """reorder's double buffer: after appends, reorders (with repeated and dropped rows) and a
+    growth of the buffer, the cache holds exactly what index_select on the full history gives."""
+    from aiayn.nn import KVCache
+
+    cache, k_all, v_all = KVCache(), [], []
+    rows = torch.arange(6)
+    for step in range(40):
+        k, v = torch.randn(6, 2, 1, 3), torch.randn(6, 2, 1, 3)
+        k_all, v_all = [*k_all, k], [*v_all, v]
+        ck, cv = cache.append(k, v)
+        assert torch.equal(ck, torch.cat(k_all, 2)) and torch.equal(cv, torch.cat(v_all, 2))
+        if step % 3 != 2:
+            index = torch.randint(0, 6, (6,))
+            cache.reorder(index)
+            k_all = [t.index_select(0, index) for t in k_all]
+            v_all = [t.index_select(0, index) for t in v_all]
+    assert cache.length == 40 and rows.numel() == 6

@@ -188,6 +188,24 @@ struct AttentionArgs {
   int64_t query_chunks;  // forward tasks per (b, h)
 };
 
+// Beam search's step scoring (log_softmax_topk_kernel.h): per row of `x` (rows x cols, row stride
+// x_stride, dtype f32 or bf16), the k largest values of log_softmax(row) in descending order
+// (equal values: lower index first) and their column indices, never choosing the `num_exclude`
+// columns of `exclude` (they still count in the normaliser). Slots beyond the row's finite,
+// non-excluded values get -inf and index -1. values / indices: contiguous rows x k.
+constexpr int kLogSoftmaxTopkMaxK = 64;
+struct LogSoftmaxTopk {
+  DType dtype;
+  int64_t rows, cols;
+  const void* x;
+  int64_t x_stride;
+  int k;
+  const int64_t* exclude;
+  int num_exclude;
+  float* values;
+  int64_t* indices;
+};
+
 struct KernelTable {
   Isa isa;
   void (*add_dropout_layer_norm_fwd)(const AddDropoutLayerNormFwd& a, int64_t row_begin,
@@ -203,6 +221,7 @@ struct KernelTable {
   size_t (*attention_workspace)(const AttentionArgs& a, bool backward);
   // Dropout keep-bits of elements [4 * first_counter, 4 * (first_counter + num_counters)):
   // bit i of the result (bits[i / 64] >> (i % 64)) is element 4 * first_counter + i.
+  void (*log_softmax_topk)(const LogSoftmaxTopk& a, int64_t row_begin, int64_t row_end);
   void (*dropout_keep_bits)(const DropoutParams& d, uint64_t first_counter, int64_t num_counters,
                             uint64_t* bits);
   // GEMM: the packed layout for a dtype (and bf16 mode, where supported); pack B panels [panel_begin, panel_end) into `packed`
