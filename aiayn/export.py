@@ -122,6 +122,7 @@ def ctranslate2_spec(model, tokens):
     vocabulary. ``model`` is not changed."""
     from ctranslate2.specs import TransformerSpec
 
+    from aiayn.data import UNK_ID
     from aiayn.nn import Transformer
 
     if not isinstance(model, Transformer):
@@ -160,8 +161,8 @@ def ctranslate2_spec(model, tokens):
     config.bos_token = config.decoder_start_token = tokens[cfg.bos_id]
     config.eos_token = tokens[cfg.eos_id]
     config.add_source_bos, config.add_source_eos = False, True  # aiayn translate appends EOS to the source
-    if "<unk>" not in tokens:
-        config.unk_token = tokens[min(3, len(tokens) - 1)]
+    if len(tokens) > UNK_ID:  # aiayn's vocabularies put unk after pad, bos and eos
+        config.unk_token = tokens[UNK_ID]
     config.layer_norm_epsilon = cfg.layer_norm_eps
     return spec
 
@@ -243,7 +244,7 @@ def ctranslate2_translate_ids(translator, src_ids, tokens, *, beam=4, alpha=0.6,
     (without EOS; the exported model appends it) translated in the same length-sorted batches, in
     input order, as token ids without BOS/EOS. As in aiayn's search, padding and BOS are never
     emitted, an empty output is allowed, and outputs stop at the source length + EOS +
-    ``max_len_offset`` tokens (the longest source of each batch: CTranslate2's limit is per batch).
+    ``max_len_offset`` tokens (CTranslate2's limit is per batch: longer outputs are cut).
     ``alpha`` is CTranslate2's length penalty (length ** alpha, not GNMT's)."""
     from aiayn.translate import length_batches
 
@@ -257,5 +258,9 @@ def ctranslate2_translate_ids(translator, src_ids, tokens, *, beam=4, alpha=0.6,
             max_len_offset, min_decoding_length=0, suppress_sequences=suppress, max_input_length=0,
             max_batch_size=0)
         for i, r in zip(batch, results):
-            out[i] = [index[t] for t in r.hypotheses[0] if index[t] != eos_id]
+            # aiayn stops each sentence at its own cap (EOS forced there), CTranslate2 the whole
+            # batch at the longest one's: an output running past its sentence's cap is cut there.
+            # For greedy search that is exactly aiayn's output; for beam search a close one.
+            hyp = [index[t] for t in r.hypotheses[0] if index[t] != eos_id]
+            out[i] = hyp[:len(src_ids[i]) + 1 + max_len_offset]
     return out

@@ -79,7 +79,7 @@ def test_export_writes_a_ctranslate2_model(run_dir, tmp_path, capsys):
     assert tokens[:4] == ["<pad>", "<s>", "</s>", "<unk>"]
     config = json.loads((out / "config.json").read_text())
     assert config["add_source_eos"] is True and config["add_source_bos"] is False
-    assert config["decoder_start_token"] == "<s>" and config["eos_token"] == "</s>"
+    assert config["decoder_start_token"] == "<s>" and config["eos_token"] == "</s>" and config["unk_token"] == "<unk>"
     assert config["layer_norm_epsilon"] == pytest.approx(1e-5)
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp")]  # staging removed
 
