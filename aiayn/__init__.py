@@ -42,8 +42,8 @@ from ._ops import cpu_isa, packed_weight_cache  # noqa: E402
 # The submodules a user reaches as `aiayn.<name>` after a bare `import aiayn`. The core ones are
 # imported above; the rest load on first attribute access (PEP 562), so `import aiayn` does not pay
 # for sentencepiece, sacrebleu or matplotlib until a program uses them.
-_LAZY_SUBMODULES = ("bench", "cli", "data", "decoding", "demo", "errors", "evaluate", "interop", "quantization",
-                    "train", "translate")
+_LAZY_SUBMODULES = ("bench", "cli", "data", "decoding", "demo", "errors", "evaluate", "export", "interop",
+                    "quantization", "train", "translate")
 
 
 def __getattr__(name):

@@ -1,5 +1,5 @@
 """The `aiayn` command (also `python -m aiayn`): info, bench, demo, train, translate, evaluate,
-average-checkpoints. Mistakes in the user's input (files, checkpoints, options) end in one line on
+average-checkpoints, export. Mistakes in the user's input (files, checkpoints, options) end in one line on
 stderr and exit status 2, never a traceback."""
 
 import argparse
@@ -168,6 +168,21 @@ def _parser():
     avg.add_argument("dir", help="run directory")
     avg.add_argument("--last", type=_positive_int, default=5)
     avg.add_argument("--output", help="default: DIR/averaged.safetensors")
+
+    ex = sub.add_parser(
+        "export", help="write a checkpoint for another inference engine (CTranslate2)",
+        description="Export a trained model and its vocabulary for another inference engine. --format ctranslate2 "
+                    "(needs pip install 'aiayn[ctranslate2]') writes a CTranslate2 model directory: model.bin, "
+                    "config.json, the shared vocabulary (the sentencepiece pieces in id order) and a copy of "
+                    "vocab.model for tokenizing. Greedy search gives aiayn's tokens; beam search may differ slightly "
+                    "(CTranslate2's length penalty is length ** alpha, not GNMT's).")
+    ex.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    ex.add_argument("out_dir", help="the directory to create (it must not exist, or be empty)")
+    ex.add_argument("--format", default="ctranslate2", help="ctranslate2 (the default, and the only one so far)")
+    ex.add_argument("--quantization", default="float32",
+                    help="how CTranslate2 stores the weights: float32 (default), int8 (= int8_float32 on a CPU), "
+                         "int8_float32, int8_float16, int8_bfloat16, int16, float16, bfloat16 (bf16)")
+    ex.add_argument("--vocab", help="sentencepiece model (default: vocab.model next to the checkpoint)")
     return parser
 
 
@@ -199,6 +214,15 @@ def _evaluate(args):
     return 0
 
 
+def _export(args):
+    from aiayn.export import export_checkpoint
+
+    done = export_checkpoint(args.checkpoint, args.out_dir, format=args.format, quantization=args.quantization,
+                             vocab=args.vocab)
+    print(f"exported {done['model']} to {done['out_dir']} ({args.format}, {done['quantization']} weights)")
+    return 0
+
+
 def _run(args):
     if args.command == "info":
         import aiayn
@@ -217,6 +241,8 @@ def _run(args):
         from aiayn.translate import run_translate
 
         return run_translate(args)
+    elif args.command == "export":
+        return _export(args)
     elif args.command == "average-checkpoints":
         from aiayn.train.checkpoint import average_checkpoints
 

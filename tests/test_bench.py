@@ -265,3 +265,46 @@ def test_memory_probe_runs(tmp_path):
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))})
     assert out.returncode == 0, out.stderr
     assert "peak RSS growth" in out.stdout and "L64" in out.stdout
+
+
+def test_translate_engines_case(restore_registry, capsys):
+    """The translate cases' runner on a tiny random model and 6 sentences: every engine's row
+    (int8 / CTranslate2 rows skipped with a note where those are missing), agreement with aiayn
+    float32, and the printed block."""
+    from aiayn.bench.__main__ import _engine_lines
+    from aiayn.bench.cases import _corpus_pairs, translate_engines
+
+    torch.manual_seed(0)
+    model = aiayn.nn.Transformer(aiayn.nn.TransformerConfig.preset("tiny", 50, max_len=64))
+    tokens = ["<pad>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(4, 50)]
+    src = [s[:6] for s, _ in _corpus_pairs(6, 50)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    @bench.register("toy.translate", devices=("cpu",), baseline="engines")
+    def _(device, dtype, quick):
+        return translate_engines(model, tokens, src, setting="toy", max_len_offset=3, batch_size=4)
+
+    r = bench.run_case(bench.CASES["toy.translate"], torch.float32, "cpu", repeats=5, peaks={}, quick=False)
+    assert r["status"] == "ok" and r["kind"] == "engines" and r["passes"] == bench.MAX_ENGINE_PASSES
+    rows = {e["engine"]: e for e in r["engines"]}
+    assert list(rows) == ["aiayn float32", "aiayn bf16", "aiayn int8", "ctranslate2 float32", "ctranslate2 int8"]
+    assert rows["aiayn float32"]["agreement"] == 1.0 and rows["aiayn float32"]["sentences_per_s"] > 0
+    for e in rows.values():
+        assert e["status"] == "ok" or e["note"].startswith("skipped: "), e
+        if e["status"] == "ok":
+            assert len(e["samples_s"]) == 3 and e["target_tokens"] >= 6 and 0 <= e["agreement"] <= 1
+    if importlib.util.find_spec("ctranslate2") is not None:
+        assert rows["ctranslate2 float32"]["status"] == "ok"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    text = "\n".join(_engine_lines(r))
+    assert "sentences/s" in text and "aiayn bf16" in text and "length ** alpha" in text
+    json.dumps(r)  # the --json report holds it as is
+
+
+def test_translate_options_are_checked(capsys, tmp_path):
+    for args, message in ((["--checkpoint", str(tmp_path)], "go together"),
+                          (["--checkpoint", str(tmp_path), "--src", str(tmp_path / "no.txt")], "does not exist"),
+                          (["--src", str(tmp_path / "no.txt")], "go together")):
+        with pytest.raises(SystemExit) as e:
+            main(["--filter", "translate", *args])
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -9,14 +9,54 @@ interleaved timer in timing.py.
 """
 
 import statistics
+import time
 
 import torch
 
 from . import peak
-from .cases import CASES, Bench, Case, register, select
+from .cases import CASES, Bench, Case, Engine, Engines, register, select
 from .timing import time_interleaved
 
-__all__ = ["CASES", "Bench", "Case", "register", "select", "run", "run_case", "peak", "time_interleaved"]
+__all__ = ["CASES", "Bench", "Case", "Engine", "Engines", "register", "select", "run", "run_case", "run_engines", "peak",
+           "time_interleaved"]
+
+# A translate case's sample is a whole pass over its sentences (seconds to minutes): a few suffice.
+MAX_ENGINE_PASSES = 3
+
+
+def run_engines(b, *, passes, warmup_sentences=32):
+    """Times the :class:`Engines` of a translate case: each engine first translates the first
+    ``warmup_sentences`` (weights packed, buffers allocated), then ``passes`` rounds translate all the
+    sentences with every engine in turn (interleaved, as the op cases are). Returns one row per
+    engine: median seconds per pass, sentences/s, target tokens/s (EOS counted, as aiayn translate
+    counts them), and the fraction of outputs identical to the reference engine's."""
+    live = [e for e in b.engines if e.translate is not None]
+    for e in live:
+        e.translate(b.src_ids[:warmup_sentences])
+    samples, outputs = {e.name: [] for e in live}, {}
+    for _ in range(passes):
+        for e in live:
+            start = time.perf_counter()
+            hyps = e.translate(b.src_ids)
+            samples[e.name].append(time.perf_counter() - start)
+            outputs.setdefault(e.name, hyps)
+    reference = outputs.get(b.reference)
+    rows = []
+    for e in b.engines:
+        if e.translate is None:
+            rows.append({"engine": e.name, "status": "skipped", "note": e.note})
+            continue
+        seconds = statistics.median(samples[e.name])
+        hyps = outputs[e.name]
+        tokens = sum(len(h) + 1 for h in hyps)
+        row = {"engine": e.name, "status": "ok", "seconds": seconds, "samples_s": samples[e.name],
+               "sentences_per_s": len(hyps) / seconds, "target_tokens": tokens, "tokens_per_s": tokens / seconds}
+        if reference is not None:
+            row["agreement"] = sum(a == r for a, r in zip(hyps, reference)) / len(hyps)
+        if e.note:
+            row["note"] = e.note
+        rows.append(row)
+    return rows
 
 
 def run_case(case, dtype, device, *, repeats, peaks, quick=False, warmup=3, min_sample_s=0.02):
@@ -28,6 +68,11 @@ def run_case(case, dtype, device, *, repeats, peaks, quick=False, warmup=3, min_
         b = case.make(torch.device(device), dtype, quick)
         result["shape"] = list(b.shape)
         result["baseline"] = case.baseline
+        if isinstance(b, Engines):
+            passes = 1 if quick else max(1, min(repeats, MAX_ENGINE_PASSES))
+            engines = run_engines(b, passes=passes)
+            return {**result, "status": "ok", "kind": "engines", "setting": b.setting, "sentences": len(b.src_ids),
+                    "passes": passes, "reference": b.reference, "engines": engines, "notes": b.notes}
         ours, theirs = time_interleaved([b.aiayn, b.torch], device=device, repeats=repeats, warmup=warmup,
                                         min_sample_s=min_sample_s)
     except NotImplementedError as e:  # e.g. "Could not run 'aiayn::...' with arguments from the 'CUDA' backend"

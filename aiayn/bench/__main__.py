@@ -2,11 +2,13 @@
 
     python -m aiayn.bench                        # every case, on the CPU
     python -m aiayn.bench --quick --filter layer_norm --json out.json --plot speedups.png
+    aiayn bench --filter translate --checkpoint run/ --src val.de --sentences 500
 """
 
 import argparse
 import importlib.util
 import json
+import os
 import sys
 
 import torch
@@ -31,7 +33,19 @@ def parse_args(argv):
     p.add_argument("--json", metavar="PATH", help="write the results, peaks and build info as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speed-ups (needs matplotlib)")
     p.add_argument("--remeasure", action="store_true", help="measure the machine peaks again instead of the cache")
+    tr = p.add_argument_group("translate cases (engines racing on one set of sentences: aiayn float32 / bf16 / int8, "
+                              "CTranslate2 float32 / int8 on the exported weights)")
+    tr.add_argument("--checkpoint", metavar="PATH", default=os.environ.get("AIAYN_BENCH_CHECKPOINT"),
+                    help="a trained model (a .safetensors file or a run directory, with its vocab.model) for "
+                         "translate.beam4.multi30k instead of random weights (env AIAYN_BENCH_CHECKPOINT)")
+    tr.add_argument("--src", metavar="FILE", default=os.environ.get("AIAYN_BENCH_SRC"),
+                    help="source sentences for --checkpoint, one per line (env AIAYN_BENCH_SRC)")
+    tr.add_argument("--sentences", type=int, metavar="N", help="only the first N lines of --src")
     args = p.parse_args(argv)
+    if bool(args.checkpoint) != bool(args.src):
+        p.error("--checkpoint and --src go together: the translate case needs the model and the text to translate")
+    if args.sentences is not None and args.sentences < 1:
+        p.error("--sentences must be at least 1")
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -40,6 +54,31 @@ def parse_args(argv):
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         p.error("--plot needs matplotlib, which is not installed: pip install matplotlib")
     return p, args
+
+
+def _engine_lines(r):
+    """A translate case: a line saying what was translated, then a row per engine."""
+    if r["status"] != "ok":
+        return [f"{r['name']}: {r['status']}: {r['error']}"]
+    lines = [f"{r['name']}: {r['setting']}; beam 4, alpha 0.6, length-sorted batches of 32, "
+             f"{r['passes']} timed pass{'es' if r['passes'] > 1 else ''} (median)",
+             f"  {'engine':<20}  {'sentences/s':>11}  {'tokens/s':>9}  {'s/pass':>8}  same as {r['reference']}"]
+    for e in r["engines"]:
+        if e["status"] != "ok":
+            lines.append(f"  {e['engine']:<20}  {e['note']}")
+            continue
+        agree = f"{100 * e['agreement']:.1f}%" if "agreement" in e else "-"
+        lines.append(f"  {e['engine']:<20}  {e['sentences_per_s']:>11.1f}  {e['tokens_per_s']:>9.0f}  "
+                     f"{e['seconds']:>8.2f}  {agree}")
+    lines += [f"  note: {note}" for note in r.get("notes", [])]
+    return lines
+
+
+def _print_result(table, r):
+    if r.get("kind") == "engines" or (r["status"] != "ok" and r.get("baseline") == "engines"):
+        print("\n" + "\n".join(_engine_lines(r)) + "\n", flush=True)
+    else:
+        table.line(_row(r))
 
 
 def _fmt(value, spec):
@@ -93,7 +132,7 @@ def _describe(peaks):
 def plot(results, path):
     from matplotlib.figure import Figure  # lazily: matplotlib is an optional extra (aiayn[plot])
 
-    ok = [r for r in results if r["status"] == "ok"]
+    ok = [r for r in results if r["status"] == "ok" and "speedup" in r]  # translate cases have no speed-up
     labels = [f"{r.get('label', r['name'])}\n{r['dtype']} {r['device']}" for r in ok]
     speedups = [r["speedup"] for r in ok]
     fig = Figure(figsize=(8, 1 + 0.6 * max(1, len(ok))), layout="constrained")
@@ -110,6 +149,12 @@ def plot(results, path):
 
 def main(argv=None):
     parser, args = parse_args(argv)
+    from .cases import TRANSLATE_INPUT
+
+    for option, path in (("--checkpoint", args.checkpoint), ("--src", args.src)):
+        if path and not os.path.exists(path):
+            parser.error(f"{option} {path!r} does not exist")
+    TRANSLATE_INPUT.update(checkpoint=args.checkpoint, src=args.src, sentences=args.sentences)
     cases = select(args.filter, args.device)
     if args.list:
         listed = select(args.filter)
@@ -123,13 +168,15 @@ def main(argv=None):
     repeats = args.repeats or (5 if args.quick else 25)
     timing = dict(warmup=2, min_sample_s=0.005) if args.quick else dict(warmup=5, min_sample_s=0.02)
 
-    table = _Table(max(len(c.label) for c in cases))
+    ops = [c for c in cases if c.baseline != "engines"]  # translate cases print their own rows
+    table = _Table(max((len(c.label) for c in ops), default=4))
     peaks = peak.peaks(args.device, remeasure=args.remeasure)
     print(_describe(peaks), flush=True)
-    print(f"median of {repeats} interleaved samples per op\n")
-    table.header()
+    if ops:
+        print(f"median of {repeats} interleaved samples per op\n")
+        table.header()
     results = run(cases, args.device, peaks=peaks, repeats=repeats, quick=args.quick,
-                         on_result=lambda r: table.line(_row(r)), **timing)
+                         on_result=lambda r: _print_result(table, r), **timing)
     for name, old in (peaks.get("raised") or {}).items():
         print(f"\nThe cached {name} peak ({_fmt(old and old / 1e9, '.0f')} GFLOP/s) was below what a case reached, so "
               f"it was measured on a busy machine: raised to {peaks['flops'][name] / 1e9:.0f} GFLOP/s in the cache "
