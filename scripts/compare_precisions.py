@@ -29,7 +29,10 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--precisions", default="float32,int8")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import sacrebleu
 
     precisions = args.precisions.split(",")

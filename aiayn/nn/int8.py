@@ -23,7 +23,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
-        self._packed = {}  # (first row, rows) -> (packed weight, key of the weight it was made from)
+        # (first row, rows) -> (key of the weight it was made from, (weight, scale, bias, packed) of those rows)
+        self._packed = {}
 
     @classmethod
     def from_float(cls, weight, bias=None):
@@ -49,21 +50,26 @@ class Int8Linear(nn.Module):
 
     def rows(self, first, count):
         """``(weight, scale, bias, packed)`` of output rows [first, first + count): the slices the
-        attention's packed Q/K/V projection uses, each packed once."""
+        attention's packed Q/K/V projection uses, each packed once (and again after the weight is
+        written in place, e.g. by load_state_dict)."""
         key = (first, count)
         entry = self._packed.get(key)
         wkey = self._weight_key()
-        end = first + count
-        w = self.weight if key == (0, self.out_features) else self.weight[first:end]
-        if entry is None or entry[1] != wkey:
-            entry = (AF.linear_int8_pack(w), wkey)
+        if entry is None or entry[0] != wkey:
+            end = first + count
+            w = self.weight if key == (0, self.out_features) else self.weight[first:end]
+            b = None if self.bias is None else self.bias[first:end]
+            entry = (wkey, (w, self.scale[first:end], b, AF.linear_int8_pack(w)))
             self._packed[key] = entry
-        b = None if self.bias is None else self.bias[first:end]
-        return w, self.scale[first:end], b, entry[0]
+        return entry[1]
 
     def forward(self, x, activation=None, first=0, count=None):
         """``x`` through output rows [first, first + count) (all by default)."""
         w, scale, b, packed = self.rows(first, self.out_features - first if count is None else count)
+        if x.device.type != "cpu":
+            raise ValueError(f"Int8Linear: x is on {x.device}; int8 inference runs on the CPU only")
         if backend.uses_compiled_ops(x.device, "linear"):
-            return AF.linear_int8(x, w, scale, b, activation, w_packed=packed)
+            # The op itself, not AF.linear_int8: these buffers are valid by construction, and a
+            # decoding step makes ~6 calls per layer, where Python checks would show.
+            return torch.ops.aiayn.linear_int8(x, w, scale, b, activation == "relu", packed)
         return reference.linear_int8(x, w, scale, b, activation)
