@@ -37,6 +37,8 @@ def test_int8_is_a_copy_with_every_linear_quantized():
     assert all(p.dim() == 1 for n, p in q.named_parameters() if "embed" not in n)
     assert torch.equal(q.src_embed.weight, model.src_embed.weight) and q.tgt_embed is q.src_embed
     assert q.generator.weight.dtype == torch.int8 and q.generator.weight.shape == model.projection_weight.shape
+    with pytest.raises(RuntimeError, match="int8 model projects with `generator`"):
+        q.projection_weight
     with pytest.raises(ValueError, match="already quantized"):
         aiayn.quantize(q, "int8")
     with pytest.raises(ValueError, match="already quantized"):

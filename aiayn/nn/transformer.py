@@ -166,6 +166,9 @@ class Transformer(nn.Module):
         matrix (§3.4; used unscaled here, the sqrt(d_model) factor belongs to the lookup), or the
         generator's own. ``project(x) = x @ projection_weight.T``; losses fused with the projection
         (``aiayn.train.loss.fused_label_smoothed_cross_entropy``) take it with the decoder states."""
+        if self.int8:
+            raise RuntimeError("Transformer.projection_weight: an int8 model projects with `generator` (int8 "
+                               "weight and scales, inference only); use the float32 model for training losses")
         return self.tgt_embed.weight if self.generator is None else self.generator.weight
 
     # Set on the instance by aiayn.quantize(model, "int8"): the projection is then ``generator``, an
