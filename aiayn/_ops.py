@@ -126,6 +126,21 @@ def _linear_backward(ctx, grad_out):
 torch.library.register_autograd(f"{_lib}::linear_fwd", _linear_backward, setup_context=_linear_setup)
 
 
+# --- linear_int8 (inference only: no autograd) -----------------------------------------------
+
+
+@torch.library.register_fake(f"{_lib}::linear_int8")
+def _linear_int8_fake(x, w, w_scale, b, relu, w_packed=None):
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{_lib}::linear_int8_pack")
+def _linear_int8_pack_fake(w):
+    n, k = w.shape
+    panels = (n + 15) // 16
+    return w.new_empty((panels * 16 * ((k + 3) // 4 * 4 + 4),), dtype=torch.uint8)
+
+
 # --- feed_forward ----------------------------------------------------------------------------
 
 

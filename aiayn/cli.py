@@ -143,9 +143,11 @@ def _parser():
     tr.add_argument("--batch-size", type=_positive_int, default=32, help="sentences per beam search (default 32)")
     tr.add_argument("--max-tokens", type=_positive_int,
                     help="also cap each batch at this many padded source tokens")
-    tr.add_argument("--quantize", choices=["bf16"],
+    tr.add_argument("--quantize", choices=["bf16", "int8"],
                     help="bf16: weights, activations and key/value caches in bfloat16 (float32 softmax and "
-                         "LayerNorm statistics); fast on CPUs with AVX-512-BF16 or AMX")
+                         "LayerNorm statistics); fast on CPUs with AVX-512-BF16 or AMX. int8 (CPU only): "
+                         "int8 weights per output channel and activations per row in every linear layer, "
+                         "int32 accumulation (AVX-512 VNNI / AVX2); attention and LayerNorm stay float32")
     tr.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's, all cores)")
     tr.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     tr.add_argument("--no-progress", action="store_true", help="no progress bar (shown on stderr for --input files)")

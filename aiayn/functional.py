@@ -4,7 +4,8 @@ holds the pure-PyTorch definition of the same semantics, used by the tests."""
 import torch
 
 __all__ = ["add_dropout_layer_norm", "dropout_mask", "feed_forward", "linear", "linear_cross_entropy",
-           "log_softmax_topk", "new_dropout_seed", "scaled_dot_product_attention"]
+           "linear_int8", "linear_int8_pack", "log_softmax_topk", "quantize_weight_int8", "new_dropout_seed",
+           "scaled_dot_product_attention"]
 
 import math
 
@@ -114,6 +115,61 @@ def linear(x, w, b=None, activation=None):
     _check_devices("linear", x, w=w, b=b)
     x, w, b = _autocast(x, w, b)
     return torch.ops.aiayn.linear_fwd(x, w, b, activation == "relu")
+
+
+def quantize_weight_int8(w):
+    """``(w_q, w_scale)`` for :func:`linear_int8` from a float weight ``(out_features, in_features)``:
+    symmetric per output channel, ``w_scale = max|w_row| / 127`` (float32; 1 for a zero row),
+    ``w_q = round(w / w_scale)`` (int8 in [-127, 127]). Same as ``aiayn.reference.quantize_weight_int8``."""
+    from . import reference
+    if not torch.is_tensor(w) or w.dim() != 2 or not w.is_floating_point():
+        raise ValueError("quantize_weight_int8: argument 'w' must be a 2-d floating-point tensor, got "
+                         f"{tuple(w.shape) if torch.is_tensor(w) else type(w).__name__}")
+    return reference.quantize_weight_int8(w)
+
+
+def linear_int8_pack(w):
+    """The blocked layout of an int8 weight that :func:`linear_int8` reads (uint8, 1-d, the same on
+    every ISA): pack once, pass as ``w_packed`` to every call."""
+    return torch.ops.aiayn.linear_int8_pack(w)
+
+
+def linear_int8(x, w, w_scale, b=None, activation=None, w_packed=None):
+    """int8 inference linear (CPU only, no autograd): ``act(float(acc) * (x_scale * w_scale) + b)``,
+    float32 ``(..., out_features)``.
+
+    Each row of ``x`` is quantized on the fly, symmetric: ``x_scale = max|x_row| / 127``,
+    ``q = round-half-even(x * (127 / max|x_row|))`` in [-127, 127] (a zero row: scale 0, output
+    ``b``; a row with inf / NaN: NaN outputs); ``acc = q @ w^T`` is exact in int32. Then, in float32,
+    ``float(acc) * (x_scale * w_scale)``, ``+ b``, ReLU: ``aiayn.reference.linear_int8`` gives the
+    same bits. Kernels: AVX-512 VNNI (``vpdpbusd``), AVX2 (``vpmaddwd``) or scalar, by
+    ``aiayn.cpu_isa`` like the other ops; all give the same result.
+
+    Args:
+        x: ``(..., in_features)`` float32 or bfloat16 (widened), any strides.
+        w: int8 ``(out_features, in_features)``, e.g. from :func:`quantize_weight_int8`.
+        w_scale: float32 ``(out_features,)``.
+        b: float32 ``(out_features,)`` or None.
+        activation: None or ``"relu"``.
+        w_packed: ``linear_int8_pack(w)``, or None to pack ``w`` on every call.
+
+    Error bound against the float product with the dequantized weight ``w * w_scale``: per element
+    ``|out - x (w w_scale)^T| <= 0.5 x_scale sum_k |w_q[n, k]| w_scale[n]`` plus float32 rounding
+    (each activation is off by at most half a quantization step).
+    """
+    if activation not in (None, "relu"):
+        raise ValueError(f"linear_int8: argument 'activation' must be None or 'relu', got {activation!r}")
+    for name, t in (("x", x), ("w", w), ("w_scale", w_scale), ("b", b), ("w_packed", w_packed)):
+        if t is None and name in ("b", "w_packed"):
+            continue
+        if not torch.is_tensor(t):
+            raise TypeError(f"linear_int8: argument '{name}' must be a tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"linear_int8: argument '{name}' is on {t.device}; int8 inference runs on the CPU only")
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("linear_int8: inference only, no gradient; call it under torch.no_grad() or "
+                           "on a tensor that does not require grad")
+    return torch.ops.aiayn.linear_int8(x, w, w_scale, b, activation == "relu", w_packed)
 
 
 def feed_forward(x, w1, b1, w2, b2, dropout_p=0.0, training=True, seed=None, return_dropout_mask=False):

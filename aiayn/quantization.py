@@ -1,14 +1,25 @@
-"""Reduced-precision inference copies of a trained model: ``aiayn.quantize(model, "bf16")`` (this
-module is aiayn.quantization; the function is also reachable as aiayn.quantize).
+"""Reduced-precision inference copies of a trained model: ``aiayn.quantize(model, mode)`` (this
+module is aiayn.quantization; the function is also reachable as aiayn.quantize). Training stays in
+float32 (with autocast for ``aiayn train --bf16``): these are for translating.
 
 "bf16": every parameter and buffer in bfloat16, so the GEMMs, attention and the key/value caches
 of :meth:`Transformer.generate` run in bf16 (the AVX-512-BF16 / AMX kernels on CPUs that have
 them); the kernels keep their softmax, log-sum-exp and LayerNorm statistics in float32, and beam
-search scores the vocabulary in float32 (``log_softmax`` of the upcast logits). Training stays in
-float32 with autocast (``aiayn train --bf16``): this is for translating.
+search scores the vocabulary in float32 (``log_softmax`` of the upcast logits).
 
-int8 (weights per output channel, activations per row, int32 accumulation) is not implemented
-yet; asking for it is an error that says so.
+"int8" (CPU only): every linear layer -- the attention's Q/K/V and output projections, both FFN
+layers and the vocabulary projection -- gets int8 weights, symmetric per output channel
+(:class:`aiayn.nn.int8.Int8Linear`), and runs :func:`aiayn.functional.linear_int8`: activations
+are quantized per row on the fly, products accumulate exactly in int32 (AVX-512 VNNI, AVX2 or
+scalar kernels), and the epilogue dequantizes and adds the float32 bias (the FFN's ReLU too).
+Attention, LayerNorm, the embeddings and the residual stream stay float32; the projection gets a
+quantized copy of a shared embedding matrix while the lookups keep its float32 rows. Weights are
+where int8 saves memory (4x on the linears) and time (the decoder's small-batch GEMMs read them
+from memory at every step). The float parameters left are frozen (``requires_grad=False``).
+
+Either mode returns a copy in eval mode (``inplace=True`` converts the model itself), marks it
+(:func:`quantization_of`), refuses an already quantized model, and saves / loads as such through
+:meth:`Transformer.save` / :meth:`Transformer.load` (``aiayn translate --checkpoint`` takes the file).
 """
 
 import copy
@@ -17,7 +28,7 @@ import torch
 
 __all__ = ["quantize", "MODES", "quantization_of"]
 
-MODES = ("bf16",)
+MODES = ("bf16", "int8")
 _ATTRIBUTE = "_aiayn_quantization"
 
 
@@ -33,8 +44,6 @@ def quantize(model, mode, *, inplace=False):
 
     if not isinstance(model, Transformer):
         raise TypeError(f"quantize: 'model' must be an aiayn.nn.Transformer, got {type(model).__name__}")
-    if mode == "int8":
-        raise NotImplementedError("quantize: int8 inference is not implemented yet; 'bf16' is available")
     if mode not in MODES:
         raise ValueError(f"quantize: 'mode' must be one of {', '.join(MODES)}, got {mode!r}")
     done = quantization_of(model)
@@ -43,7 +52,47 @@ def quantize(model, mode, *, inplace=False):
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes != {torch.float32}:
         raise ValueError(f"quantize: expects a float32 model, got parameters in {sorted(map(str, dtypes))}")
+    if mode == "int8":
+        devices = {p.device.type for p in model.parameters()}
+        if devices != {"cpu"}:
+            raise ValueError(f"quantize: int8 inference runs on the CPU only; the model is on "
+                             f"{', '.join(sorted(devices))} (call model.cpu() first, or use 'bf16' on a GPU)")
     target = model if inplace else copy.deepcopy(model)
-    target.to(torch.bfloat16).eval()
+    if mode == "bf16":
+        target.to(torch.bfloat16)
+    else:
+        with torch.no_grad():
+            to_int8(target)
+    target.eval()
     setattr(target, _ATTRIBUTE, mode)
     return target
+
+
+def to_int8(model, quantize_weights=True):
+    """Replace ``model``'s linear layers by :class:`Int8Linear` in place. ``quantize_weights=False``
+    gives the int8 layers of the right shapes with placeholder values (what ``Transformer.load``
+    fills from a file)."""
+    from aiayn.nn.attention import MultiHeadAttention
+    from aiayn.nn.feed_forward import PositionwiseFeedForward
+    from aiayn.nn.int8 import Int8Linear
+
+    def convert(weight, bias):
+        if quantize_weights:
+            return Int8Linear.from_float(weight, bias)
+        return Int8Linear(weight.shape[1], weight.shape[0], bias is not None)
+
+    for module in list(model.modules()):
+        if isinstance(module, MultiHeadAttention):
+            in_proj = convert(module.in_proj_weight, module.in_proj_bias)
+            del module.in_proj_weight, module.in_proj_bias
+            module.in_proj = in_proj
+            module.out_proj = convert(module.out_proj.weight, module.out_proj.bias)
+            module.int8 = True
+        elif isinstance(module, PositionwiseFeedForward):
+            module.w_1 = convert(module.w_1.weight, module.w_1.bias)
+            module.w_2 = convert(module.w_2.weight, module.w_2.bias)
+            module.int8 = True
+    model.generator = convert(model.projection_weight, None)
+    model.int8 = True
+    model.requires_grad_(False)
+    return model

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["philox4x32_10", "dropout_mask", "add_dropout_layer_norm", "linear", "feed_forward",
-           "scaled_dot_product_attention", "linear_cross_entropy", "log_softmax_topk"]
+           "scaled_dot_product_attention", "linear_cross_entropy", "log_softmax_topk", "quantize_weight_int8",
+           "quantize_rows_int8", "linear_int8_accumulators", "linear_int8"]
 
 import math
 
@@ -74,6 +75,50 @@ def add_dropout_layer_norm(x, residual, weight=None, bias=None, p=0.0, eps=1e-5,
 def linear(x, w, b=None, activation=None):
     """``act(x @ w.T + b)`` with ``act`` = identity or ReLU. Computed in x's dtype."""
     out = F.linear(x, w, b)
+    return torch.relu(out) if activation == "relu" else out
+
+
+def quantize_weight_int8(w):
+    """Symmetric per-output-channel int8 weights: ``(w_q, scale)`` with ``scale = max|w_row| / 127``
+    (1 for an all-zero row, so dequantizing never divides by 0) and ``w_q = round(w / scale)`` in
+    [-127, 127]; ``w ~= w_q * scale[:, None]``. Computed in float64, stored as int8 / float32."""
+    w64 = w.detach().to(torch.float64)
+    amax = w64.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(torch.float32)
+    w_q = torch.round(w64 / scale.to(torch.float64)[:, None]).clamp_(-127, 127).to(torch.int8)
+    return w_q, scale
+
+
+def quantize_rows_int8(x):
+    """The on-the-fly activation quantization of ``linear_int8``, per row of ``x`` (float32):
+    ``(q, scale)``, ``scale = max|x_row| / 127`` and ``q = round-half-even(x * (127 / max|x_row|))``
+    in [-127, 127] (int32), each a float32 operation as in the kernels. A zero row gets scale 0 and
+    q = 0; a row holding inf or NaN gets scale NaN (its outputs are NaN) and q = 0."""
+    x = x.to(torch.float32)
+    amax = x.abs().amax(dim=-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
+    finite = torch.isfinite(x).all(dim=-1)
+    c127 = torch.full_like(amax, 127.0)  # tensor operands: `127.0 / t` is t.reciprocal() * 127 in torch
+    inv = torch.where(finite & (amax > 0), c127 / amax, torch.zeros_like(amax))
+    q = torch.round(x * inv[..., None]).clamp_(-127, 127)
+    q = torch.where(finite[..., None], q, torch.zeros_like(q)).to(torch.int32)
+    scale = torch.where(finite, amax / c127, torch.full_like(amax, float("nan")))
+    return q, scale
+
+
+def linear_int8_accumulators(x, w):
+    """The exact int32 sums ``q(x) @ w^T`` of ``linear_int8`` (computed in int64) and the row scales."""
+    q, xs = quantize_rows_int8(x)
+    return q.to(torch.int64) @ w.to(torch.int64).T, xs
+
+
+def linear_int8(x, w, w_scale, b=None, activation=None):
+    """int8 linear: ``act(float(acc) * (x_scale * w_scale) + b)``, ``acc`` the int32 sums of the
+    quantized rows of ``x`` with ``w`` (int8, per output channel scales ``w_scale``); float32 out.
+    Bit for bit what aiayn.functional.linear_int8 computes."""
+    acc, xs = linear_int8_accumulators(x, w)
+    out = acc.to(torch.float32) * (xs[..., None] * w_scale.to(torch.float32))
+    if b is not None:
+        out = out + b.to(torch.float32)
     return torch.relu(out) if activation == "relu" else out
 
 

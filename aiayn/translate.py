@@ -17,13 +17,14 @@ from aiayn.errors import UserInputError
 from aiayn.train.checkpoint import load_model, resolve_model_file
 from aiayn.train.run import VOCAB_NAME, pick_device
 
-PRECISIONS = ("float32", "bf16")
+PRECISIONS = ("float32", "bf16", "int8")
 
 
 def load_translator(checkpoint, vocab=None, device=None, precision="float32"):
     """(model in eval mode, vocabulary) from a run directory or a .safetensors file; the vocabulary
-    defaults to vocab.model next to the checkpoint. ``precision`` "bf16" casts the model for
-    inference (:func:`aiayn.quantize`)."""
+    defaults to vocab.model next to the checkpoint. ``precision`` "bf16" or "int8" quantizes the
+    model for inference (:func:`aiayn.quantize`; int8 on the CPU only). A checkpoint saved quantized
+    loads as such (then ``precision`` must stay "float32")."""
     path = resolve_model_file(checkpoint)
     vocab_path = vocab or os.path.join(os.path.dirname(os.path.abspath(path)), VOCAB_NAME)
     vocabulary = Vocabulary(vocab_path)
@@ -32,15 +33,19 @@ def load_translator(checkpoint, vocab=None, device=None, precision="float32"):
     if (cfg.src_vocab_size, cfg.tgt_vocab_size) != (len(vocabulary), len(vocabulary)):
         raise UserInputError(f"checkpoint {path!r} has vocabulary sizes {cfg.src_vocab_size}/{cfg.tgt_vocab_size} "
                              f"but {vocab_path!r} has {len(vocabulary)} pieces: they come from different runs")
+    if getattr(model, "_aiayn_quantization", None) == "int8" and next(model.parameters()).device.type != "cpu":
+        raise UserInputError(f"checkpoint {path!r} is an int8 model, which runs on the CPU only; drop --device cuda")
     if precision not in PRECISIONS:
         raise UserInputError(f"--quantize must be one of {', '.join(PRECISIONS[1:])}, not {precision!r}")
-    if precision == "bf16":
+    if precision != "float32":
         from aiayn.quantization import quantization_of, quantize
 
         if quantization_of(model):
-            raise UserInputError(f"--quantize bf16: checkpoint {path!r} is already quantized "
+            raise UserInputError(f"--quantize {precision}: checkpoint {path!r} is already quantized "
                                  f"({quantization_of(model)}); drop --quantize")
-        model = quantize(model, "bf16", inplace=True)
+        if precision == "int8" and next(model.parameters()).device.type != "cpu":
+            raise UserInputError("--quantize int8 runs on the CPU only; drop --device cuda")
+        model = quantize(model, precision, inplace=True)
     return model.eval(), vocabulary
 
 

@@ -22,6 +22,14 @@ TORCH_LIBRARY(aiayn, m) {
   m.def("linear_fwd(Tensor x, Tensor w, Tensor? b, bool relu) -> Tensor");
   // Returns (grad_x, grad_w, grad_b); `out` (the forward's result) is read only when relu.
   m.def("linear_bwd(Tensor grad_out, Tensor x, Tensor w, Tensor? out, bool relu) -> (Tensor, Tensor, Tensor)");
+  // int8 inference (CPU only, no autograd): out = act(float(q(x) w^T) * (x_scale * w_scale) + b),
+  // float32 (..., out_features). x: (..., in_features) float32 or bfloat16 (widened), its rows
+  // quantized on the fly (x_scale = max|row| / 127, q = round-half-even(x * 127 / max|row|));
+  // w: int8 (out_features, in_features); w_scale: float32 (out_features,); b: float32 or None;
+  // w_packed: linear_int8_pack(w), or None to pack on every call. Bits: aiayn.reference.linear_int8.
+  m.def("linear_int8(Tensor x, Tensor w, Tensor w_scale, Tensor? b, bool relu, Tensor? w_packed=None) -> Tensor");
+  // w's blocked layout for linear_int8 (uint8, the same on every ISA).
+  m.def("linear_int8_pack(Tensor w) -> Tensor");
   // FFN(x) = dropout(relu(x w1^T + b1), p) w2^T + b2 (paper §3.3; dropout on the hidden activation,
   // hidden element (t, j) is dropout element number t * d_ff + j). Returns (out, hidden, relu_mask),
   // hidden being the activation after ReLU and dropout. relu_mask is the backward's gate as a

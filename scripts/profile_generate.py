@@ -45,7 +45,7 @@ def main(argv=None):
     p.add_argument("--sentences", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--beam", type=int, default=4)
-    p.add_argument("--quantize", choices=["bf16"])
+    p.add_argument("--quantize", choices=["bf16", "int8"])
     args = p.parse_args(argv)
 
     model, vocab = load_translator(args.checkpoint, precision=args.quantize or "float32")

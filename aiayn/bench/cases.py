@@ -207,6 +207,26 @@ def _linear_relu_fwd(device, dtype, quick):
                  torch=torch.no_grad()(lambda: torch.relu(lin(x))), shape=(T, K, N), flops=2 * T * K * N)
 
 
+# --- linear_int8: inference linear with int8 weights and per-row quantized activations -----------
+# Baseline: PyTorch's dynamic int8 Linear (fbgemm: per-tensor u8 activations, int8 weights).
+
+
+@register("linear_int8.fwd", dtypes=(torch.float32,), devices=("cpu",), baseline="torch dynamic int8")
+def _linear_int8_fwd(device, dtype, quick):
+    import warnings
+
+    T, K, N = 512 if quick else 2048, 512, 2048
+    lin = torch.nn.Linear(K, N)
+    x = torch.randn(T, K)
+    w_q, w_scale = aiayn.functional.quantize_weight_int8(lin.weight)
+    packed, b = aiayn.functional.linear_int8_pack(w_q), lin.bias.detach()
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice
+        warnings.simplefilter("ignore")
+        dyn = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+    return Bench(aiayn=lambda: aiayn.functional.linear_int8(x, w_q, w_scale, b, w_packed=packed),
+                 torch=torch.no_grad()(lambda: dyn(x)), shape=(T, K, N), flops=2 * T * K * N)
+
+
 # --- scaled_dot_product_attention: softmax(Q Kᵀ / √d_k) V (§3.2.1) ---------------------------
 
 

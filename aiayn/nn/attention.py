@@ -83,6 +83,11 @@ class MultiHeadAttention(nn.Module):
     default in the Transformer).
     """
 
+    # aiayn.quantize(model, "int8") sets this on the instance and replaces the projections by
+    # Int8Linear modules (``in_proj``, ``out_proj``); a class attribute, so the float path pays one
+    # attribute read.
+    int8 = False
+
     def __init__(self, d_model, num_heads, dropout=0.0, bias=True, device=None, dtype=None):
         super().__init__()
         if d_model % num_heads:
@@ -105,6 +110,10 @@ class MultiHeadAttention(nn.Module):
         """x W^T + b for rows [first, first + count) * d_model of the packed projection, viewed as
         ``count`` tensors ``(B, h, L, d_k)``."""
         d = self.d_model
+        B, L, _ = x.shape
+        if self.int8:
+            y = self.in_proj(x, first=first * d, count=count * d)
+            return y.view(B, L, count, self.num_heads, self.d_k).permute(2, 0, 3, 1, 4).unbind(0)
         if first == 0 and count == 3:
             # The whole packed projection: the parameters themselves, since the backward of a
             # slice zero-fills a gradient of the full parameter and copies into it.
@@ -113,7 +122,6 @@ class MultiHeadAttention(nn.Module):
             w = self.in_proj_weight[first * d:(first + count) * d]
             b = None if self.in_proj_bias is None else self.in_proj_bias[first * d:(first + count) * d]
         y = backend.linear(x, w, b)
-        B, L, _ = x.shape
         return y.view(B, L, count, self.num_heads, self.d_k).permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, query, key=None, value=None, key_padding_mask=None, attn_mask=None, is_causal=False,
@@ -164,7 +172,8 @@ class MultiHeadAttention(nn.Module):
         else:
             out = backend.attention(q, k, v, attn_mask, key_padding_mask, p, is_causal, self.training)
         B, H, Lq, dk = out.shape
-        out = backend.linear(out.transpose(1, 2).reshape(B, Lq, H * dk), self.out_proj.weight, self.out_proj.bias)
+        out = out.transpose(1, 2).reshape(B, Lq, H * dk)
+        out = self.out_proj(out) if self.int8 else backend.linear(out, self.out_proj.weight, self.out_proj.bias)
         return (out, weights) if need_weights else out
 
 

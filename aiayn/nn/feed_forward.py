@@ -12,6 +12,10 @@ class PositionwiseFeedForward(nn.Module):
     fused feed-forward op (bias, ReLU and dropout in the first GEMM's epilogue). ``dropout`` acts on
     the hidden activation (tensor2tensor's ``relu_dropout``; not in the paper, 0 by default)."""
 
+    # Set on the instance by aiayn.quantize(model, "int8"), which makes w_1 / w_2 Int8Linear modules:
+    # two int8 linears then, the ReLU in the first one's epilogue (inference: no dropout).
+    int8 = False
+
     def __init__(self, d_model, d_ff, dropout=0.0, device=None, dtype=None):
         super().__init__()
         self.w_1 = nn.Linear(d_model, d_ff, device=device, dtype=dtype)
@@ -19,5 +23,7 @@ class PositionwiseFeedForward(nn.Module):
         self.dropout = dropout
 
     def forward(self, x):
+        if self.int8:
+            return self.w_2(self.w_1(x, "relu"))
         return backend.feed_forward(x, self.w_1.weight, self.w_1.bias, self.w_2.weight, self.w_2.bias,
                                     self.dropout, self.training)

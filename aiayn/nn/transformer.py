@@ -166,10 +166,20 @@ class Transformer(nn.Module):
         matrix (§3.4; used unscaled here, the sqrt(d_model) factor belongs to the lookup), or the
         generator's own. ``project(x) = x @ projection_weight.T``; losses fused with the projection
         (``aiayn.train.loss.fused_label_smoothed_cross_entropy``) take it with the decoder states."""
+        if self.int8:
+            raise RuntimeError("Transformer.projection_weight: an int8 model projects with `generator` (int8 "
+                               "weight and scales, inference only); use the float32 model for training losses")
         return self.tgt_embed.weight if self.generator is None else self.generator.weight
+
+    # Set on the instance by aiayn.quantize(model, "int8"): the projection is then ``generator``, an
+    # Int8Linear of the projection matrix (a quantized copy where it is the shared embedding, whose
+    # float32 rows the lookups keep using).
+    int8 = False
 
     def project(self, x):
         """Logits over the target vocabulary for decoder states ``(..., d_model)``."""
+        if self.int8:
+            return self.generator(x)
         return backend.linear(x, self.projection_weight)
 
     def decode(self, tgt_in, memory, src_key_padding_mask=None, tgt_key_padding_mask=None, cache=None, start=0,
@@ -295,7 +305,8 @@ class Transformer(nn.Module):
     @classmethod
     def load(cls, path, map_location="cpu"):
         """The model saved by :meth:`save` (config from the file); a model saved after
-        ``aiayn.quantize(model, "bf16")`` loads in bf16, marked as such."""
+        ``aiayn.quantize(model, "bf16")`` loads in bf16, one saved after ``aiayn.quantize(model,
+        "int8")`` with its int8 layers (CPU only), marked as such."""
         from safetensors import safe_open
         from safetensors.torch import load_model
         model = cls(cls.read_config(path))
@@ -303,6 +314,13 @@ class Transformer(nn.Module):
             quantized = (f.metadata() or {}).get("aiayn_quantization")
         if quantized == "bf16":
             model.to(torch.bfloat16)
+            model._aiayn_quantization = quantized
+        elif quantized == "int8":
+            if torch.device(map_location).type != "cpu":
+                raise ValueError(f"Transformer.load: {path} holds an int8 model, which runs on the CPU only "
+                                 f"(map_location={map_location!r})")
+            from ..quantization import to_int8
+            to_int8(model, quantize_weights=False)
             model._aiayn_quantization = quantized
         elif quantized is not None:
             raise ValueError(f"Transformer.load: {path} holds a model quantized as {quantized!r}, which this "

@@ -206,6 +206,33 @@ struct LogSoftmaxTopk {
   int64_t* indices;
 };
 
+// --- int8 linear (int8_kernel.h): out = act(dequant(q(x) W_q^T) + b), inference only ---
+//
+// x's rows are quantized symmetrically (scale = max|x_row| / 127, q = round-half-even(x * 127 /
+// max|x_row|)), W is int8 per output channel with float32 scales; products accumulate exactly in
+// int32 and out(m, n) = float(acc) * (x_scale[m] * w_scale[n]) [+ bias[n]] [ReLU], each a float32
+// operation (so a reference reproduces the bits). W is packed once, in one layout for every ISA:
+// panels of kInt8Panel columns, K padded to a multiple of 4, k-quads of a column adjacent (64 bytes
+// = one k-quad of a panel: the operand of vpdpbusd), then 128 * (column sum of W) as int32 per padded
+// column (vpdpbusd multiplies unsigned x + 128 by signed W; the sum corrects for the + 128).
+constexpr int64_t kInt8Panel = 16;
+
+struct LinearInt8Args {
+  int64_t M, N, K, Kp;  // Kp = K rounded up to a multiple of 4
+  const float* x;       // M rows of K floats, row stride x_rs
+  int64_t x_rs;
+  void* xq;             // quantized rows, row stride xq_rs bytes (>= 2 * Kp), layout per ISA
+  int64_t xq_rs;
+  float* x_scale;       // M: max|x_row| / 127; 0 for a zero row; NaN for a row with inf / NaN
+  const int8_t* w_packed;   // the packed panels (layout above)
+  const int32_t* w_comp;    // 128 * column sums, one per padded column
+  const float* w_scale;     // N
+  const float* bias;        // N or null
+  bool relu;
+  float* out;  // out(m, n) = out[m * out_rs + n]
+  int64_t out_rs;
+};
+
 struct KernelTable {
   Isa isa;
   void (*add_dropout_layer_norm_fwd)(const AddDropoutLayerNormFwd& a, int64_t row_begin,
@@ -219,9 +246,9 @@ struct KernelTable {
   // Backward tasks: (b, h, key chunk) likewise with key_chunks.
   void (*attention_bwd)(const AttentionArgs& a, int64_t task_begin, int64_t task_end, void* workspace);
   size_t (*attention_workspace)(const AttentionArgs& a, bool backward);
+  void (*log_softmax_topk)(const LogSoftmaxTopk& a, int64_t row_begin, int64_t row_end);
   // Dropout keep-bits of elements [4 * first_counter, 4 * (first_counter + num_counters)):
   // bit i of the result (bits[i / 64] >> (i % 64)) is element 4 * first_counter + i.
-  void (*log_softmax_topk)(const LogSoftmaxTopk& a, int64_t row_begin, int64_t row_end);
   void (*dropout_keep_bits)(const DropoutParams& d, uint64_t first_counter, int64_t num_counters,
                             uint64_t* bits);
   // GEMM: the packed layout for a dtype (and bf16 mode, where supported); pack B panels [panel_begin, panel_end) into `packed`
@@ -234,6 +261,11 @@ struct KernelTable {
   void (*gemm_pack_a)(const GemmArgs& g, int64_t m_begin, int64_t m_end, void* packed);
   void (*gemm_run)(const GemmArgs& g, int64_t m_begin, int64_t m_end, int64_t panel_begin,
                    int64_t panel_end);
+  // int8 linear: quantize rows [row_begin, row_end) of x into xq / x_scale; run rows
+  // [m_begin, m_end) x panels [panel_begin, panel_end) of out (after quantizing every row).
+  void (*linear_int8_quantize)(const LinearInt8Args& a, int64_t row_begin, int64_t row_end);
+  void (*linear_int8_run)(const LinearInt8Args& a, int64_t m_begin, int64_t m_end, int64_t panel_begin,
+                          int64_t panel_end);
   // Peak probes for the benchmark harness: run `iters` iterations of an FMA (resp. bf16 dot
   // product) loop on the calling thread; return the floating-point operations done.
   double (*peak_fp32_fma)(int64_t iters);

@@ -11,7 +11,9 @@ namespace aiayn::cpu::avx2 {
 constexpr Isa kIsa = Isa::avx2;
 constexpr double (*kPeakBf16)(int64_t) = nullptr;
 constexpr double (*kPeakBf16Amx)(int64_t) = nullptr;
+#define AIAYN_INT8_AVX2 1  // int8_kernel.h: vpmaddwd on int16
 #include "kernels.inc"
+#undef AIAYN_INT8_AVX2
 }  // namespace aiayn::cpu::avx2
 
 #pragma GCC pop_options

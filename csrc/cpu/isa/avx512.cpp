@@ -1,13 +1,14 @@
-// The kernels for AVX-512 CPUs with the BF16 extension (Cooper Lake, Sapphire Rapids, Zen 4 and later).
+// The kernels for AVX-512 CPUs with the BF16 and VNNI extensions (Cooper Lake, Sapphire Rapids, Zen 4 and
+// later: every CPU with AVX512_BF16 has AVX512_VNNI, which the int8 linear uses).
 #include "prelude.h"
 
 #pragma GCC push_options
 #ifdef AIAYN_AMX_COMPILED
 // amx-tile / amx-bf16 only enable the tile intrinsics of the AMX GEMM (gemm_kernel.h), which run
 // only where cpu_features' amx_supported() says so; no compiler generates AMX code by itself.
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2,popcnt,amx-tile,amx-bf16")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx2,fma,f16c,bmi,bmi2,popcnt,amx-tile,amx-bf16")
 #else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi,bmi2,popcnt")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx2,fma,f16c,bmi,bmi2,popcnt")
 #endif
 
 namespace aiayn::cpu::avx512 {
@@ -68,12 +69,14 @@ constexpr double (*kPeakBf16Amx)(int64_t) = nullptr;
 constexpr Isa kIsa = Isa::avx512;
 constexpr double (*kPeakBf16)(int64_t) = peak_bf16_dot;
 #define AIAYN_GEMM_BF16_DOT 1  // gemm_kernel.h: bf16 on vdpbf16ps
+#define AIAYN_INT8_VNNI 1      // int8_kernel.h: vpdpbusd
 #ifdef AIAYN_AMX_COMPILED
 #define AIAYN_AMX_TILES 1  // bf16 on AMX tiles (Bf16Gemm::amx): gemm_kernel.h, attention_amx.h
 #endif
 #include "kernels.inc"
 #undef AIAYN_AMX_TILES
 #undef AIAYN_GEMM_BF16_DOT
+#undef AIAYN_INT8_VNNI
 }  // namespace aiayn::cpu::avx512
 
 #pragma GCC pop_options
