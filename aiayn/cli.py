@@ -164,6 +164,8 @@ def _parser():
     ev.add_argument("--max-len-offset", type=int, default=50, help="output length <= input length + this")
     ev.add_argument("--batch-size", type=_positive_int, default=64, help="sentences per beam search")
     ev.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    ev.add_argument("--quantize", choices=["bf16", "int8"],
+                    help="score the model as `aiayn translate --quantize` runs it (int8: CPU only)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of the two lines")
 
     avg = sub.add_parser("average-checkpoints", help="average the newest N checkpoints of a run (§6.1)")
@@ -207,7 +209,7 @@ def _evaluate(args):
 
     result = evaluate_file(args.checkpoint, args.src, args.ref, output=args.output, vocab=args.vocab,
                            beam=args.beam, alpha=args.alpha, max_len_offset=args.max_len_offset,
-                           batch_size=args.batch_size, device=args.device)
+                           batch_size=args.batch_size, device=args.device, precision=args.quantize or "float32")
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "hypotheses"}, indent=1))
     else:

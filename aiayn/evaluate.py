@@ -25,11 +25,12 @@ def score(hypotheses, references):
 
 
 def evaluate_file(checkpoint, src, ref, *, output=None, vocab=None, beam=4, alpha=0.6, max_len_offset=50,
-                  batch_size=64, device="cpu", progress=True):
+                  batch_size=64, device="cpu", progress=True, precision="float32"):
     """Translates the lines of `src` with `checkpoint` (a run directory or a .safetensors file) and
     scores them against `ref`; writes the translations to `output` in input order when given (only
     after everything else succeeded, so a bad input overwrites nothing). Returns score()'s dict plus
-    checkpoint, sentences, seconds and hypotheses."""
+    checkpoint, sentences, seconds and hypotheses. ``precision`` "bf16" / "int8" scores the model as
+    ``aiayn translate --quantize`` runs it."""
     src_lines = read_lines(src, "source file")
     ref_lines = read_lines(ref, "reference file")
     if len(src_lines) != len(ref_lines):
@@ -41,7 +42,7 @@ def evaluate_file(checkpoint, src, ref, *, output=None, vocab=None, beam=4, alph
         if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
             raise UserInputError(f"--output {output!r}: its directory does not exist")
     path = resolve_model_file(checkpoint)
-    model, vocabulary = load_translator(path, vocab, device)
+    model, vocabulary = load_translator(path, vocab, device, precision=precision)
     cfg = model.config
     # as `aiayn translate` does: a sentence longer than the model's positions is cut
     ids = [vocabulary.encode(line)[:cfg.max_len - 1] for line in src_lines]
@@ -51,7 +52,7 @@ def evaluate_file(checkpoint, src, ref, *, output=None, vocab=None, beam=4, alph
     hyps = [vocabulary.decode(h) for h in translate_ids(model, ids, beam=beam, alpha=alpha, batch_size=batch_size,
                                                         max_len_offset=max_len_offset)]
     seconds = time.perf_counter() - start
-    result = {"checkpoint": path, "sentences": len(hyps), "seconds": round(seconds, 3), **score(hyps, ref_lines),
+    result = {"checkpoint": path, "precision": precision, "sentences": len(hyps), "seconds": round(seconds, 3), **score(hyps, ref_lines),
               "hypotheses": hyps}
     if output is not None:
         def write(tmp):

@@ -382,6 +382,21 @@ def test_evaluate_scores_with_signatures_in_input_order(trained, corpus, tmp_pat
     assert 0 <= result["chrf"] <= 100 and result["checkpoint"].endswith(".safetensors")
 
 
+def test_evaluate_quantized(trained, corpus, tmp_path, capsys):
+    """--quantize scores the model as `aiayn translate --quantize` runs it: the same translations."""
+    src = write_lines(tmp_path / "s", open(corpus["valid_src"]).read().splitlines()[:8])
+    ref = write_lines(tmp_path / "r", open(corpus["valid_tgt"]).read().splitlines()[:8])
+    for mode in ("bf16", "int8"):
+        hyp, out = tmp_path / f"hyp_{mode}.txt", tmp_path / f"out_{mode}.txt"
+        assert main(["evaluate", "--checkpoint", str(trained), "--src", src, "--ref", ref, "--beam", "2",
+                     "--quantize", mode, "--output", str(hyp), "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["precision"] == mode and result["sentences"] == 8
+        assert main(["translate", "--checkpoint", str(trained), "--input", src, "--output", str(out), "--beam", "2",
+                     "--quantize", mode, "-q"]) == 0
+        assert hyp.read_text() == out.read_text()
+
+
 def test_evaluate_bad_inputs(trained, corpus, tmp_path, capsys):
     hyp = tmp_path / "hyp.txt"
     hyp.write_text("keep me\n")

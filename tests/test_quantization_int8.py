@@ -168,3 +168,16 @@ def test_trained_copy_model_keeps_its_accuracy_in_int8(copy_model):
     assert agree >= 0.98, agree  # greedy tokens of int8 and float32 agree on (nearly) every sentence
     beam8 = translate_ids(q, src[:100], beam=4, batch_size=50, max_len_offset=5)
     assert sum(h == t for h, (_, t) in zip(beam8, test)) >= 99
+
+
+def test_trained_copy_model_keeps_its_accuracy_in_bf16(copy_model):
+    """bf16 inference (issue 22 item 4) on the same trained model: weights, activations and the
+    key/value caches in bf16, softmax and LayerNorm statistics in float32."""
+    from aiayn.translate import translate_ids
+
+    model, test = copy_model
+    src = [s for s, _ in test]
+    f32 = translate_ids(model, src, beam=4, batch_size=100, max_len_offset=5)
+    b16 = translate_ids(aiayn.quantize(model, "bf16"), src, beam=4, batch_size=100, max_len_offset=5)
+    assert sum(h == t for h, (_, t) in zip(b16, test)) / len(test) >= 0.99
+    assert sum(a == b for a, b in zip(f32, b16)) / len(test) >= 0.98
