@@ -30,6 +30,7 @@ inline float int8_row_scale(const float* x, int64_t K, float* inv_out) {
 inline int32_t int8_quantize_one(float v, float inv) {
   // nearbyint rounds half to even in the default rounding mode, as torch.round does.
   float q = std::nearbyint(v * inv);
+  if (q != q) return 0;  // inf or NaN in the row (inv = 0): q = 0 as in the reference; scale is NaN
   q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
   return static_cast<int32_t>(q);
 }
@@ -60,6 +61,10 @@ inline void linear_int8_quantize(const LinearInt8Args& a, int64_t row_begin, int
     }
     a.x_scale[m] = scale;
     uint8_t* q = reinterpret_cast<uint8_t*>(row);
+    if (bad) {  // q = 0 (stored + 128) as in the reference; the row's outputs are NaN through its scale
+      std::memset(q, 128, static_cast<size_t>(a.Kp));
+      continue;
+    }
     const __m512 vinv = _mm512_set1_ps(inv);
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), off = _mm512_set1_epi32(128);
     for (k = 0; k < a.K; k += 16) {
