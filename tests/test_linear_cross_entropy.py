@@ -82,6 +82,21 @@ def test_matches_reference(isa, rng_seed, dtype, eps, rows, d, V):
                                 rng_seed, upstream=torch.tensor(1.7).double() if reduction != "none" else None)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_bf16_every_gemm_mode(isa_bf16, rng_seed, chunk_rows, eps):
+    """bf16 x and weight run the three GEMMs on bf16 operands (vdpbf16ps, AMX or widened by the
+    mode) with float32 results: losses and both gradients by the 2x rule against torch's bf16, over
+    several chunks (the float32 dW accumulation), a vocabulary that is no multiple of any panel,
+    and ignored rows (whose gradient is exactly zero)."""
+    chunk_rows(41)
+    x, w, t = make(130, 72, 1031, torch.bfloat16, ignore_frac=0.25, logit_scale=3.0)
+    for reduction in ("mean", "none"):
+        check_against_reference(x, w, t, eps, reduction, f"{isa_bf16} eps={eps} {reduction}", rng_seed)
+    xo, wo = leaves(x, w)
+    LCE(xo, wo, t, eps).backward()
+    assert torch.equal(xo.grad[t == -100], torch.zeros_like(xo.grad[t == -100]))
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10**6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_chunks_and_one(rng_seed, chunk_rows, chunk, dtype):

@@ -137,6 +137,9 @@ struct GemmArgs {
   double dropout_scale;  // 1 / (1 - p) in double (dropout.scale rounded to float is not enough for f64)
   void* c;  // C(m, n) = c[m * c_rs + n]
   int64_t c_rs;
+  // bf16 only: C is float32 (the finished float32 tile stored unrounded), not bf16. For a bf16
+  // product whose result is read in float32 (linear_cross_entropy's logits and gradients).
+  bool c_f32;
 };
 
 // Scaled dot-product attention softmax(Q K^T * scale + mask) V (paper §3.2.1) over

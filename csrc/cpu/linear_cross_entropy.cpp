@@ -8,9 +8,13 @@
 // backward only scales them. linear_cross_entropy_bwd recomputes the chunks from the saved
 // log-sum-exps for per-row output gradients (reduction "none", or a differentiated nll).
 //
-// Everything runs in the accumulation type (float32; float64 for float64): bf16 x and weight are
-// widened once, so the logits are never rounded to bf16 (what a bf16 linear followed by
-// cross_entropy on .float() logits would do).
+// The softmax, the losses and the logits' gradient run in the accumulation type (float32; float64
+// for float64). bf16 x and weight stay bf16 in the three GEMMs (vdpbf16ps / AMX where the bf16
+// GEMM uses them: twice the float32 FMA rate on a Zen 4) with float32 accumulation and float32
+// results: the logits are never rounded to bf16 (torch's bf16 linear + cross_entropy rounds them).
+// The logits' gradient is rounded to bf16 once, as the operand of dx = G W and dW = G^T x, where
+// torch's unfused bf16 path has it in bf16 too. Widening x and W to float32 instead ran these GEMMs
+// at the float32 rate: ~27% of a bf16 training step of the Multi30k model.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -73,7 +77,9 @@ struct Problem {
   int64_t rows = 0, d = 0, V = 0;
   at::ScalarType acc;
   DType dt;
+  bool lowp = false;  // bf16 operands, float32 results (c_f32)
   at::Tensor x;  // (rows, d), unit column stride
+  at::Tensor xa;  // x in the accumulation type (x itself unless lowp), for the smoothing terms
   int64_t x_rs = 0;
   at::Tensor w;         // (V, d), unit column stride
   at::Tensor packed_wt; // B = W^T: logits = x W^T
@@ -86,9 +92,11 @@ struct Problem {
     V = w_in.size(0);
     rows = leading_elements(x_in);
     acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    x = gemm_rows(x_in.scalar_type() == acc ? x_in : x_in.to(acc), d);
+    lowp = x_in.scalar_type() == at::kBFloat16;  // check_weight: weight has x's dtype
+    x = gemm_rows(x_in, d);
     x_rs = gemm_row_stride(x);
-    w = gemm_weight(w_in.scalar_type() == acc ? w_in : w_in.to(acc));
+    xa = lowp ? x.to(acc) : x;
+    w = gemm_weight(w_in);
     dt = gemm_dtype(x);
     target = t_in.reshape({rows}).contiguous();
     const int64_t esize = static_cast<int64_t>(c10::elementSize(acc));
@@ -115,6 +123,7 @@ struct Problem {
     g.a_gate_scale = 1.0;
     g.c_gate_scale = 1.0;
     g.dropout_scale = 1.0;
+    g.c_f32 = lowp;
     return g;
   }
 
@@ -133,11 +142,17 @@ struct Problem {
     gemm_run_all(g, packed_wt);
   }
 
-  // dx[r0 : r0 + c] = G W and dW (+)= G^T x_c in one parallel region; G is c x V. The GEMM has no
-  // accumulating epilogue, so every chunk but the first writes its dW into `dw_part` and adds.
-  void grads(const at::Tensor& G, int64_t r0, int64_t c, at::Tensor& dx, at::Tensor& dw, bool first,
+  // dx[r0 : r0 + c] = G W and dW (+)= G^T x_c in one parallel region; G is c x V in the
+  // accumulation type (rounded to bf16 first when lowp). The GEMM has no accumulating epilogue, so
+  // every chunk but the first writes its dW into `dw_part` and adds.
+  void grads(const at::Tensor& G_acc, int64_t r0, int64_t c, at::Tensor& dx, at::Tensor& dw, bool first,
              at::Tensor& dw_part) const {
     if (d == 0) return;
+    at::Tensor G = G_acc;
+    if (lowp) {
+      G = scratch_tensor(G_acc.numel() * 2 + 64).view(at::kBFloat16).narrow(0, 0, G_acc.numel()).view(G_acc.sizes());
+      G.copy_(G_acc);
+    }
     GemmArgs gx = args(c, d, V);
     gx.a = G.data_ptr();
     gx.a_rs = V;
@@ -205,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   // The uniform part of the smoothed target needs each row's mean logit, and its gradient is the
   // constant -eps / V on every logit: both are rank-one through w_sum = sum_j W_j (mean z_i =
   // x_i . w_sum / V; dx_i -= eps / V w_sum, dW_j -= eps / V sum_i x_i), so no pass over the
-  // logits does either.
+  // logits does either (the gradient's part only in float32 / float64: see lowp below).
   const at::Tensor w_sum = eps > 0.0 ? p.w.sum(0, false, at::kDouble).to(p.acc) : at::Tensor();
 
   at::Tensor buf = scratch_tensor(p.chunk * V * static_cast<int64_t>(c10::elementSize(p.acc)) + 64).view(p.acc);
@@ -225,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     at::Tensor nll = (l - z_t).squeeze(1).masked_fill_(ct.valid.logical_not(), 0);
     at::Tensor loss = nll;
     if (eps > 0.0) {
-      const at::Tensor z_mean = at::mv(p.x.narrow(0, r0, c), w_sum).div_(static_cast<double>(V));
+      const at::Tensor z_mean = at::mv(p.xa.narrow(0, r0, c), w_sum).div_(static_cast<double>(V));
       loss = (nll * (1.0 - eps) + (l.squeeze(1) - z_mean) * eps).masked_fill_(ct.valid.logical_not(), 0);
     }
     if (reduction == 0) {
@@ -240,14 +255,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     // the reduction's scale is applied once to dx and dW at the end.
     L.exp_();
     L.scatter_add_(1, ct.safe, at::where(ct.valid, -(1.0 - eps), 0.0).to(p.acc).unsqueeze(1));
+    // bf16 GEMM operands: the -eps / V goes into G before its rounding (a rank-one correction of
+    // the rounded G would add the rounding of entries near eps / V back as error).
+    if (p.lowp && eps > 0.0) L.sub_(eps / V);
     zero_ignored_rows(L, ct.valid);
     p.grads(L, r0, c, dx, dw, r0 == 0, dw_part);
   }
   if (compute_grad && rows > 0) {
-    if (eps > 0.0) {
+    if (eps > 0.0 && !p.lowp) {
       const at::Tensor vf = valid_all.to(p.acc).unsqueeze(1);
       dx.sub_(vf * w_sum.unsqueeze(0), eps / V);
-      const at::Tensor x_sum = at::mv(p.x.t(), vf.squeeze(1));
+      const at::Tensor x_sum = at::mv(p.xa.t(), vf.squeeze(1));
       dw.sub_(x_sum.unsqueeze(0), eps / V);
     }
     if (scale != 1.0 && count > 0) {

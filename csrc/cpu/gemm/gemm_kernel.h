@@ -497,6 +497,16 @@ inline void gemm_epilogue(const GemmArgs& g, V (&acc)[ROWS][NV], int64_t m0, int
         const V gv = valid >= N ? V::load(gp) : V::load_partial(gp, valid);
         v = V::where_positive(gv, v * gscale);
       }
+      if constexpr (std::is_same_v<T, uint16_t>) {
+        if (g.c_f32) {
+          float* cf = static_cast<float*>(g.c) + m * g.c_rs + n0 + j * N;
+          if (valid >= N)
+            v.store(cf);
+          else
+            v.store_partial(cf, valid);
+          continue;
+        }
+      }
       if (valid >= N)
         v.store(crow + j * N);
       else
