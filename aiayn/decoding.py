@@ -119,7 +119,8 @@ def _strip(tokens, eos_id):
 
 
 def greedy_search(model, src, src_key_padding_mask=None, max_len_offset=50, use_cache=True):
-    """The most probable next token at each step, until EOS or the maximum length."""
+    """The most probable next token at each step, until EOS or the maximum length. Rows that end
+    leave the batch; the bookkeeping is tensor work over the live rows (no loop over sentences)."""
     was_training = model.training
     model.eval()
     try:
@@ -127,28 +128,24 @@ def greedy_search(model, src, src_key_padding_mask=None, max_len_offset=50, use_
             run = _Decoder(model, src, src_key_padding_mask, max_len_offset, use_cache)
             eos = model.config.eos_id
             results = [None] * src.shape[0]
-            alive = list(range(src.shape[0]))
-            while alive:
-                logp = run.log_probs()
+            alive = torch.arange(src.shape[0], device=run.tokens.device)  # sentence of each row
+            max_len = torch.tensor(run.max_len, device=run.tokens.device)
+            while True:
                 t = run.tokens.shape[1] - 1  # tokens generated so far
-                forced = [i for i, b in enumerate(alive) if t >= run.max_len[b]]
-                if forced:
-                    logp[forced] = float("-inf")
-                    logp[forced, eos] = 0.0
-                best = logp.argmax(-1)
+                best = run.log_probs().argmax(-1)
+                best = torch.where(t >= max_len[alive], eos, best)  # maximum length: EOS is forced
                 run.tokens = torch.cat([run.tokens, best[:, None]], 1)
-                done = (best == eos).tolist()
-                keep = []
-                for i, b in enumerate(alive):
-                    if done[i]:
-                        results[b] = _strip(run.tokens[i, 1:].tolist(), eos)
-                    else:
-                        keep.append(i)
-                if len(keep) < len(alive):
-                    alive = [alive[i] for i in keep]
-                    if keep:
-                        run.select(torch.tensor(keep, device=run.tokens.device))
-            return results
+                done = best == eos
+                if not bool(done.any()):
+                    continue
+                finished = done.nonzero().squeeze(1)
+                for b, row in zip(alive[finished].tolist(), run.tokens[finished, 1:].tolist()):
+                    results[b] = _strip(row, eos)
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    return results
+                alive = alive[keep]
+                run.select(keep)
     finally:
         model.train(was_training)
 

@@ -26,8 +26,13 @@ def _dropout_args(op, name, p, training, seed):
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{op}: argument '{name}' must be a probability in [0, 1], got {p}")
     if p == 0.0:
-        return p, torch.zeros(1, dtype=torch.int64)
+        return p, _NO_SEED
     return p, new_dropout_seed() if seed is None else seed
+
+
+# The placeholder seed of calls without dropout (the ops never read or write it): one tensor, not
+# an allocation per call. Created at import, outside any inference_mode, so autograd may save it.
+_NO_SEED = torch.zeros(1, dtype=torch.int64)
 
 
 def _autocast(*tensors, dtype=None):

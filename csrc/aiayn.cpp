@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "common/philox.h"
+#include "cpu/decoder_step.h"
 #include "cpu/kernels.h"
 
 TORCH_LIBRARY(aiayn, m) {
@@ -189,6 +190,20 @@ PYBIND11_MODULE(_C, m) {
         "packed: dot products, or float32 from 21 to 160 rows W's rows broadcast on the packed "
         "micro-kernel): 1 on, 0 off, -1 by the number of rows (AIAYN_GEMM_DOT); returns the previous setting.");
   m.def("cpu_isa_supported", [](const std::string& name) { return cpu::isa_supported(name.c_str()); });
+  m.def("decoder_step",
+        [](const at::Tensor& x, const std::vector<std::optional<at::Tensor>>& params,
+           const std::vector<at::Tensor>& self_k, const std::vector<at::Tensor>& self_v, int64_t length,
+           const std::vector<at::Tensor>& cross_k, const std::vector<at::Tensor>& cross_v,
+           const std::optional<at::Tensor>& memory_padding, int64_t heads, double eps, bool norm_first,
+           const at::Tensor& seed) {
+          std::vector<at::Tensor> p;
+          p.reserve(params.size());
+          for (const auto& t : params) p.push_back(t.value_or(at::Tensor()));
+          return cpu::decoder_step(x, p, self_k, self_v, length, cross_k, cross_v, memory_padding, heads, eps,
+                                   norm_first, seed);
+        },
+        "One incremental decoding step through every decoder layer (inference; see "
+        "csrc/cpu/decoder_step.h and aiayn/nn/transformer.py's Decoder).");
   m.def("philox4x32_10",
         [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
           const auto w = aiayn::philox4x32_10(aiayn::Philox4x32{{ctr[0], ctr[1], ctr[2], ctr[3]}}, key[0], key[1]);

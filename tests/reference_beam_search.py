@@ -1,5 +1,6 @@
-"""The beam search as it was before it became batched tensor work (aiayn 0.1, a Python loop over
-sentences and candidates): the reference the batched search must match token for token."""
+"""The beam and greedy searches as they were before their bookkeeping became batched tensor work
+(aiayn 0.1, Python loops over sentences and candidates): the references the batched searches must
+match token for token."""
 
 import torch
 
@@ -71,3 +72,39 @@ def _beam_search(model, src, src_key_padding_mask, k, alpha, max_len_offset, use
         run.tokens = torch.cat([run.tokens, torch.tensor(next_tokens, device=device)[:, None]], 1)
         scores = torch.tensor(next_scores, device=device).view(len(alive), k)
     return [_strip(max(f, key=lambda h: h[0])[1], eos) if f else [] for f in finished]
+
+
+def reference_greedy_search(model, src, src_key_padding_mask=None, max_len_offset=50, use_cache=True):
+    """Greedy search as it was before its bookkeeping became tensor work (aiayn 0.1: a Python loop
+    over the live sentences each step)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), packed_weight_cache():
+            run = _Decoder(model, src, src_key_padding_mask, max_len_offset, use_cache)
+            eos = model.config.eos_id
+            results = [None] * src.shape[0]
+            alive = list(range(src.shape[0]))
+            while alive:
+                logp = run.log_probs()
+                t = run.tokens.shape[1] - 1
+                forced = [i for i, b in enumerate(alive) if t >= run.max_len[b]]
+                if forced:
+                    logp[forced] = float("-inf")
+                    logp[forced, eos] = 0.0
+                best = logp.argmax(-1)
+                run.tokens = torch.cat([run.tokens, best[:, None]], 1)
+                done = (best == eos).tolist()
+                keep = []
+                for i, b in enumerate(alive):
+                    if done[i]:
+                        results[b] = _strip(run.tokens[i, 1:].tolist(), eos)
+                    else:
+                        keep.append(i)
+                if len(keep) < len(alive):
+                    alive = [alive[i] for i in keep]
+                    if keep:
+                        run.select(torch.tensor(keep, device=run.tokens.device))
+            return results
+    finally:
+        model.train(was_training)

@@ -267,6 +267,23 @@ def test_memory_probe_runs(tmp_path):
     assert "peak RSS growth" in out.stdout and "L64" in out.stdout
 
 
+def test_train_memory_probe_runs(tmp_path):
+    """The base-model step's memory probe (python -m aiayn.bench.train_memory), on the tiny model:
+    a line per engine (each in its own process) and the ratio line."""
+    out = subprocess.run([sys.executable, "-m", "aiayn.bench.train_memory", "--config", "tiny", "--vocab", "50",
+                          "--tokens", "128", "--steps", "1"],
+                         cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3 and "aiayn float32" in lines[0] and "nn.Transformer float32" in lines[1], out.stdout
+    assert "128 tokens per step" in lines[0] and "peak RSS" in lines[1] and "aiayn / nn.Transformer" in lines[2]
+    bad = subprocess.run([sys.executable, "-m", "aiayn.bench.train_memory", "--steps", "0"], cwd=str(tmp_path),
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))})
+    assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr
+
+
 def test_translate_engines_case(restore_registry, capsys):
     """The translate cases' runner on a tiny random model and 6 sentences: every engine's row
     (int8 / CTranslate2 rows skipped with a note where those are missing), agreement with aiayn

@@ -69,6 +69,22 @@ def test_beam_one_equals_greedy(rng_seed, eos_offset):
     assert decoding.beam_search(m, src, beam_size=1, max_len_offset=6) == decoding.greedy_search(m, src, max_len_offset=6)
 
 
+@pytest.mark.parametrize("eos_offset", [None, 0.5, 1.0, 2.0])
+@pytest.mark.parametrize("max_len_offset", [0, 3, 8])
+def test_greedy_search_matches_the_loop_reference(rng_seed, eos_offset, max_len_offset):
+    """Token for token the greedy loop of aiayn 0.1 (tests/reference_beam_search.py): rows ending
+    at different steps, forced EOS at the maximum length, sentences of different lengths."""
+    from reference_beam_search import reference_greedy_search
+
+    m = model64(rng_seed)
+    if eos_offset is not None:
+        favour_eos(m, eos_offset)
+    src = sources(lengths=(6, 3, 9, 1, 4, 7, 2, 5))
+    ours = decoding.greedy_search(m, src, max_len_offset=max_len_offset)
+    assert ours == reference_greedy_search(m, src, max_len_offset=max_len_offset)
+    assert all(len(h) <= n + max_len_offset for h, n in zip(ours, (6, 3, 9, 1, 4, 7, 2, 5)))
+
+
 def test_batch_decoding_equals_one_sentence_at_a_time(rng_seed):
     m = favour_eos(model64(rng_seed), 1.5)
     src = sources()

@@ -35,17 +35,23 @@ class KVCache:
         if self.k is None:
             self.k = k.new_empty((max(2 * t, 16), n, h, d))
             self.v = v.new_empty((max(2 * t, 16), n, h, d))
-        elif self.length + t > self.k.shape[0]:
+        else:
+            self.reserve(t)
+        self.k[self.length:self.length + t] = k.permute(2, 0, 1, 3)
+        self.v[self.length:self.length + t] = v.permute(2, 0, 1, 3)
+        self.length += t
+        return self.keys_values()
+
+    def reserve(self, t):
+        """Room for ``t`` more positions after the filled ones (the buffers double when full);
+        for a writer that fills them itself (the C++ decoder step), then advances ``length``."""
+        if self.length + t > self.k.shape[0]:
             capacity = max(2 * self.k.shape[0], self.length + t)
             grown = [x.new_empty((capacity, *x.shape[1:])) for x in (self.k, self.v)]
             grown[0][:self.length] = self.k[:self.length]
             grown[1][:self.length] = self.v[:self.length]
             self.k, self.v = grown
             self._spare = None
-        self.k[self.length:self.length + t] = k.permute(2, 0, 1, 3)
-        self.v[self.length:self.length + t] = v.permute(2, 0, 1, 3)
-        self.length += t
-        return self.keys_values()
 
     def keys_values(self):
         """The cached ``(N, H, L, d_k)`` keys and values (views)."""

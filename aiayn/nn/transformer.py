@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import backend
+from . import backend, decoder_step
 from .attention import KVCache, MultiHeadAttention
 from .config import TransformerConfig
 from .embedding import Embeddings, PositionalEncoding
@@ -96,14 +96,23 @@ class Decoder(_Stack):
 
     def forward(self, x, memory, tgt_key_padding_mask=None, memory_key_padding_mask=None, tgt_mask=None,
                 memory_mask=None, is_causal=True, cache=None):
-        for i, layer in enumerate(self.layers):
-            x = layer(x, memory, tgt_key_padding_mask, memory_key_padding_mask, tgt_mask, memory_mask, is_causal,
-                      None if cache is None else cache[i])
+        if decoder_step.applies(self, x, cache, tgt_key_padding_mask, tgt_mask, memory_mask, is_causal):
+            # incremental decoding: all layers in one C++ call, same ops and results (decoder_step.py)
+            x = decoder_step.run(self, x, memory_key_padding_mask, cache)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, memory, tgt_key_padding_mask, memory_key_padding_mask, tgt_mask, memory_mask, is_causal,
+                          None if cache is None else cache[i])
         return self.norm(x) if self.norm is not None else x
 
     def new_cache(self):
         """An empty per-layer key/value cache for :meth:`forward`'s ``cache``."""
-        return [{"self": KVCache(), "cross": KVCache()} for _ in self.layers]
+        return _DecoderCache({"self": KVCache(), "cross": KVCache()} for _ in self.layers)
+
+
+class _DecoderCache(list):
+    """Decoder.new_cache's per-layer caches; also keeps the C++ step's parameter list of the search."""
+    step_params = None
 
 
 class Transformer(nn.Module):
