@@ -24,14 +24,17 @@ def gnmt_length_penalty(length, alpha):
 
 
 def generate(model, src, src_key_padding_mask=None, beam_size=4, length_penalty=0.6, max_len_offset=50,
-             use_cache=True):
+             use_cache=True, early_stopping=True):
     """Beam search (``beam_size > 1``) or greedy search (``beam_size == 1``) for a batch of
     sources ``(B, S)``; returns one list of token ids per sentence (no BOS/EOS/padding)."""
     if not isinstance(beam_size, int) or isinstance(beam_size, bool) or beam_size < 1:
         raise ValueError(f"generate: 'beam_size' must be a positive int, got {beam_size!r}")
+    if not isinstance(early_stopping, bool):
+        raise ValueError(f"generate: 'early_stopping' must be True or False, got {early_stopping!r}")
     if beam_size == 1:
         return greedy_search(model, src, src_key_padding_mask, max_len_offset, use_cache)
-    return beam_search(model, src, src_key_padding_mask, beam_size, length_penalty, max_len_offset, use_cache)
+    return beam_search(model, src, src_key_padding_mask, beam_size, length_penalty, max_len_offset, use_cache,
+                       early_stopping)
 
 
 class _Decoder:
@@ -151,23 +154,32 @@ def greedy_search(model, src, src_key_padding_mask=None, max_len_offset=50, use_
 
 
 def beam_search(model, src, src_key_padding_mask=None, beam_size=4, length_penalty=0.6, max_len_offset=50,
-                use_cache=True):
+                use_cache=True, early_stopping=True):
     """Beam search as in fairseq: at each step the 2k best extensions of the k live hypotheses are
     ranked by log-probability; those ending in EOS among the first k are finished (scored
     ``log P / lp``, :func:`gnmt_length_penalty`), the first k others live on. A sentence stops once it
-    has k finished hypotheses (early stopping) or reaches its maximum length (EOS forced); the
-    best-scoring finished hypothesis is returned. Sentences that stop leave the batch."""
+    has k finished hypotheses (``early_stopping=True``, fairseq's rule) or reaches its maximum length
+    (EOS forced); the best-scoring finished hypothesis is returned. Sentences that stop leave the
+    batch.
+
+    ``early_stopping=False`` stops a sentence only when none of its live hypotheses can still beat
+    its best finished one: a live hypothesis' log-probability only falls as it grows, so its best
+    possible score is ``log P / lp`` at the length (now or the maximum) where ``lp`` is largest.
+    fairseq's count can stop before the best hypothesis finishes where, step after step, EOS is
+    among the top alternatives of the best prefix (a model sure of the right token and indifferent
+    among the rest: the demo's copy task); the bound never returns a lower-scoring hypothesis, at
+    the price of more steps."""
     was_training = model.training
     model.eval()
     try:
         with _frozen_weights():
             return _beam_search(model, src, src_key_padding_mask, beam_size, length_penalty, max_len_offset,
-                                use_cache)
+                                use_cache, early_stopping)
     finally:
         model.train(was_training)
 
 
-def _beam_search(model, src, src_key_padding_mask, k, alpha, max_len_offset, use_cache):
+def _beam_search(model, src, src_key_padding_mask, k, alpha, max_len_offset, use_cache, early_stopping=True):
     """The search as tensor work over all live sentences at once: a step costs a fixed number of
     small ops whatever the batch, with no Python loop over sentences or candidates."""
     run = _Decoder(model, src, src_key_padding_mask, max_len_offset, use_cache)
@@ -215,7 +227,13 @@ def _beam_search(model, src, src_key_padding_mask, k, alpha, max_len_offset, use
                     best[b] = hyp
         live = valid & ~ends
         n_live = live.sum(1)
-        keep = (n_finished[sent] < k) & (n_live > 0)
+        if early_stopping:
+            keep = (n_finished[sent] < k) & (n_live > 0)
+        else:  # the best live score over the largest length penalty still ahead (t + 2 tokens, or the maximum)
+            best_live = torch.where(live, top, float("-inf")).amax(1).double()
+            lp_max = torch.maximum(torch.tensor(gnmt_length_penalty(t + 2, alpha), dtype=torch.float64, device=device),
+                                   gnmt_length_penalty((max_len[sent] + 1).double(), alpha))
+            keep = (n_live > 0) & (best_live / lp_max > best_score[sent])
         if not bool(keep.any()):
             break
         # The first k live candidates of each kept sentence, in rank order; fewer than k (tiny

@@ -66,9 +66,11 @@ def length_batches(lengths, batch_size=32, max_tokens=0):
     return batches
 
 
-def translate_ids(model, src_ids, *, beam=4, alpha=0.6, max_len_offset=50, batch_size=32, max_tokens=0):
+def translate_ids(model, src_ids, *, beam=4, alpha=0.6, max_len_offset=50, batch_size=32, max_tokens=0,
+                  early_stopping=True):
     """Beam-search translations (token ids, no BOS/EOS) of token-id sentences (without EOS: it is
-    appended here), in input order, batched by :func:`length_batches`."""
+    appended here), in input order, batched by :func:`length_batches`; ``early_stopping``: the
+    search's stopping rule (:func:`aiayn.decoding.beam_search`)."""
     cfg = model.config
     device = next(model.parameters()).device
     out = [None] * len(src_ids)
@@ -81,7 +83,7 @@ def translate_ids(model, src_ids, *, beam=4, alpha=0.6, max_len_offset=50, batch
             mask[row, :len(src_ids[i]) + 1] = False
         with torch.no_grad():
             hyps = model.generate(src.to(device), mask.to(device), beam_size=beam, length_penalty=alpha,
-                                  max_len_offset=max_len_offset)
+                                  max_len_offset=max_len_offset, **({} if early_stopping else {"early_stopping": False}))
         for i, h in zip(batch, hyps):
             out[i] = list(h)
     return out

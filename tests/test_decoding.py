@@ -140,6 +140,61 @@ class ScriptedModel:
         return last[:, None, :].expand(tgt_in.shape[0], tgt_in.shape[1], 5).clone()
 
 
+class LengthScriptedModel(ScriptedModel):
+    """Its next-token distribution depends on the number of tokens generated so far: before 4,
+    token 3 0.7, EOS 0.2, token 4 0.1 (EOS is the best alternative at every step); from 4 on, EOS
+    0.95. The best hypothesis is [3, 3, 3, 3]; fairseq's count with beam 2 stops after two steps
+    holding only [] and [3]."""
+
+    def decode(self, tgt_in, memory, src_key_padding_mask=None, tgt_key_padding_mask=None, cache=None, start=0):
+        assert cache is None
+        early = torch.tensor([1e-9, 1e-9, 0.2, 0.7, 0.1]).log()
+        late = torch.tensor([1e-9, 1e-9, 0.95, 0.025, 0.025]).log()
+        last = (early if tgt_in.shape[1] <= 4 else late).expand(tgt_in.shape[0], 5)
+        return last[:, None, :].expand(tgt_in.shape[0], tgt_in.shape[1], 5).clone()
+
+
+def test_early_stopping_false_searches_on_until_nothing_can_win():
+    model = LengthScriptedModel()
+    src = torch.tensor([[3, 4], [4, 3]])
+    assert decoding.beam_search(model, src, beam_size=2, max_len_offset=6, use_cache=False) == [[], []]
+    exact = decoding.beam_search(model, src, beam_size=2, max_len_offset=6, use_cache=False, early_stopping=False)
+    assert exact == [[3, 3, 3, 3], [3, 3, 3, 3]]
+    assert decoding.generate(model, src, beam_size=2, max_len_offset=6, use_cache=False,
+                             early_stopping=False) == exact
+    with pytest.raises(ValueError, match="early_stopping"):
+        decoding.generate(model, src, beam_size=2, early_stopping="never")
+
+
+@pytest.mark.parametrize("eos_offset", [None, 0.5, 1.5])
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.2])
+def test_early_stopping_false_never_scores_lower(rng_seed, eos_offset, alpha):
+    """On random float64 models: the bound rule's hypothesis scores at least as well (GNMT score,
+    recomputed by teacher forcing; a forced EOS at the maximum length costs nothing, as in the
+    search) as fairseq's count rule's, sentence by sentence."""
+    m = model64(rng_seed)
+    if eos_offset is not None:
+        favour_eos(m, eos_offset)
+    src = sources()
+    fast = decoding.beam_search(m, src, beam_size=3, length_penalty=alpha, max_len_offset=5)
+    exact = decoding.beam_search(m, src, beam_size=3, length_penalty=alpha, max_len_offset=5, early_stopping=False)
+
+    def score(i, hyp):
+        tgt = torch.tensor([[1] + hyp + [2]])
+        mask = src[i:i + 1] == 0
+        with torch.no_grad():
+            m.eval()
+            logp = torch.log_softmax(m.decode(tgt[:, :-1], m.encode(src[i:i + 1], mask), mask).double(), -1)
+            m.train()
+        terms = logp[0].gather(1, tgt[0, 1:, None])[:, 0]
+        if len(hyp) >= int((src[i] != 0).sum()) + 5:  # at the maximum length EOS is forced, at no cost
+            terms = terms[:-1]
+        return terms.sum().item() / decoding.gnmt_length_penalty(len(hyp) + 1, alpha)
+
+    for i, (a, b) in enumerate(zip(fast, exact)):
+        assert score(i, b) >= score(i, a) - 1e-9, (i, a, b)
+
+
 def test_length_penalty_ranks_as_gnmt_says():
     """Short hypothesis [EOS]: log 0.45, lp 1. Long [3, EOS]: log 0.36, lp (7/6)^alpha. The long one
     wins only where log 0.36 / (7/6)^alpha > log 0.45, i.e. alpha > ~1.55."""

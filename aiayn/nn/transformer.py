@@ -224,13 +224,15 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, src, src_key_padding_mask=None, beam_size=4, length_penalty=0.6, max_len_offset=50,
-                 use_cache=True):
+                 use_cache=True, early_stopping=True):
         """Translate a batch of source sentences ``(B, S)``: beam search (``beam_size=1``: greedy)
         with GNMT's length penalty, outputs at most ``source length + max_len_offset`` tokens. Returns
-        one list of token ids per sentence, without BOS, EOS and padding. See :mod:`aiayn.decoding`."""
+        one list of token ids per sentence, without BOS, EOS and padding. See :mod:`aiayn.decoding`
+        (``early_stopping``: its stopping rule)."""
         from .. import decoding
         return decoding.generate(self, src, src_key_padding_mask, beam_size=beam_size,
-                                 length_penalty=length_penalty, max_len_offset=max_len_offset, use_cache=use_cache)
+                                 length_penalty=length_penalty, max_len_offset=max_len_offset, use_cache=use_cache,
+                                 early_stopping=early_stopping)
 
     @torch.no_grad()
     def attention_weights(self, src, tgt_in, src_key_padding_mask=None, tgt_key_padding_mask=None):
