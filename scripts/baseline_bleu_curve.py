@@ -63,11 +63,10 @@ class BaselineForDecoding(torch.nn.Module):
         return decoding.generate(self, src, mask, beam_size, length_penalty, max_len_offset, use_cache=False)
 
 
-def score(model, config, valid_pairs, refs, beam, alpha):
+def score(model, config, vocab, valid_pairs, refs, beam, alpha):
     import sacrebleu
 
     wrapped = BaselineForDecoding(model, config)
-    vocab = score.vocab
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hyps = translate_ids(wrapped, [s for s, _ in valid_pairs], beam=beam, alpha=alpha, batch_size=32)
@@ -119,7 +118,6 @@ def main():
     config = TransformerConfig(**info["config"])
     options = TrainOptions(**info["options"])
     vocab = Vocabulary(os.path.join(a.run, "vocab.model"))
-    score.vocab = vocab
     src, tgt = read_parallel(a.src, a.tgt)
     pairs, _ = encode_pairs(vocab, src, tgt, config.max_len)
     vs, vt = read_parallel(a.valid_src, a.valid_tgt)
@@ -130,7 +128,6 @@ def main():
         warnings.simplefilter("ignore")
         model = _torch_transformer_model(config, "cpu")
     model.config = config
-    snapshots = []
     if not a.score_only:
         trainer = Trainer(model, pairs, options, "cpu", fused_loss=False)
         trained, next_snap = 0.0, a.every * 60
@@ -150,7 +147,7 @@ def main():
     for name in snapshots:
         snap = torch.load(os.path.join(a.out, name))
         model.load_state_dict(snap["state"])
-        bleu, chrf = score(model, config, valid_pairs, refs, a.beam, a.alpha)
+        bleu, chrf = score(model, config, vocab, valid_pairs, refs, a.beam, a.alpha)
         curve.append({"minutes": snap["minutes"], "step": snap["step"], "bleu": bleu, "chrf": chrf})
         print(f"step {snap['step']} ({snap['minutes']:.2f} min): BLEU {bleu:.2f} chrF {chrf:.2f}", flush=True)
     with open(os.path.join(a.out, "curve.json"), "w") as f:

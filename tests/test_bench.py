@@ -259,10 +259,15 @@ def test_plot(tmp_path):
     assert (tmp_path / "speedups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _subprocess_env():
+    """The environment of a `python -m aiayn...` child: this checkout's package first on the path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))}
+
+
 def test_memory_probe_runs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "aiayn.bench.memory", "--length", "64", "--heads", "1"],
                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))})
+                         env=_subprocess_env())
     assert out.returncode == 0, out.stderr
     assert "peak RSS growth" in out.stdout and "L64" in out.stdout
 
@@ -273,14 +278,14 @@ def test_train_memory_probe_runs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "aiayn.bench.train_memory", "--config", "tiny", "--vocab", "50",
                           "--tokens", "128", "--steps", "1"],
                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))})
+                         env=_subprocess_env())
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 3 and "aiayn float32" in lines[0] and "nn.Transformer float32" in lines[1], out.stdout
     assert "128 tokens per step" in lines[0] and "peak RSS" in lines[1] and "aiayn / nn.Transformer" in lines[2]
     bad = subprocess.run([sys.executable, "-m", "aiayn.bench.train_memory", "--steps", "0"], cwd=str(tmp_path),
                          capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))})
+                         env=_subprocess_env())
     assert bad.returncode == 2 and "--steps must be >= 1" in bad.stderr
 
 
