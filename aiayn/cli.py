@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 
-from aiayn.errors import UserInputError
+from aiayn.errors import ArgumentParser, UserInputError
 
 
 def _positive_int(text):
@@ -111,7 +111,7 @@ def _add_train_parser(sub):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="aiayn", description="aiayn: the Transformer on hand-written kernels")
+    parser = ArgumentParser(prog="aiayn", description="aiayn: the Transformer on hand-written kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print what this build contains (JSON)")
     sub.add_parser("bench", help="benchmark aiayn's ops against PyTorch (aiayn bench --help)")
@@ -140,14 +140,20 @@ def _parser():
     tr.add_argument("--beam", type=_positive_int, default=4)
     tr.add_argument("--alpha", type=float, default=0.6, help="length penalty (§6.1)")
     tr.add_argument("--max-len-offset", type=int, default=50, help="output length <= input length + this")
+    tr.add_argument("--beam-stop", choices=["count", "bound"], default="count",
+                    help="when a sentence's beam search stops: count (default; fairseq's rule) once --beam "
+                         "hypotheses have ended; bound: once no live hypothesis can still beat the best ended "
+                         "one (its score over the largest length penalty ahead): never a lower score, a little slower")
     tr.add_argument("--batch-size", type=_positive_int, default=32, help="sentences per beam search (default 32)")
     tr.add_argument("--max-tokens", type=_positive_int,
                     help="also cap each batch at this many padded source tokens")
-    tr.add_argument("--quantize", choices=["bf16", "int8"],
+    tr.add_argument("--quantize", choices=["bf16", "int8", "int8_bf16"],
                     help="bf16: weights, activations and key/value caches in bfloat16 (float32 softmax and "
                          "LayerNorm statistics); fast on CPUs with AVX-512-BF16 or AMX. int8 (CPU only): "
                          "int8 weights per output channel and activations per row in every linear layer, "
-                         "int32 accumulation (AVX-512 VNNI / AVX2); attention and LayerNorm stay float32")
+                         "int32 accumulation (AVX-512 VNNI / AVX2); attention and LayerNorm stay float32. "
+                         "int8_bf16 (CPU only): int8's linear layers with attention and its key/value caches "
+                         "in bfloat16 (the fastest on AVX-512-BF16 / AMX CPUs)")
     tr.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's, all cores)")
     tr.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     tr.add_argument("--no-progress", action="store_true", help="no progress bar (shown on stderr for --input files)")
@@ -162,10 +168,14 @@ def _parser():
     ev.add_argument("--beam", type=_positive_int, default=4)
     ev.add_argument("--alpha", type=float, default=0.6, help="length penalty (§6.1)")
     ev.add_argument("--max-len-offset", type=int, default=50, help="output length <= input length + this")
+    ev.add_argument("--beam-stop", choices=["count", "bound"], default="count",
+                    help="when a sentence's beam search stops: count (default; fairseq's rule) once --beam "
+                         "hypotheses have ended; bound: once no live hypothesis can still beat the best ended "
+                         "one (its score over the largest length penalty ahead): never a lower score, a little slower")
     ev.add_argument("--batch-size", type=_positive_int, default=64, help="sentences per beam search")
     ev.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    ev.add_argument("--quantize", choices=["bf16", "int8"],
-                    help="score the model as `aiayn translate --quantize` runs it (int8: CPU only)")
+    ev.add_argument("--quantize", choices=["bf16", "int8", "int8_bf16"],
+                    help="score the model as `aiayn translate --quantize` runs it (int8, int8_bf16: CPU only)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of the two lines")
 
     avg = sub.add_parser("average-checkpoints", help="average the newest N checkpoints of a run (§6.1)")
@@ -209,7 +219,8 @@ def _evaluate(args):
 
     result = evaluate_file(args.checkpoint, args.src, args.ref, output=args.output, vocab=args.vocab,
                            beam=args.beam, alpha=args.alpha, max_len_offset=args.max_len_offset,
-                           batch_size=args.batch_size, device=args.device, precision=args.quantize or "float32")
+                           batch_size=args.batch_size, device=args.device, precision=args.quantize or "float32",
+                           early_stopping=args.beam_stop == "count")
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "hypotheses"}, indent=1))
     else:

@@ -25,12 +25,12 @@ def score(hypotheses, references):
 
 
 def evaluate_file(checkpoint, src, ref, *, output=None, vocab=None, beam=4, alpha=0.6, max_len_offset=50,
-                  batch_size=64, device="cpu", progress=True, precision="float32"):
+                  batch_size=64, device="cpu", progress=True, precision="float32", early_stopping=True):
     """Translates the lines of `src` with `checkpoint` (a run directory or a .safetensors file) and
     scores them against `ref`; writes the translations to `output` in input order when given (only
     after everything else succeeded, so a bad input overwrites nothing). Returns score()'s dict plus
     checkpoint, sentences, seconds and hypotheses. ``precision`` "bf16" / "int8" scores the model as
-    ``aiayn translate --quantize`` runs it."""
+    ``aiayn translate --quantize`` runs it; ``early_stopping``: as :func:`aiayn.translate.translate_ids`."""
     src_lines = read_lines(src, "source file")
     ref_lines = read_lines(ref, "reference file")
     if len(src_lines) != len(ref_lines):
@@ -50,7 +50,8 @@ def evaluate_file(checkpoint, src, ref, *, output=None, vocab=None, beam=4, alph
         print(f"translating {len(ids)} sentences with {path} (beam {beam}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     hyps = [vocabulary.decode(h) for h in translate_ids(model, ids, beam=beam, alpha=alpha, batch_size=batch_size,
-                                                        max_len_offset=max_len_offset)]
+                                                        max_len_offset=max_len_offset,
+                                                        early_stopping=early_stopping)]
     seconds = time.perf_counter() - start
     result = {"checkpoint": path, "precision": precision, "sentences": len(hyps), "seconds": round(seconds, 3), **score(hyps, ref_lines),
               "hypotheses": hyps}

@@ -17,13 +17,13 @@ from aiayn.errors import UserInputError
 from aiayn.train.checkpoint import load_model, resolve_model_file
 from aiayn.train.run import VOCAB_NAME, pick_device
 
-PRECISIONS = ("float32", "bf16", "int8")
+PRECISIONS = ("float32", "bf16", "int8", "int8_bf16")
 
 
 def load_translator(checkpoint, vocab=None, device=None, precision="float32"):
     """(model in eval mode, vocabulary) from a run directory or a .safetensors file; the vocabulary
-    defaults to vocab.model next to the checkpoint. ``precision`` "bf16" or "int8" quantizes the
-    model for inference (:func:`aiayn.quantize`; int8 on the CPU only). A checkpoint saved quantized
+    defaults to vocab.model next to the checkpoint. ``precision`` "bf16", "int8" or "int8_bf16"
+    quantizes the model for inference (:func:`aiayn.quantize`; int8 on the CPU only). A checkpoint saved quantized
     loads as such (then ``precision`` must stay "float32")."""
     path = resolve_model_file(checkpoint)
     vocab_path = vocab or os.path.join(os.path.dirname(os.path.abspath(path)), VOCAB_NAME)
@@ -33,7 +33,7 @@ def load_translator(checkpoint, vocab=None, device=None, precision="float32"):
     if (cfg.src_vocab_size, cfg.tgt_vocab_size) != (len(vocabulary), len(vocabulary)):
         raise UserInputError(f"checkpoint {path!r} has vocabulary sizes {cfg.src_vocab_size}/{cfg.tgt_vocab_size} "
                              f"but {vocab_path!r} has {len(vocabulary)} pieces: they come from different runs")
-    if getattr(model, "_aiayn_quantization", None) == "int8" and next(model.parameters()).device.type != "cpu":
+    if (getattr(model, "_aiayn_quantization", None) or "").startswith("int8") and next(model.parameters()).device.type != "cpu":
         raise UserInputError(f"checkpoint {path!r} is an int8 model, which runs on the CPU only; drop --device cuda")
     if precision not in PRECISIONS:
         raise UserInputError(f"--quantize must be one of {', '.join(PRECISIONS[1:])}, not {precision!r}")
@@ -43,8 +43,8 @@ def load_translator(checkpoint, vocab=None, device=None, precision="float32"):
         if quantization_of(model):
             raise UserInputError(f"--quantize {precision}: checkpoint {path!r} is already quantized "
                                  f"({quantization_of(model)}); drop --quantize")
-        if precision == "int8" and next(model.parameters()).device.type != "cpu":
-            raise UserInputError("--quantize int8 runs on the CPU only; drop --device cuda")
+        if precision.startswith("int8") and next(model.parameters()).device.type != "cpu":
+            raise UserInputError(f"--quantize {precision} runs on the CPU only; drop --device cuda")
         model = quantize(model, precision, inplace=True)
     return model.eval(), vocabulary
 
@@ -115,11 +115,12 @@ def _chunks(stream, size, name):
 
 
 def translate_stream(model, vocab, stream, out, *, beam=4, alpha=0.6, max_len_offset=50, batch_size=32,
-                     max_tokens=0, chunk_lines=None, name="input", progress=None):
+                     max_tokens=0, chunk_lines=None, name="input", progress=None, early_stopping=True):
     """Translates the lines of a binary ``stream`` into the text stream ``out``, one line each (an
     empty line stays empty). ``chunk_lines`` lines are read, translated and written at a time
     (default 16 batches' worth; 1 gives line-by-line streaming). ``progress``: a tqdm bar to advance
-    by lines. Returns {"sentences", "source_tokens", "target_tokens", "seconds"}."""
+    by lines; ``early_stopping``: as :func:`translate_ids`. Returns {"sentences", "source_tokens",
+    "target_tokens", "seconds"}."""
     cfg = model.config
     chunk_lines = chunk_lines or 16 * batch_size
     stats = {"sentences": 0, "source_tokens": 0, "target_tokens": 0}
@@ -129,7 +130,7 @@ def translate_stream(model, vocab, stream, out, *, beam=4, alpha=0.6, max_len_of
         todo = [i for i, text in enumerate(texts) if text.strip()]
         ids = [vocab.encode(texts[i])[:cfg.max_len - 1] for i in todo]  # + EOS: within the model's positions
         hyps = translate_ids(model, ids, beam=beam, alpha=alpha, max_len_offset=max_len_offset,
-                             batch_size=batch_size, max_tokens=max_tokens)
+                             batch_size=batch_size, max_tokens=max_tokens, early_stopping=early_stopping)
         results = [""] * len(texts)
         for i, h in zip(todo, hyps):
             results[i] = vocab.decode(h)
@@ -172,7 +173,7 @@ def run_translate(args):
         stats = translate_stream(model, vocab, stream, out, beam=args.beam, alpha=args.alpha,
                                  max_len_offset=args.max_len_offset, batch_size=args.batch_size,
                                  max_tokens=args.max_tokens or 0, chunk_lines=1 if interactive else None,
-                                 name=name, progress=bar)
+                                 name=name, progress=bar, early_stopping=args.beam_stop == "count")
     finally:
         if bar is not None:
             bar.close()

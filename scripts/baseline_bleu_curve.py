@@ -10,8 +10,9 @@ nn.Transformer user does, since nn.Transformer has no cache) and scored with sac
         --valid-src val.de --valid-tgt val.en --minutes 30 --every 7.5 --out baseline/
 
 Writes OUT/curve.json ([{"minutes", "step", "bleu", "chrf"}]) and, with --aiayn-log RUN/log.json,
-OUT/bleu_vs_time.png: both curves on one plot (aiayn's from its log's validations, plus
---aiayn-point MINUTES:BLEU[:LABEL] points such as the averaged checkpoint's score).
+OUT/bleu_vs_time.png: the curves on one plot (aiayn's from its logs' validations, --aiayn-log
+[LABEL=]PATH as often as needed, plus --aiayn-point MINUTES:BLEU[:LABEL] points such as the
+averaged checkpoint's score; points sharing a LABEL make one line).
 """
 
 import argparse
@@ -66,7 +67,7 @@ class BaselineForDecoding(torch.nn.Module):
 def score(model, config, vocab, valid_pairs, refs, beam, alpha):
     import sacrebleu
 
-    wrapped = BaselineForDecoding(model, config)
+    wrapped = BaselineForDecoding(model, config).eval()  # no dropout while decoding
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hyps = translate_ids(wrapped, [s for s, _ in valid_pairs], beam=beam, alpha=alpha, batch_size=32)
@@ -74,20 +75,27 @@ def score(model, config, vocab, valid_pairs, refs, beam, alpha):
     return (sacrebleu.corpus_bleu(text, [refs]).score, sacrebleu.corpus_chrf(text, [refs]).score)
 
 
-def plot(curve, aiayn_log, points, path):
+def plot(curve, aiayn_logs, points, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    if aiayn_log:
-        with open(aiayn_log) as f:
+    for spec in aiayn_logs:
+        label, _, log_path = spec.rpartition("=")
+        with open(log_path) as f:
             log = json.load(f)
         valid = [e for e in log.get("valid", []) if e.get("bleu") is not None]
-        ax.plot([e["elapsed"] / 60 for e in valid], [e["bleu"] for e in valid], "o-", label="aiayn (dev BLEU)")
-    for minutes, bleu, label in points:
-        ax.plot([minutes], [bleu], "*", ms=13, label=label)
+        ax.plot([e["elapsed"] / 60 for e in valid], [e["bleu"] for e in valid], "o-",
+                label=f"aiayn{' ' + label if label else ''} (dev BLEU)")
+    series = {}
+    for minutes, bleu, label in points:  # points sharing a label are one series
+        series.setdefault(label, []).append((minutes, bleu))
+    for label, xy in series.items():
+        xy.sort()
+        ax.plot([x for x, _ in xy], [y for _, y in xy], "*-" if len(xy) > 1 else "*", ms=13 if len(xy) == 1 else 9,
+                label=label)
     ax.plot([c["minutes"] for c in curve], [c["bleu"] for c in curve], "s-", label="nn.Transformer, same Trainer")
     ax.set_xlabel("training time (minutes)")
     ax.set_ylabel("val BLEU (beam 4)")
@@ -109,9 +117,11 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--alpha", type=float, default=0.6)
-    p.add_argument("--aiayn-log", help="the aiayn run's log.json, plotted beside the baseline")
+    p.add_argument("--aiayn-log", action="append", default=[],
+                   help="[LABEL=]an aiayn run's log.json, plotted beside the baseline (repeatable)")
     p.add_argument("--aiayn-point", action="append", default=[], help="MINUTES:BLEU[:LABEL], e.g. averaged")
     p.add_argument("--score-only", action="store_true", help="score the snapshots in --out again")
+    p.add_argument("--plot-only", action="store_true", help="plot OUT/curve.json again (no training, no scoring)")
     a = p.parse_args()
     with open(os.path.join(a.run, "run.json")) as f:
         info = json.load(f)
@@ -128,7 +138,7 @@ def main():
         warnings.simplefilter("ignore")
         model = _torch_transformer_model(config, "cpu")
     model.config = config
-    if not a.score_only:
+    if not (a.score_only or a.plot_only):
         trainer = Trainer(model, pairs, options, "cpu", fused_loss=False)
         trained, next_snap = 0.0, a.every * 60
         while trained < a.minutes * 60 - 1e-9:
@@ -142,6 +152,14 @@ def main():
                 torch.save({"state": model.state_dict(), "step": trainer.step, "minutes": trained / 60}, path)
                 print(f"snapshot step {trainer.step} at {trained / 60:.2f} min of training", flush=True)
                 next_snap += a.every * 60
+    points = []
+    for spec in a.aiayn_point:
+        parts = spec.split(":")
+        points.append((float(parts[0]), float(parts[1]), parts[2] if len(parts) > 2 else "aiayn"))
+    if a.plot_only:
+        with open(os.path.join(a.out, "curve.json")) as f:
+            plot(json.load(f), a.aiayn_log, points, os.path.join(a.out, "bleu_vs_time.png"))
+        return
     snapshots = sorted(f for f in os.listdir(a.out) if f.startswith("snapshot_"))
     curve = []
     for name in snapshots:
@@ -152,10 +170,6 @@ def main():
         print(f"step {snap['step']} ({snap['minutes']:.2f} min): BLEU {bleu:.2f} chrF {chrf:.2f}", flush=True)
     with open(os.path.join(a.out, "curve.json"), "w") as f:
         json.dump(curve, f, indent=1)
-    points = []
-    for spec in a.aiayn_point:
-        parts = spec.split(":")
-        points.append((float(parts[0]), float(parts[1]), parts[2] if len(parts) > 2 else "aiayn"))
     plot(curve, a.aiayn_log, points, os.path.join(a.out, "bleu_vs_time.png"))
     print(f"wrote {os.path.join(a.out, 'curve.json')}, {os.path.join(a.out, 'bleu_vs_time.png')}")
 

@@ -28,7 +28,7 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--src", required=True)
     p.add_argument("--sentences", type=int, default=256)
-    p.add_argument("--precision", default="float32", choices=["float32", "bf16", "int8"])
+    p.add_argument("--precision", default="float32", choices=["float32", "bf16", "int8", "int8_bf16"])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=32)
     a = p.parse_args(argv)

@@ -45,7 +45,8 @@ def main(argv=None):
     p.add_argument("--sentences", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--beam", type=int, default=4)
-    p.add_argument("--quantize", choices=["bf16", "int8"])
+    p.add_argument("--quantize", choices=["bf16", "int8", "int8_bf16"])
+    p.add_argument("--top", type=int, default=0, help="also list the N ops with the most self time")
     args = p.parse_args(argv)
 
     model, vocab = load_translator(args.checkpoint, precision=args.quantize or "float32")
@@ -58,6 +59,7 @@ def main(argv=None):
         wall = time.perf_counter() - t0
     V = model.config.tgt_vocab_size
     totals = defaultdict(float)
+    by_op = defaultdict(lambda: [0.0, 0])
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     main_thread = max(set(e.thread for e in events),
                       key=lambda t: sum(e.self_cpu_time_total for e in events if e.thread == t))
@@ -65,6 +67,8 @@ def main(argv=None):
         if e.thread == main_thread:
             shapes = [tuple(s) for s in (e.input_shapes or []) if isinstance(s, (list, tuple))]
             totals[category(e.name, shapes, V)] += e.self_cpu_time_total / 1e3
+            by_op[e.name][0] += e.self_cpu_time_total / 1e3
+            by_op[e.name][1] += 1
     totals["Python (beam bookkeeping), dispatch"] = max(0.0, wall * 1e3 - sum(totals.values()))
     batches = -(-len(ids) // args.batch_size)
     tokens = sum(len(h) + 1 for h in hyps)
@@ -75,6 +79,10 @@ def main(argv=None):
     print(f"{'category':<44} {'ms/batch':>9} {'share':>6}")
     for cat, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"{cat:<44} {ms / batches:9.1f} {ms / (wall * 1e3):6.1%}")
+    if args.top:
+        print(f"\n{'op (self time)':<44} {'ms/batch':>9} {'calls/batch':>11}")
+        for name, (ms, calls) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:args.top]:
+            print(f"{name[:44]:<44} {ms / batches:9.1f} {calls / batches:11.0f}")
 
 
 if __name__ == "__main__":

@@ -309,7 +309,8 @@ def test_translate_engines_case(restore_registry, capsys):
     r = bench.run_case(bench.CASES["toy.translate"], torch.float32, "cpu", repeats=5, peaks={}, quick=False)
     assert r["status"] == "ok" and r["kind"] == "engines" and r["passes"] == bench.MAX_ENGINE_PASSES
     rows = {e["engine"]: e for e in r["engines"]}
-    assert list(rows) == ["aiayn float32", "aiayn bf16", "aiayn int8", "ctranslate2 float32", "ctranslate2 int8"]
+    assert list(rows) == ["aiayn float32", "aiayn bf16", "aiayn int8", "aiayn int8_bf16", "ctranslate2 float32",
+                          "ctranslate2 int8"]
     assert rows["aiayn float32"]["agreement"] == 1.0 and rows["aiayn float32"]["sentences_per_s"] > 0
     for e in rows.values():
         assert e["status"] == "ok" or e["note"].startswith("skipped: "), e
@@ -330,3 +331,11 @@ def test_translate_options_are_checked(capsys, tmp_path):
         with pytest.raises(SystemExit) as e:
             main(["--filter", "translate", *args])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_base_train_step_case_runs():
+    """model.train_step.base at its quick shapes: aiayn's fused projection + loss against the
+    baseline's logits + cross-entropy, both with the Trainer's optimizer (issue 21's "same Trainer")."""
+    case = bench.CASES["model.train_step.base"]
+    r = bench.run_case(case, torch.float32, "cpu", repeats=1, peaks={}, quick=True, warmup=0, min_sample_s=0)
+    assert r["status"] == "ok" and r["speedup"] > 0 and r["baseline"] == "nn.Transformer, same optimizer", r

@@ -147,3 +147,20 @@ def test_corrupt_checkpoint_errors(corpus, trained, tmp_path):
 def test_info_still_works():
     out = run_aiayn("info")
     assert out.returncode == 0 and '"version"' in out.stdout
+
+
+@pytest.mark.parametrize("argv, names", [
+    ([], "command"),
+    (["translate", "--checkpoint", "x", "--beam-stop", "zz"], "--beam-stop"),
+    (["train", "--layers", "x"], "--layers"),
+    (["evaluate", "--checkpoint", "x"], "--src"),
+    (["bench", "--no-such-flag"], "--no-such-flag"),
+])
+def test_usage_errors_are_one_line(argv, names, capsys):
+    # argparse prints its whole usage before the error; ours is the error alone, naming the
+    # argument, with a pointer to --help, and exit status 2
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert names in err and "--help" in err and err.startswith("aiayn")

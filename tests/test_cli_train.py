@@ -333,6 +333,23 @@ def test_best_checkpoint_and_early_stop_with_scripted_scores(tmp_path, capsys):
     assert "early-stop" in loop.STOP_MESSAGES["early_stop"] and resolve_model_file(str(tmp_path)).endswith("best.safetensors")
 
 
+def test_log_json_is_written_at_every_validation(tmp_path):
+    # a long run's progress is readable while it trains: at each validation, log.json on disk holds
+    # every earlier validation (plots still come at the end, from write_log)
+    seen = []
+
+    def validate():
+        path = tmp_path / "log.json"
+        seen.append(len(json.load(open(path))["valid"]) if path.exists() else None)
+        return {"loss": 1.0, "bleu": 3.0 + len(seen)}
+
+    log = fit(_tiny_trainer(), 3, out_dir=str(tmp_path), validate=validate, valid_every=1, progress=False)
+    assert seen == [None, 1, 2]
+    on_disk = json.load(open(tmp_path / "log.json"))
+    assert [e["bleu"] for e in on_disk["valid"]] == [e["bleu"] for e in log["valid"]] == [4.0, 5.0, 6.0]
+    assert on_disk["elapsed"] > 0 and not (tmp_path / "loss_curve.png").exists()
+
+
 def test_early_stop_through_the_command_line(corpus, tmp_path, capsys, monkeypatch):
     # the dev loss never improves after the first validation (a fake evaluate), so patience 2 stops at step 3
     monkeypatch.setattr(Trainer, "evaluate", lambda self, pairs, max_tokens=None: (2.0, 1.5))

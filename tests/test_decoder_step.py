@@ -1,5 +1,5 @@
 """The C++ decoder step (aiayn._C.decoder_step via aiayn/nn/decoder_step.py): the same bits as the
-layers' Python forward with a KV cache, step by step, in float32, bf16 and int8, post-LN and pre-LN,
+layers' Python forward with a KV cache, step by step, in float32, bf16, int8 and int8_bf16, post-LN and pre-LN,
 with and without biases and source padding, on every ISA; beam and greedy search give the same
 tokens with it on and off; it is taken only where it applies; bad calls are clear errors."""
 
@@ -56,7 +56,7 @@ def decode_steps(m, src, tokens, cpp):
     return outs, cache
 
 
-@pytest.mark.parametrize("precision", ["float32", "bf16", "int8"])
+@pytest.mark.parametrize("precision", ["float32", "bf16", "int8", "int8_bf16"])
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_same_bits_as_the_python_layers(isa, rng_seed, precision, norm_first):
     m = prepare(model(rng_seed, norm_first=norm_first), precision)
@@ -68,7 +68,8 @@ def test_same_bits_as_the_python_layers(isa, rng_seed, precision, norm_first):
         assert a.dtype == b.dtype and torch.equal(a, b), f"{precision} norm_first={norm_first} step {t} (seed {rng_seed})"
     for c, p in zip(cache_c, cache_p):
         n = p["self"].length
-        assert c["self"].length == n
+        want = torch.bfloat16 if precision in ("bf16", "int8_bf16") else torch.float32
+        assert c["self"].length == n and c["self"].k.dtype == c["cross"].k.dtype == want
         assert torch.equal(c["self"].k[:n], p["self"].k[:n]) and torch.equal(c["self"].v[:n], p["self"].v[:n])
 
 
@@ -85,7 +86,7 @@ def test_no_biases_and_no_padding(rng_seed):
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
-@pytest.mark.parametrize("precision", ["float32", "bf16", "int8"])
+@pytest.mark.parametrize("precision", ["float32", "bf16", "int8", "int8_bf16"])
 @pytest.mark.parametrize("beam", [1, 4])
 def test_search_tokens_are_the_same(rng_seed, precision, beam):
     """Whole searches (sentences leaving the batch, beam reorders, cache growth past 16 positions)."""

@@ -1,7 +1,7 @@
 """aiayn.quantize(model, "int8"): every linear layer int8 (attention projections, both FFN layers,
 the vocabulary projection), the rest float32; a copy; generate / decoding unchanged; save / load
 through safetensors; `aiayn translate --quantize int8` and int8 checkpoints; a trained toy model
-keeps its exact-match accuracy."""
+keeps its exact-match accuracy. "int8_bf16": the same with attention and its caches in bf16."""
 
 import pytest
 import torch
@@ -61,6 +61,31 @@ def test_int8_generate_and_logits_close_to_float32():
     assert len(greedy) == 4
 
 
+def test_int8_bf16_keeps_attention_and_its_caches_in_bf16():
+    model = _tiny(50)
+    q8, q = aiayn.quantize(model, "int8"), aiayn.quantize(model, "int8_bf16")
+    assert quantization_of(q) == "int8_bf16" and quantization_of(model) is None
+    attn = [m for m in q.modules() if isinstance(m, aiayn.nn.MultiHeadAttention)]
+    assert attn and all(m.int8 and m.int8_attention_dtype == torch.bfloat16 for m in attn)
+    assert all(m.int8_attention_dtype is None for m in q8.modules() if isinstance(m, aiayn.nn.MultiHeadAttention))
+    # the same int8 weights as "int8"; only attention's dtype differs
+    assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), q8.state_dict().values()))
+    src, tgt = torch.randint(3, 50, (4, 9)), torch.randint(3, 50, (4, 7))
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(src, tgt).double(), -1)
+        got = q(src, tgt)
+        memory = q.encode(src, src == 0)
+        cache = q.decoder.new_cache()
+        logits = q.decode(tgt[:, :1], memory, src == 0, cache=cache, start=0)
+    assert got.dtype == logits.dtype == torch.float32  # the int8 projection's output
+    assert (torch.log_softmax(got.double(), -1) - ref).abs().max() < 0.2
+    assert all(c["self"].k.dtype == c["cross"].k.dtype == torch.bfloat16 for c in cache)
+    hyps = q.generate(src, beam_size=3, max_len_offset=4)
+    assert len(hyps) == 4 and all(isinstance(t, int) for h in hyps for t in h)
+    with pytest.raises(ValueError, match="already quantized"):
+        aiayn.quantize(q, "int8_bf16")
+
+
 def test_int8_model_on_the_reference_ops_agrees():
     """The int8 layers under reference_ops run aiayn.reference.linear_int8 (same bits per layer);
     the rest of the model runs torch's ops, so the logits agree to float32 rounding, amplified by
@@ -116,14 +141,23 @@ def test_int8_saves_loads_and_translates(checkpoint, tmp_path):  # noqa: F811
     assert "already quantized" in _one_line_error(r)
     r = run_aiayn("translate", "--checkpoint", str(run), "--quantize", "bf16", stdin=b"the cat\n")
     assert "already quantized" in _one_line_error(r)
+    # int8_bf16 saves and loads as such: attention in bf16 again after the load
+    q16 = aiayn.quantize(model, "int8_bf16")
+    q16.save(str(tmp_path / "int8_bf16.safetensors"))
+    back16 = Transformer.load(str(tmp_path / "int8_bf16.safetensors"))
+    assert quantization_of(back16) == "int8_bf16"
+    assert all(m.int8_attention_dtype == torch.bfloat16 for m in back16.modules()
+               if isinstance(m, aiayn.nn.MultiHeadAttention))
+    assert back16.generate(src, beam_size=2, max_len_offset=4) == q16.generate(src, beam_size=2, max_len_offset=4)
 
 
-def test_cli_quantize_int8(checkpoint, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("mode", ["int8", "int8_bf16"])
+def test_cli_quantize_int8(checkpoint, tmp_path, mode):  # noqa: F811
     src = tmp_path / "in.txt"
     src.write_text("the cat sees a dog\n\nred tree near the house\n")
     dst = tmp_path / "out.txt"
     r = run_aiayn("translate", "--checkpoint", str(checkpoint), "--input", str(src), "--output", str(dst),
-                  "--beam", "2", "--max-len-offset", "5", "--threads", "1", "--quantize", "int8")
+                  "--beam", "2", "--max-len-offset", "5", "--threads", "1", "--quantize", mode)
     assert r.returncode == 0, r.stderr.decode()
     assert r.stderr.decode().strip().splitlines()[-1].startswith("translated 2 sentences")
     assert len(dst.read_text().split("\n")) == 4
@@ -153,13 +187,14 @@ def copy_model():
     return trainer.model.eval(), test
 
 
-def test_trained_copy_model_keeps_its_accuracy_in_int8(copy_model):
+@pytest.mark.parametrize("mode", ["int8", "int8_bf16"])
+def test_trained_copy_model_keeps_its_accuracy_in_int8(copy_model, mode):
     from aiayn.translate import translate_ids
 
     model, test = copy_model
     src = [s for s, _ in test]
     f32 = translate_ids(model, src, beam=1, batch_size=100, max_len_offset=5)
-    q = aiayn.quantize(model, "int8")
+    q = aiayn.quantize(model, mode)
     i8 = translate_ids(q, src, beam=1, batch_size=100, max_len_offset=5)
     acc32 = sum(h == t for h, (_, t) in zip(f32, test)) / len(test)
     acc8 = sum(h == t for h, (_, t) in zip(i8, test)) / len(test)

@@ -53,6 +53,7 @@ class _EchoModel(torch.nn.Module):
 
     def generate(self, src, mask, **kwargs):
         self.batches.append(src.shape[0])
+        self.kwargs = kwargs
         return [[t for t, m in zip(row.tolist(), pad.tolist()) if not m and t != self.config.eos_id][::-1]
                 for row, pad in zip(src, mask)]
 
@@ -77,6 +78,29 @@ def test_batches_are_sorted_and_output_is_in_input_order():
     assert out.getvalue().split("\n")[:-1] == [line[::-1] for line in lines]
     assert stats["sentences"] == 135 and stats["target_tokens"] == sum(len(x) + 1 for x in lines if x)
     assert max(model.batches) <= 8 and sum(model.batches) == 135
+
+
+def test_beam_stop_rule_reaches_generate(checkpoint, tmp_path):
+    model = _EchoModel()
+    translate_stream(model, _Chars(), io.BytesIO(b"abc\n"), io.StringIO(), early_stopping=False)
+    assert model.kwargs["early_stopping"] is False
+    translate_stream(model, _Chars(), io.BytesIO(b"abc\n"), io.StringIO())
+    assert "early_stopping" not in model.kwargs  # the default: generate's own (fairseq's count)
+    # the command line: --beam-stop bound gives translate_ids(early_stopping=False)'s output
+    from aiayn.translate import load_translator, translate_ids
+
+    src = tmp_path / "in.txt"
+    lines = ["the cat sees a dog", "red tree near the house", "a big blue house runs"]
+    src.write_text("\n".join(lines) + "\n")
+    r = run_aiayn("translate", "--checkpoint", str(checkpoint), "--input", str(src), "--beam", "3",
+                  "--max-len-offset", "6", "--beam-stop", "bound", "-q", "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    model, vocab = load_translator(str(checkpoint))
+    ids = [vocab.encode(line) for line in lines]
+    want = translate_ids(model, ids, beam=3, max_len_offset=6, early_stopping=False)
+    assert r.stdout.decode().split("\n")[:-1] == [vocab.decode(h) for h in want]
+    r = run_aiayn("translate", "--checkpoint", str(checkpoint), "--beam-stop", "never")
+    assert r.returncode == 2 and "--beam-stop" in r.stderr.decode() and "invalid choice" in r.stderr.decode()
 
 
 def test_length_batches():

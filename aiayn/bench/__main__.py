@@ -5,7 +5,6 @@
     aiayn bench --filter translate --checkpoint run/ --src val.de --sentences 500
 """
 
-import argparse
 import importlib.util
 import json
 import os
@@ -14,6 +13,7 @@ import sys
 import torch
 
 import aiayn
+from aiayn.errors import ArgumentParser
 
 from . import peak, run, select
 
@@ -22,7 +22,7 @@ _COLUMNS = [("case", "<"), ("shape", "<"), ("dtype", "<"), ("device", "<"), ("ai
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="aiayn bench", description=(
+    p = ArgumentParser(prog="aiayn bench", description=(
         "Time aiayn's ops against their PyTorch equivalents, interleaved, in one process. The median of "
         "--repeats samples is reported; GFLOP/s, GB/s and % of the measured machine peak are aiayn's."))
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -7,17 +7,17 @@ Prints one line with the seconds taken and the growth of the process's peak RSS 
 during one forward + backward, next to the bytes of q, k, v, out and their gradients.
 """
 
-import argparse
 import resource
 import time
 
 import torch
 
 import aiayn
+from aiayn.errors import ArgumentParser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m aiayn.bench.memory", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m aiayn.bench.memory", description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from aiayn.errors import ArgumentParser
+
 
 def _rss_mib():
     with open("/proc/self/statm") as f:
@@ -74,7 +76,7 @@ def run_engine(engine, config, tokens, steps, bf16, vocab):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m aiayn.bench.train_memory",
+    parser = ArgumentParser(prog="python -m aiayn.bench.train_memory",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="base", help="model preset (default base)")
     parser.add_argument("--vocab", type=int, default=37000, help="shared vocabulary size (default 37000)")

@@ -1,5 +1,5 @@
 """The translate cases of the benchmark registry (aiayn.bench.cases): whole engines racing on the
-same weights (issue 22), aiayn float32 / bf16 / int8 against CTranslate2 on the weights
+same weights (issue 22), aiayn float32 / bf16 / int8 / int8_bf16 against CTranslate2 on the weights
 ``aiayn export`` writes. Imported by cases.py, which holds ``register``."""
 
 import contextlib
@@ -60,7 +60,7 @@ def _torch_threads(n):
 def translate_engines(model, tokens, src_ids, *, setting, beam=4, alpha=0.6, max_len_offset=50, batch_size=32,
                       threads=TRANSLATE_THREADS):
     """The engines that translate ``src_ids`` with ``model`` (a float32 aiayn Transformer) and its
-    vocabulary ``tokens``: aiayn float32, bf16 and int8 (where ``aiayn.quantize`` implements it), and
+    vocabulary ``tokens``: aiayn float32, bf16, int8 and int8_bf16 (where ``aiayn.quantize`` implements them), and
     CTranslate2 float32 and int8 on the exported weights (where ctranslate2 is installed)."""
     from aiayn.quantization import quantization_of
     from aiayn.translate import translate_ids
@@ -78,10 +78,11 @@ def translate_engines(model, tokens, src_ids, *, setting, beam=4, alpha=0.6, max
 
     engines = [Engine("aiayn float32", aiayn_engine(model)),
                Engine("aiayn bf16", aiayn_engine(aiayn.quantize(model, "bf16")))]
-    try:
-        engines.append(Engine("aiayn int8", aiayn_engine(aiayn.quantize(model, "int8"))))
-    except NotImplementedError as e:
-        engines.append(Engine("aiayn int8", None, f"skipped: {e}"))
+    for mode in ("int8", "int8_bf16"):
+        try:
+            engines.append(Engine(f"aiayn {mode}", aiayn_engine(aiayn.quantize(model, mode))))
+        except NotImplementedError as e:
+            engines.append(Engine(f"aiayn {mode}", None, f"skipped: {e}"))
     keep, notes = [], [_LENGTH_PENALTY_NOTE]
     try:
         import ctranslate2

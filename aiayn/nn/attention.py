@@ -95,6 +95,9 @@ class MultiHeadAttention(nn.Module):
     # Int8Linear modules (``in_proj``, ``out_proj``); a class attribute, so the float path pays one
     # attribute read.
     int8 = False
+    # int8 models: the dtype attention runs in (queries, cached keys/values), None = the projections'
+    # float32. bf16 halves the caches' bytes (their appends, beam reorders and reads).
+    int8_attention_dtype = None
 
     def __init__(self, d_model, num_heads, dropout=0.0, bias=True, device=None, dtype=None):
         super().__init__()
@@ -121,6 +124,8 @@ class MultiHeadAttention(nn.Module):
         B, L, _ = x.shape
         if self.int8:
             y = self.in_proj(x, first=first * d, count=count * d)
+            if self.int8_attention_dtype is not None:
+                y = y.to(self.int8_attention_dtype)
             return y.view(B, L, count, self.num_heads, self.d_k).permute(2, 0, 3, 1, 4).unbind(0)
         if first == 0 and count == 3:
             # The whole packed projection: the parameters themselves, since the backward of a

@@ -317,7 +317,7 @@ class Transformer(nn.Module):
     def load(cls, path, map_location="cpu"):
         """The model saved by :meth:`save` (config from the file); a model saved after
         ``aiayn.quantize(model, "bf16")`` loads in bf16, one saved after ``aiayn.quantize(model,
-        "int8")`` with its int8 layers (CPU only), marked as such."""
+        "int8")`` (or ``"int8_bf16"``) with its int8 layers (CPU only), marked as such."""
         from safetensors import safe_open
         from safetensors.torch import load_model
         model = cls(cls.read_config(path))
@@ -326,12 +326,13 @@ class Transformer(nn.Module):
         if quantized == "bf16":
             model.to(torch.bfloat16)
             model._aiayn_quantization = quantized
-        elif quantized == "int8":
+        elif quantized in ("int8", "int8_bf16"):
             if torch.device(map_location).type != "cpu":
                 raise ValueError(f"Transformer.load: {path} holds an int8 model, which runs on the CPU only "
                                  f"(map_location={map_location!r})")
             from ..quantization import to_int8
-            to_int8(model, quantize_weights=False)
+            to_int8(model, quantize_weights=False,
+                    attention_dtype=torch.bfloat16 if quantized == "int8_bf16" else None)
             model._aiayn_quantization = quantized
         elif quantized is not None:
             raise ValueError(f"Transformer.load: {path} holds a model quantized as {quantized!r}, which this "

@@ -37,17 +37,24 @@ def write_checkpoint(trainer, out_dir, log, keep_last=0):
     barrier(trainer.ctx)
 
 
-def write_log(log, out_dir, title="training loss"):
-    """log.json, loss_curve.png and (when dev BLEU was measured) bleu_curve.png in out_dir; returns
-    the paths of the first two."""
+def dump_log(log, out_dir):
+    """log.json alone (no plots): cheap enough for every validation, so a long run's progress can
+    be read while it trains; returns its path."""
     os.makedirs(out_dir, exist_ok=True)
-    log_path, curve_path = os.path.join(out_dir, LOG_NAME), os.path.join(out_dir, CURVE_NAME)
+    log_path = os.path.join(out_dir, LOG_NAME)
 
     def dump(tmp):
         with open(tmp, "w") as f:
             json.dump(log, f, indent=1)
 
     atomic_write(log_path, dump)
+    return log_path
+
+
+def write_log(log, out_dir, title="training loss"):
+    """log.json, loss_curve.png and (when dev BLEU was measured) bleu_curve.png in out_dir; returns
+    the paths of the first two."""
+    log_path, curve_path = dump_log(log, out_dir), os.path.join(out_dir, CURVE_NAME)
     plot_loss_curve(log, curve_path, title=title)
     if any(e.get("bleu") is not None for e in log.get("valid", [])):
         plot_bleu_curve(log, os.path.join(out_dir, BLEU_CURVE_NAME), title=title)
@@ -200,9 +207,11 @@ def fit(trainer, steps, *, log=None, out_dir=None, save_every=0, keep_last=0, va
                     _save_best(trainer, out_dir, result, tracker)
                 bar.write(format_valid(result), file=sys.stderr)
             log["valid"].append(result)
+            log["elapsed"] = elapsed()
+            if main and out_dir:
+                dump_log(log, out_dir)
             if early_stop and _any_rank(main and tracker.bad >= early_stop, trainer) and reason is None:
                 reason = "early_stop"
-            log["elapsed"] = elapsed()
         if out_dir and ((save_every and trainer.step % save_every == 0) or reason is not None):
             log["stopped"] = reason
             write_checkpoint(trainer, out_dir, log, keep_last)

@@ -123,13 +123,17 @@ at::Tensor decoder_step(const at::Tensor& x_in, const std::vector<at::Tensor>& p
       self_v[l].select(0, length).copy_(qkv.select(0, 2).select(2, 0));
       const at::Tensor k = self_k[l].narrow(0, 0, length + 1).permute({1, 2, 0, 3});
       const at::Tensor v = self_v[l].narrow(0, 0, length + 1).permute({1, 2, 0, 3});
-      const at::Tensor o = std::get<0>(attention_op().call(qkv.select(0, 0), k, v, std::nullopt, std::nullopt, 0.0,
-                                                           length == 0, scale, seed, false));
+      // An int8 model may keep its caches in bf16: the query follows them (copy_ above rounds k, v
+      // alike), as the module's projection casts all three.
+      const at::Tensor q = qkv.select(0, 0).to(k.scalar_type());
+      const at::Tensor o = std::get<0>(
+          attention_op().call(q, k, v, std::nullopt, std::nullopt, 0.0, length == 0, scale, seed, false));
       return sa_out(o.transpose(1, 2).reshape({N, 1, d}));
     });
     // Attention over the encoder output (its keys/values projected once, before the first step).
     x = sublayer(1, [&](const at::Tensor& y) {
-      const at::Tensor q = ca_q(y).view({N, 1, heads, dk}).permute({0, 2, 1, 3});
+      const at::Tensor q =
+          ca_q(y).to(cross_k[l].scalar_type()).view({N, 1, heads, dk}).permute({0, 2, 1, 3});
       const at::Tensor o = std::get<0>(attention_op().call(q, cross_k[l], cross_v[l], std::nullopt, memory_padding,
                                                            0.0, false, scale, seed, false));
       return ca_out(o.transpose(1, 2).reshape({N, 1, d}));
