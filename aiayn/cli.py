@@ -8,6 +8,12 @@ import json
 import sys
 
 from aiayn.errors import ArgumentParser, UserInputError
+from aiayn.quantization import MODES as QUANTIZE_MODES
+
+
+BEAM_STOP_HELP = ("when a sentence's beam search stops: count (default; fairseq's rule) once --beam hypotheses "
+                  "have ended; bound: once no live hypothesis can still beat the best ended one (its score over "
+                  "the largest length penalty ahead): never a lower score, a little slower")
 
 
 def _positive_int(text):
@@ -140,14 +146,11 @@ def _parser():
     tr.add_argument("--beam", type=_positive_int, default=4)
     tr.add_argument("--alpha", type=float, default=0.6, help="length penalty (§6.1)")
     tr.add_argument("--max-len-offset", type=int, default=50, help="output length <= input length + this")
-    tr.add_argument("--beam-stop", choices=["count", "bound"], default="count",
-                    help="when a sentence's beam search stops: count (default; fairseq's rule) once --beam "
-                         "hypotheses have ended; bound: once no live hypothesis can still beat the best ended "
-                         "one (its score over the largest length penalty ahead): never a lower score, a little slower")
+    tr.add_argument("--beam-stop", choices=["count", "bound"], default="count", help=BEAM_STOP_HELP)
     tr.add_argument("--batch-size", type=_positive_int, default=32, help="sentences per beam search (default 32)")
     tr.add_argument("--max-tokens", type=_positive_int,
                     help="also cap each batch at this many padded source tokens")
-    tr.add_argument("--quantize", choices=["bf16", "int8", "int8_bf16"],
+    tr.add_argument("--quantize", choices=QUANTIZE_MODES,
                     help="bf16: weights, activations and key/value caches in bfloat16 (float32 softmax and "
                          "LayerNorm statistics); fast on CPUs with AVX-512-BF16 or AMX. int8 (CPU only): "
                          "int8 weights per output channel and activations per row in every linear layer, "
@@ -168,13 +171,10 @@ def _parser():
     ev.add_argument("--beam", type=_positive_int, default=4)
     ev.add_argument("--alpha", type=float, default=0.6, help="length penalty (§6.1)")
     ev.add_argument("--max-len-offset", type=int, default=50, help="output length <= input length + this")
-    ev.add_argument("--beam-stop", choices=["count", "bound"], default="count",
-                    help="when a sentence's beam search stops: count (default; fairseq's rule) once --beam "
-                         "hypotheses have ended; bound: once no live hypothesis can still beat the best ended "
-                         "one (its score over the largest length penalty ahead): never a lower score, a little slower")
+    ev.add_argument("--beam-stop", choices=["count", "bound"], default="count", help=BEAM_STOP_HELP)
     ev.add_argument("--batch-size", type=_positive_int, default=64, help="sentences per beam search")
     ev.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    ev.add_argument("--quantize", choices=["bf16", "int8", "int8_bf16"],
+    ev.add_argument("--quantize", choices=QUANTIZE_MODES,
                     help="score the model as `aiayn translate --quantize` runs it (int8, int8_bf16: CPU only)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of the two lines")
 

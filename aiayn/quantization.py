@@ -36,6 +36,8 @@ import torch
 __all__ = ["quantize", "MODES", "quantization_of"]
 
 MODES = ("bf16", "int8", "int8_bf16")
+# The int8 modes (CPU only) and the dtype each runs attention and its caches in (None: float32).
+INT8_MODES = {"int8": None, "int8_bf16": torch.bfloat16}
 _ATTRIBUTE = "_aiayn_quantization"
 
 
@@ -59,7 +61,7 @@ def quantize(model, mode, *, inplace=False):
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes != {torch.float32}:
         raise ValueError(f"quantize: expects a float32 model, got parameters in {sorted(map(str, dtypes))}")
-    if mode.startswith("int8"):
+    if mode in INT8_MODES:
         devices = {p.device.type for p in model.parameters()}
         if devices != {"cpu"}:
             raise ValueError(f"quantize: int8 inference runs on the CPU only; the model is on "
@@ -69,17 +71,17 @@ def quantize(model, mode, *, inplace=False):
         target.to(torch.bfloat16)
     else:
         with torch.no_grad():
-            to_int8(target, attention_dtype=torch.bfloat16 if mode == "int8_bf16" else None)
+            to_int8(target, mode=mode)
     target.eval()
     setattr(target, _ATTRIBUTE, mode)
     return target
 
 
-def to_int8(model, quantize_weights=True, attention_dtype=None):
+def to_int8(model, quantize_weights=True, mode="int8"):
     """Replace ``model``'s linear layers by :class:`Int8Linear` in place. ``quantize_weights=False``
     gives the int8 layers of the right shapes with placeholder values (what ``Transformer.load``
-    fills from a file). ``attention_dtype``: torch.bfloat16 for "int8_bf16" (attention and its
-    caches in bf16), None for float32."""
+    fills from a file). ``mode``: one of :data:`INT8_MODES`, which sets the dtype attention and its
+    caches run in ("int8_bf16": bf16)."""
     from aiayn.nn.attention import MultiHeadAttention
     from aiayn.nn.feed_forward import PositionwiseFeedForward
     from aiayn.nn.int8 import Int8Linear
@@ -96,8 +98,8 @@ def to_int8(model, quantize_weights=True, attention_dtype=None):
             module.in_proj = in_proj
             module.out_proj = convert(module.out_proj.weight, module.out_proj.bias)
             module.int8 = True
-            if attention_dtype is not None:
-                module.int8_attention_dtype = attention_dtype
+            if INT8_MODES[mode] is not None:
+                module.int8_attention_dtype = INT8_MODES[mode]
         elif isinstance(module, PositionwiseFeedForward):
             module.w_1 = convert(module.w_1.weight, module.w_1.bias)
             module.w_2 = convert(module.w_2.weight, module.w_2.bias)

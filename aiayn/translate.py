@@ -14,6 +14,7 @@ import torch
 
 from aiayn.data import Vocabulary
 from aiayn.errors import UserInputError
+from aiayn.quantization import INT8_MODES, quantization_of, quantize
 from aiayn.train.checkpoint import load_model, resolve_model_file
 from aiayn.train.run import VOCAB_NAME, pick_device
 
@@ -33,17 +34,15 @@ def load_translator(checkpoint, vocab=None, device=None, precision="float32"):
     if (cfg.src_vocab_size, cfg.tgt_vocab_size) != (len(vocabulary), len(vocabulary)):
         raise UserInputError(f"checkpoint {path!r} has vocabulary sizes {cfg.src_vocab_size}/{cfg.tgt_vocab_size} "
                              f"but {vocab_path!r} has {len(vocabulary)} pieces: they come from different runs")
-    if (getattr(model, "_aiayn_quantization", None) or "").startswith("int8") and next(model.parameters()).device.type != "cpu":
+    if quantization_of(model) in INT8_MODES and next(model.parameters()).device.type != "cpu":
         raise UserInputError(f"checkpoint {path!r} is an int8 model, which runs on the CPU only; drop --device cuda")
     if precision not in PRECISIONS:
         raise UserInputError(f"--quantize must be one of {', '.join(PRECISIONS[1:])}, not {precision!r}")
     if precision != "float32":
-        from aiayn.quantization import quantization_of, quantize
-
         if quantization_of(model):
             raise UserInputError(f"--quantize {precision}: checkpoint {path!r} is already quantized "
                                  f"({quantization_of(model)}); drop --quantize")
-        if precision.startswith("int8") and next(model.parameters()).device.type != "cpu":
+        if precision in INT8_MODES and next(model.parameters()).device.type != "cpu":
             raise UserInputError(f"--quantize {precision} runs on the CPU only; drop --device cuda")
         model = quantize(model, precision, inplace=True)
     return model.eval(), vocabulary

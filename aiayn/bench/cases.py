@@ -469,7 +469,6 @@ def _model_train_step(device, dtype, quick):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nn.Transformer's note on its nested-tensor fast path
         theirs = _torch_transformer_model(cfg, device)
-    theirs.config = cfg
     src, tgt = _sentence_batch(device, B, L, 37000), _sentence_batch(device, B, L + 1, 37000)
     tgt[:, 0] = 1
 

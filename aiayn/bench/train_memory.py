@@ -77,7 +77,7 @@ def run_engine(engine, config, tokens, steps, bf16, vocab):
 
 def main(argv=None):
     parser = ArgumentParser(prog="python -m aiayn.bench.train_memory",
-                                     description=__doc__.splitlines()[0])
+                            description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="base", help="model preset (default base)")
     parser.add_argument("--vocab", type=int, default=37000, help="shared vocabulary size (default 37000)")
     parser.add_argument("--tokens", type=int, default=4096, help="source + target tokens per batch")

@@ -320,19 +320,18 @@ class Transformer(nn.Module):
         "int8")`` (or ``"int8_bf16"``) with its int8 layers (CPU only), marked as such."""
         from safetensors import safe_open
         from safetensors.torch import load_model
+        from ..quantization import INT8_MODES, to_int8
         model = cls(cls.read_config(path))
         with safe_open(os.fspath(path), framework="pt") as f:
             quantized = (f.metadata() or {}).get("aiayn_quantization")
         if quantized == "bf16":
             model.to(torch.bfloat16)
             model._aiayn_quantization = quantized
-        elif quantized in ("int8", "int8_bf16"):
+        elif quantized in INT8_MODES:
             if torch.device(map_location).type != "cpu":
                 raise ValueError(f"Transformer.load: {path} holds an int8 model, which runs on the CPU only "
                                  f"(map_location={map_location!r})")
-            from ..quantization import to_int8
-            to_int8(model, quantize_weights=False,
-                    attention_dtype=torch.bfloat16 if quantized == "int8_bf16" else None)
+            to_int8(model, quantize_weights=False, mode=quantized)
             model._aiayn_quantization = quantized
         elif quantized is not None:
             raise ValueError(f"Transformer.load: {path} holds a model quantized as {quantized!r}, which this "
